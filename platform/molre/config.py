@@ -1,0 +1,203 @@
+"""One typed config tree for a run: backbone, adapter, data, optim, loss, train, scaling.
+
+Loaded from YAML (``load_config``) with dotted ``key=value`` overrides (``adapter.molre.experts=4``).
+Unknown keys and wrong types are ``ConfigError``s naming the dotted key. Defaults are the paper's settings.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from molre.errors import ConfigError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class BackboneConfig(_Strict):
+    preset: str = "tiny-vit"  # a name from molre.models.backbones.PRESETS
+    weights: str | None = None  # local path or s3:// URI of safetensors / torch weights; None = random init
+    image_size: int | None = Field(None, gt=0)  # slice (2D) or volume side (3D); None = the preset's native size
+    finetune: Literal["lora", "full", "frozen"] | None = None  # None = the preset's default (paper protocol)
+
+
+class LoRAConfig(_Strict):
+    rank: int = Field(8, gt=0)
+    alpha: float = Field(16.0, gt=0)  # update scale = alpha / rank
+    dropout: float = Field(0.0, ge=0, lt=1)
+    targets: list[str] | None = None  # attention linear names (suffix match); None = the preset's
+    blocks: Literal["all"] | list[int] = "all"  # which transformer blocks get adapters
+
+
+class MoLREConfig(_Strict):
+    experts: int = Field(6, gt=0)  # K
+    rank: int = Field(8, gt=0)  # r of each expert
+    router_hidden: int = Field(256, gt=0)  # d_h
+    placement: Literal["features", "blocks"] = "features"  # paper: on slice features before pooling
+    top_k: int | None = Field(None, gt=0)  # None = soft routing over all K (paper)
+    balance_loss_weight: float = Field(0.0, ge=0)  # load-balancing auxiliary loss, off in the paper
+    dropout: float = Field(0.0, ge=0, lt=1)  # on the expert input
+
+    @model_validator(mode="after")
+    def _top_k_fits(self):
+        if self.top_k is not None and self.top_k > self.experts:
+            raise ValueError(f"top_k={self.top_k} exceeds experts={self.experts}")
+        return self
+
+
+class AdapterConfig(_Strict):
+    kind: Literal["none", "molre"] = "molre"  # none = the paper's "Base AUC" column, molre = "+MoLRE"
+    lora: LoRAConfig = LoRAConfig()
+    molre: MoLREConfig = MoLREConfig()
+
+
+class AugmentConfig(_Strict):
+    """The paper's augmentations (Sec. 3.1), applied batched on the training device."""
+
+    enabled: bool = True
+    elastic_alpha: tuple[float, float] = (0.0, 200.0)
+    elastic_sigma: tuple[float, float] = (10.0, 13.0)
+    rotate: float = Field(0.1, ge=0)  # +- radians, each axis
+    scale: tuple[float, float] = (0.85, 1.15)  # anisotropic, per axis
+    brightness: tuple[float, float] = (0.99, 1.01)  # multiplicative
+    noise_variance: tuple[float, float] = (0.0, 0.03)  # additive Gaussian, variance drawn per volume
+    flip_prob: float = Field(0.5, ge=0, le=1)  # per axis
+
+
+class DataConfig(_Strict):
+    uri: str = ""  # preprocessed shard root (local path or s3://); empty = the synthetic default
+    windows: list[tuple[float, float]] = [(0.0, 80.0), (-20.0, 180.0), (-800.0, 2000.0)]  # HU -> 3 channels
+    num_slices: int | None = Field(None, gt=0)  # slices fed to the model (resampled along z); None = grid depth
+    rfs_threshold: float = Field(0.1, gt=0, le=1)  # LVIS t in r(c) = max(1, sqrt(t / f(c)))
+    augment: AugmentConfig = AugmentConfig()
+
+
+class OptimConfig(_Strict):
+    lr_head: float = Field(1e-3, gt=0)  # attention pooling + classifier
+    lr_adapter: float = Field(1e-4, gt=0)  # LoRA + MoLRE
+    lr_backbone: float = Field(1e-5, gt=0)  # only for finetune=full
+    weight_decay: float = Field(0.01, ge=0)
+    grad_clip: float | None = Field(1.0, gt=0)
+
+
+class LossConfig(_Strict):
+    gamma: float = Field(2.0, ge=0)
+    alpha: Literal["prevalence"] | float | None = "prevalence"  # per-class alpha_t from train prevalence
+    alpha_clip: tuple[float, float] = (0.25, 0.95)  # bounds for prevalence-based alpha
+
+
+class TrainConfig(_Strict):
+    max_epochs: int = Field(50, gt=0)
+    min_epochs: int = Field(20, ge=0)  # paper: at least 20 epochs
+    patience: int = Field(5, gt=0)  # early stop after this many epochs without val mean-AUC gain
+    batch_size: int = Field(2, gt=0)  # volumes per worker per step
+    seed: int = 0
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto = bf16 autocast on GPU, fp32 on CPU
+    compile: bool = False
+    run_name: str = "molre"
+    storage: str = "runs"  # local path or s3:// for checkpoints and results
+
+
+class ScalingConfig(_Strict):
+    num_workers: int = Field(1, gt=0)
+    use_gpu: bool | Literal["auto"] = "auto"
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(1.0, gt=0)  # fractions share a GPU between small-backbone trials
+    max_failures: int = Field(0, ge=-1)  # Ray Train FailureConfig; -1 = unlimited
+
+
+class RunConfig(_Strict):
+    backbone: BackboneConfig = BackboneConfig()
+    adapter: AdapterConfig = AdapterConfig()
+    data: DataConfig = DataConfig()
+    optim: OptimConfig = OptimConfig()
+    loss: LossConfig = LossConfig()
+    train: TrainConfig = TrainConfig()
+    scaling: ScalingConfig = ScalingConfig()
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        got = f" (got {e['input']!r})" if e["type"] != "missing" and "input" in e else ""
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        lines.append(f"  {key}: {msg}{got}")
+    return f"invalid config {source}:\n" + "\n".join(lines)
+
+
+def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """``["a.b=1", "c=x"]`` -> ``{"a.b": 1, "c": "x"}``; values are parsed as YAML scalars / lists."""
+    out: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} is not of the form dotted.key=value")
+        out[key.strip()] = yaml.safe_load(value) if value.strip() else None
+    return out
+
+
+def set_dotted(tree: dict, key: str, value: Any) -> None:
+    """Set ``tree[a][b][c] = value`` for ``key="a.b.c"``, creating dicts on the way (validation judges them)."""
+    parts = key.split(".")
+    node = tree
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{'.'.join(parts[: i + 1])} is a value, so {key} cannot be set")
+        node = child
+    node[parts[-1]] = value
+
+
+def get_dotted(tree: dict, key: str) -> Any:
+    node: Any = tree
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise KeyError(key)
+        node = node[part]
+    return node
+
+
+def build_config(raw: dict | None = None, overrides: dict[str, Any] | None = None, source: str = "") -> RunConfig:
+    """Validate a raw dict (plus dotted overrides) into a ``RunConfig``."""
+    tree = copy.deepcopy(raw or {})
+    if not isinstance(tree, dict):
+        raise ConfigError(f"invalid config {source}: top level must be a mapping, got {type(tree).__name__}")
+    for key, value in (overrides or {}).items():
+        set_dotted(tree, key, value)
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err, source or "<dict>")) from None
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Load a run config from YAML (or the defaults) and apply ``key=value`` overrides."""
+    raw = read_yaml(path) if path else {}
+    return build_config(raw, parse_overrides(overrides or []), source=str(path or "<defaults>"))
+
+
+def config_to_dict(cfg: RunConfig) -> dict:
+    """Plain JSON/YAML-safe dict (tuples become lists)."""
+    return cfg.model_dump(mode="json")
