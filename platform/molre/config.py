@@ -23,7 +23,9 @@ class _Strict(BaseModel):
 class BackboneConfig(_Strict):
     preset: str = "tiny-vit"  # a name from molre.models.backbones.PRESETS
     weights: str | None = None  # local path or s3:// URI of safetensors / torch weights; None = random init
-    image_size: int | None = Field(None, gt=0)  # slice (2D) or volume side (3D); None = the preset's native size
+    image_size: int | None = Field(
+        None, gt=0
+    )  # slice (2D) or volume side (3D); None = the preset's native size
     finetune: Literal["lora", "full", "frozen"] | None = None  # None = the preset's default (paper protocol)
 
 
@@ -73,7 +75,9 @@ class AugmentConfig(_Strict):
 class DataConfig(_Strict):
     uri: str = ""  # preprocessed shard root (local path or s3://); empty = the synthetic default
     windows: list[tuple[float, float]] = [(0.0, 80.0), (-20.0, 180.0), (-800.0, 2000.0)]  # HU -> 3 channels
-    num_slices: int | None = Field(None, gt=0)  # slices fed to the model (resampled along z); None = grid depth
+    num_slices: int | None = Field(
+        None, gt=0
+    )  # slices fed to the model (resampled along z); None = grid depth
     rfs_threshold: float = Field(0.1, gt=0, le=1)  # LVIS t in r(c) = max(1, sqrt(t / f(c)))
     augment: AugmentConfig = AugmentConfig()
 
@@ -164,7 +168,9 @@ def get_dotted(tree: dict, key: str) -> Any:
     return node
 
 
-def build_config(raw: dict | None = None, overrides: dict[str, Any] | None = None, source: str = "") -> RunConfig:
+def build_config(
+    raw: dict | None = None, overrides: dict[str, Any] | None = None, source: str = ""
+) -> RunConfig:
     """Validate a raw dict (plus dotted overrides) into a ``RunConfig``."""
     tree = copy.deepcopy(raw or {})
     if not isinstance(tree, dict):

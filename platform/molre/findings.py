@@ -46,7 +46,9 @@ def _load() -> tuple[Finding, ...]:
     out: list[Finding] = []
     for category, entries in raw.items():
         if len(entries) != CATEGORY_SIZES[category]:
-            raise ValueError(f"findings.yaml: {category} has {len(entries)} findings, expected {CATEGORY_SIZES[category]}")
+            raise ValueError(
+                f"findings.yaml: {category} has {len(entries)} findings, expected {CATEGORY_SIZES[category]}"
+            )
         for fid, name in entries.items():
             out.append(Finding(len(out), fid, name, category))
     ids = [f.id for f in out]

@@ -1,0 +1,108 @@
+"""Mixture of Low-Rank Experts (paper Eq. 1-2).
+
+    h = W0 x + scale * sum_i g_i(x) * B_i A_i x,      g(x) = softmax(W2 relu(W1 x + b1) + b2)
+
+``W0`` is frozen: the wrapped linear (``blocks`` placement) or the identity (``features`` placement, where the
+backbone gives no projection). The K experts are one batched contraction over stacked ``A [K, r, d]`` and
+``B [K, d_out, r]``: x @ A_flat^T -> [N, K*r], gate each rank-r slice by g_k, then @ B_flat^T -> [N, d_out].
+
+Parameter count (d = d_out): experts K*(r*d + d*r), router d*d_h + d_h + d_h*K + K.
+At d=768, K=6, r=8, d_h=256: 73,728 + 198,406 = 272,134 (paper Table 2: 0.28M).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from molre.errors import ModelError
+
+
+class MoLRE(nn.Module):
+    def __init__(
+        self,
+        d_in: int,
+        d_out: int | None = None,
+        experts: int = 6,
+        rank: int = 8,
+        router_hidden: int = 256,
+        base_layer: nn.Module | None = None,
+        top_k: int | None = None,
+        scale: float = 1.0,
+        dropout: float = 0.0,
+        device: torch.device | str | None = None,
+    ):
+        super().__init__()
+        d_out = d_in if d_out is None else d_out
+        if base_layer is None and d_out != d_in:
+            raise ModelError(
+                f"MoLRE without a base layer uses W0 = identity, so d_out ({d_out}) must equal d_in ({d_in})"
+            )
+        if top_k is not None and not 0 < top_k <= experts:
+            raise ModelError(f"MoLRE top_k={top_k} must be in 1..{experts}")
+        self.d_in, self.d_out, self.experts, self.rank = d_in, d_out, experts, rank
+        self.top_k, self.scale = top_k, scale
+        self.base_layer = base_layer if base_layer is not None else nn.Identity()
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.A = nn.Parameter(torch.empty(experts, rank, d_in, device=device))  # [K, r, d]
+        self.B = nn.Parameter(
+            torch.zeros(experts, d_out, rank, device=device)
+        )  # [K, d_out, r], zero: h = W0 x
+        self.router = nn.Sequential(  # Eq. 2: W1 [d_h, d], b1, W2 [K, d_h], b2
+            nn.Linear(d_in, router_hidden, device=device),
+            nn.ReLU(),
+            nn.Linear(router_hidden, experts, device=device),
+        )
+        if self.A.device.type != "meta":
+            for k in range(experts):  # each expert's A initialised like a LoRA A
+                nn.init.kaiming_uniform_(self.A.data[k], a=math.sqrt(5))
+        self.last_router_weights: torch.Tensor | None = None  # [..., K], detached, for analysis
+        self.last_balance_loss: torch.Tensor | None = None
+
+    def route(self, x: torch.Tensor) -> torch.Tensor:
+        """Mixing weights ``g(x)`` ``[..., K]`` (softmax; with top_k, renormalised over the k largest)."""
+        g = F.softmax(self.router(x), dim=-1)
+        if self.top_k is not None and self.top_k < self.experts:
+            top = torch.topk(g, self.top_k, dim=-1)
+            g = torch.zeros_like(g).scatter(-1, top.indices, top.values)
+            g = g / g.sum(dim=-1, keepdim=True)
+        return g
+
+    def expert_delta(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """``sum_i g_i B_i A_i x`` for ``x [..., d]``, ``g [..., K]`` in two matmuls (no loop over experts)."""
+        K, r = self.experts, self.rank
+        z = self.dropout(x) @ self.A.reshape(K * r, self.d_in).t()  # [..., K*r]
+        z = (z.unflatten(-1, (K, r)) * g.unsqueeze(-1)).flatten(-2)  # gate each expert's rank-r code
+        b_flat = self.B.permute(1, 0, 2).reshape(self.d_out, K * r)  # [d_out, K*r], column k*r+j = B[k, :, j]
+        return z @ b_flat.t()  # [..., d_out]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.d_in:
+            raise ModelError(f"MoLRE expects features of width {self.d_in}, got shape {tuple(x.shape)}")
+        g = self.route(x)
+        self.last_router_weights = g.detach()
+        self.last_balance_loss = balance_loss(g, self.experts)
+        return self.base_layer(x) + self.scale * self.expert_delta(x, g)
+
+
+def balance_loss(g: torch.Tensor, experts: int) -> torch.Tensor:
+    """Switch-Transformer load-balancing loss ``K * sum_i f_i * P_i`` over all routed items (1.0 when uniform).
+
+    f_i: fraction of items whose largest weight is expert i (no gradient); P_i: mean routing weight of expert i.
+    """
+    g = g.reshape(-1, experts)
+    f = F.one_hot(g.argmax(dim=-1), experts).to(g.dtype).mean(dim=0)
+    return experts * (f * g.mean(dim=0)).sum()
+
+
+def molre_param_count(
+    d: int, experts: int = 6, rank: int = 8, router_hidden: int = 256, d_out: int | None = None
+) -> int:
+    """Closed form of the module's parameter count (the test checks it against ``numel``)."""
+    d_out = d if d_out is None else d_out
+    return (
+        experts * rank * (d + d_out) + d * router_hidden + router_hidden + router_hidden * experts + experts
+    )

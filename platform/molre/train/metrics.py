@@ -1,0 +1,58 @@
+"""Per-finding ROC AUC and the paper's summaries (mean +- std, counts >= 0.90 and 0.80-0.90).
+
+A finding whose evaluated set holds one class only (or whose labels are all unknown) has no AUC: it is NaN and
+reported as undefined, never counted as 0.5 and never part of the mean.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from sklearn.metrics import roc_auc_score
+
+from molre.findings import FINDING_IDS
+
+
+def per_finding_auc(scores: np.ndarray, labels: np.ndarray, known: np.ndarray | None = None) -> np.ndarray:
+    """``[C]`` ROC AUCs from ``[N, C]`` scores and 0/1 labels; NaN where a finding is undefined."""
+    scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels)
+    known = np.ones_like(labels, dtype=bool) if known is None else np.asarray(known).astype(bool)
+    out = np.full(labels.shape[1], np.nan)
+    for c in range(labels.shape[1]):
+        y, s = labels[known[:, c], c], scores[known[:, c], c]
+        if y.size and 0 < y.sum() < y.size:
+            out[c] = roc_auc_score(y, s)
+    return out
+
+
+@dataclass
+class AUCSummary:
+    mean: float  # over defined findings
+    std: float
+    n_defined: int
+    n_high: int  # AUC >= 0.90
+    n_moderate: int  # 0.80 <= AUC < 0.90
+    undefined: list[str]
+
+    def as_dict(self, prefix: str = "") -> dict:
+        return {
+            f"{prefix}mean_auc": self.mean,
+            f"{prefix}std_auc": self.std,
+            f"{prefix}n_defined": self.n_defined,
+            f"{prefix}n_auc_ge_090": self.n_high,
+            f"{prefix}n_auc_080_090": self.n_moderate,
+        }
+
+
+def summarize(aucs: np.ndarray, ids=FINDING_IDS) -> AUCSummary:
+    aucs = np.asarray(aucs, dtype=np.float64)
+    defined = aucs[~np.isnan(aucs)]
+    return AUCSummary(
+        mean=float(defined.mean()) if defined.size else float("nan"),
+        std=float(defined.std()) if defined.size else float("nan"),
+        n_defined=int(defined.size),
+        n_high=int((defined >= 0.90).sum()),
+        n_moderate=int(((defined >= 0.80) & (defined < 0.90)).sum()),
+        undefined=[fid for fid, a in zip(ids, aucs, strict=True) if np.isnan(a)],
+    )
