@@ -1,0 +1,52 @@
+import pytest
+
+from molre.config import build_config, load_config
+from molre.errors import ConfigError
+
+
+def test_defaults_are_the_papers_settings():
+    cfg = load_config()
+    assert (cfg.adapter.lora.rank, cfg.adapter.lora.alpha) == (8, 16.0)
+    m = cfg.adapter.molre
+    assert (m.experts, m.rank, m.router_hidden, m.placement) == (6, 8, 256, "features")
+    assert cfg.loss.gamma == 2.0 and (cfg.optim.lr_head, cfg.optim.lr_adapter) == (1e-3, 1e-4)
+    assert (cfg.train.min_epochs, cfg.train.patience) == (20, 5)
+    assert cfg.data.windows == [(0.0, 80.0), (-20.0, 180.0), (-800.0, 2000.0)]
+
+
+def test_yaml_and_dotted_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("backbone: {preset: tiny-vit}\nadapter:\n  molre: {experts: 3}\n")
+    cfg = load_config(path, ["adapter.molre.experts=4", "loss.alpha=0.25", "adapter.lora.blocks=[0, 1]"])
+    assert cfg.backbone.preset == "tiny-vit" and cfg.adapter.molre.experts == 4
+    assert cfg.loss.alpha == 0.25 and cfg.adapter.lora.blocks == [0, 1]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["adapter.molre.expert=4"], "adapter.molre.expert: unknown key"),
+        (["train.batch_size=two"], "train.batch_size: Input should be a valid integer"),
+        (["optim.lr_head=-1"], "optim.lr_head: Input should be greater than 0"),
+        (["adapter.kind=moe"], "adapter.kind: Input should be 'none' or 'molre'"),
+        (["adapter.molre.top_k=9"], "top_k=9 exceeds experts=6"),
+        (["train=3"], "train: Input should be a valid dictionary"),
+        (["trainbatch_size"], "not of the form dotted.key=value"),
+    ],
+)
+def test_bad_keys_and_types_name_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
+        load_config(None, overrides)
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(tmp_path / "list.yaml")
+    (tmp_path / "bad.yaml").write_text("a: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(tmp_path / "bad.yaml")
+    with pytest.raises(ConfigError, match="backbone.presets: unknown key"):
+        build_config({"backbone": {"presets": "x"}}, source="x.yaml")
