@@ -4,7 +4,7 @@ import torch
 from molre.config import build_config
 from molre.errors import ModelError
 from molre.findings import NUM_FINDINGS
-from molre.models import MoLRE, build_model, parameter_groups
+from molre.models import build_model, parameter_groups
 from molre.models.lora import LoRALinear
 
 

@@ -11,7 +11,9 @@ from molre.models.lora import LoRALinear, find_attention_linears, inject_lora
 
 def _tiny_vit():
     torch.manual_seed(0)
-    return timm.create_model("vit_tiny_patch16_224", img_size=32, embed_dim=32, depth=3, num_heads=2, num_classes=0)
+    return timm.create_model(
+        "vit_tiny_patch16_224", img_size=32, embed_dim=32, depth=3, num_heads=2, num_classes=0
+    )
 
 
 def test_fresh_lora_is_identity_and_wraps_base_layer():
@@ -46,7 +48,10 @@ def test_matches_peft_lora_for_the_same_weights():
 
 def test_block_selection_and_parameter_count():
     model = _tiny_vit()
-    assert find_attention_linears(model, ("attn.qkv",), blocks=[0, -1]) == ["blocks.0.attn.qkv", "blocks.2.attn.qkv"]
+    assert find_attention_linears(model, ("attn.qkv",), blocks=[0, -1]) == [
+        "blocks.0.attn.qkv",
+        "blocks.2.attn.qkv",
+    ]
     inject_lora(model, ("attn.qkv",), rank=4, alpha=8, blocks=[1])
     lora = [p.numel() for n, p in model.named_parameters() if "lora_" in n]
     assert sum(lora) == 4 * (32 + 96)  # r * (d_in + d_out) for one qkv

@@ -11,7 +11,9 @@ def test_scalar_alpha_equals_torchvision(alpha):
     torch.manual_seed(0)
     logits, targets = torch.randn(6, 75) * 3, (torch.rand(6, 75) < 0.2).float()
     ours = FocalLoss(gamma=2.0, alpha=alpha)(logits, targets)
-    ref = sigmoid_focal_loss(logits, targets, alpha=-1 if alpha is None else alpha, gamma=2.0, reduction="mean")
+    ref = sigmoid_focal_loss(
+        logits, targets, alpha=-1 if alpha is None else alpha, gamma=2.0, reduction="mean"
+    )
     torch.testing.assert_close(ours, ref)
 
 
@@ -20,7 +22,9 @@ def test_per_class_alpha_and_unknown_mask():
     logits, targets = torch.randn(4, 3), torch.tensor([[1.0, 0, 1], [0, 0, 1], [1, 1, 0], [0, 0, 0]])
     alpha = np.array([0.9, 0.5, 0.25], dtype=np.float32)
     loss = FocalLoss(gamma=1.5, alpha=alpha)
-    per_class = [sigmoid_focal_loss(logits[:, c], targets[:, c], alpha=float(alpha[c]), gamma=1.5) for c in range(3)]
+    per_class = [
+        sigmoid_focal_loss(logits[:, c], targets[:, c], alpha=float(alpha[c]), gamma=1.5) for c in range(3)
+    ]
     torch.testing.assert_close(loss.elementwise(logits, targets), torch.stack(per_class, dim=1))
     known = torch.tensor([[1.0, 1, 0], [1, 1, 0], [1, 1, 1], [1, 0, 1]])
     masked = loss(logits, targets, known)
