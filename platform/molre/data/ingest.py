@@ -1,0 +1,528 @@
+"""Ingest: find CT series (DICOM folders, NIfTI files) under a directory, validate them, load them as HU volumes.
+
+Two steps, so that a caller can account for every input (``in = processed + quarantined``):
+
+- ``discover(input_dir) -> (refs, rejects)`` walks the tree reading DICOM *headers only*, groups DICOM files by
+  SeriesInstanceUID (one ``SeriesRef`` per series, wherever its files lie) and takes each ``.nii``/``.nii.gz``
+  as one series. Files that are neither (junk, zero bytes, unreadable headers) come back as ``DataError`` rejects.
+- ``load_series(ref) -> Volume`` decodes pixels, applies the rescale to HU, validates and returns the volume, or
+  raises one ``DataError`` naming the series and the reason.
+
+Volume convention (shared with ``molre.data.dicom_write``): ``hu`` is ``[D, H, W]`` float32, slice 0 the most
+inferior; ``direction`` rows are the unit vectors, in patient LPS, of the array axes z (slices), y (rows),
+x (columns); ``origin`` is the LPS position (mm) of voxel ``[0, 0, 0]``, so voxel ``(k, j, i)`` sits at
+``origin + k*dz*direction[0] + j*dy*direction[1] + i*dx*direction[2]``.
+
+Validation bounds (module constants, so they are documented in one place):
+
+- axial: the slice normal within ``AXIAL_MAX_DEG`` = 30 deg of the head-foot axis (an oblique axial is accepted
+  and carried in ``direction``; sagittal/coronal are 90 deg off and rejected);
+- gantry tilt: a GantryDetectorTilt other than 0 (beyond ``TILT_MAX_DEG``), or slices stacked more than
+  ``SHEAR_MAX_DEG`` = 0.5 deg off their normal (sheared geometry), or row/column directions not orthogonal;
+- slice spacing: every step within ``max(0.05 mm, 2 %)`` of the median step; a step that is a whole multiple of
+  the median is a missing slice; steps under 0.01 mm are duplicate positions;
+- HU: every voxel in ``[HU_FLOOR, HU_CEIL]`` = [-3100, 32767] (below: nothing a scanner writes, padding included
+  at -3024; above: does not fit the int16 shards), the minimum at most ``AIR_MAX_HU`` = -500 (a head CT field of
+  view always holds air) and the maximum at least ``BONE_MIN_HU`` = 200 (and skull); a volume failing these was
+  almost always stored without, or with a wrong, RescaleSlope/Intercept;
+- at least ``DEFAULT_MIN_SLICES`` = 8 slices (``min_slices`` argument, never below 2).
+
+De-identification: nothing read from a header leaves this module except geometry, pixels, the study keys used to
+match label rows, and ``Volume.patient_id`` in its own field (needed for the salted hash; hidden from ``repr``).
+Error messages name the file path and the reason only; pydicom's own warnings and log records, which can quote
+header values, are suppressed (importing this module raises the ``pydicom`` logger's level above CRITICAL).
+Paths are quoted as given: operators must not put patient names or ids in file or folder names.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import math
+import os
+import warnings
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pydicom  # imported here so that its logging setup runs before ours below
+
+from molre.errors import DataError
+
+DEFAULT_MIN_SLICES = 8
+AXIAL_MAX_DEG = 30.0  # slice normal vs the LPS z axis
+SHEAR_MAX_DEG = 0.5  # slice stacking direction vs the slice normal
+TILT_MAX_DEG = 0.01  # |GantryDetectorTilt|
+ORIENTATION_TOL = 1e-3  # direction cosines equal across slices / orthogonal within this
+DUPLICATE_MM = 0.01  # two slices closer than this along the normal share a position
+STEP_ABS_TOL_MM = 0.05  # slice step tolerance: max(0.05 mm, 2 % of the median step)
+STEP_REL_TOL = 0.02
+HU_FLOOR, HU_CEIL = -3100.0, 32767.0
+AIR_MAX_HU, BONE_MIN_HU = -500.0, 200.0
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+# Sidecar files that are neither images nor junk: skipped, not counted. Hidden files and DICOMDIR indexes too.
+DEFAULT_IGNORE = (".*", "DICOMDIR", "*.csv", "*.json", "*.txt", "*.md", "*.yaml", "*.yml")
+_HEADER_TAGS = ["SeriesInstanceUID", "StudyInstanceUID", "SOPInstanceUID"]
+_TEXT_VRS = {"PN", "LO", "SH", "LT", "ST", "UT", "UC", "DA", "DT", "TM", "AE", "AS", "UI", "CS"}
+_LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0])  # NIfTI world is RAS+, DICOM patient space is LPS+
+
+# pydicom logs (and warns) messages that can quote header values, e.g. an invalid UID. Its child loggers inherit
+# this level, so nothing from pydicom reaches any handler (pydicom.config.debug() would turn it back on).
+logging.getLogger("pydicom").setLevel(logging.CRITICAL + 1)
+
+
+@dataclass(frozen=True)
+class SeriesRef:
+    """One series found by ``discover``: a DICOM series (its files) or one NIfTI file."""
+
+    # what errors name: the series folder, its first file if that folder holds several series, or the NIfTI
+    source: str
+    kind: str  # "dicom" | "nifti"
+    files: tuple[str, ...]  # DICOM files of the series sorted by name; (path,) for NIfTI
+    study_keys: tuple[str, ...]  # most specific first: folder / file-stem names, then StudyInstanceUID
+    study_uid: str = ""  # DICOM StudyInstanceUID ("" for NIfTI)
+    # SOPInstanceUID per file in ``files`` (RSNA labels are per slice)
+    sop_uids: tuple[str, ...] = field(default=(), repr=False)
+
+
+@dataclass
+class Volume:
+    """A validated CT volume in HU with its geometry (see the module doc for the axis convention)."""
+
+    hu: np.ndarray = field(repr=False)  # float32 [D, H, W], slice 0 inferior
+    spacing: tuple[float, float, float]  # (dz, dy, dx) mm
+    direction: np.ndarray  # 3x3, rows: unit vectors of array axes z, y, x in LPS
+    origin: np.ndarray  # (3,) LPS mm of voxel [0, 0, 0]
+    study_keys: tuple[str, ...]
+    source: str
+    # raw header PatientID ("" for NIfTI): for the salted hash only, never logged, hidden from repr
+    patient_id: str = field(default="", repr=False)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.hu.shape)
+
+
+# ---------------------------------------------------------------------------------------------------- discover
+
+
+def discover(
+    input_dir: str | os.PathLike, *, ignore: Sequence[str] = DEFAULT_IGNORE
+) -> tuple[list[SeriesRef], list[DataError]]:
+    """All series under ``input_dir`` and the files that could not be part of one.
+
+    Every file not matching an ``ignore`` pattern ends up in exactly one ref or one reject, so
+    ``len(refs) + len(rejects)`` is the number of input items. Order is deterministic (sorted paths).
+    """
+    root = Path(input_dir)
+    if not root.is_dir():
+        raise DataError(str(root), "input directory does not exist")
+    headers: dict[str, list[tuple[str, str, str]]] = defaultdict(list)  # series uid -> (path, study, sop)
+    nifti: list[SeriesRef] = []
+    rejects: list[DataError] = []
+    for path in _walk(root, ignore):
+        try:
+            if path.stat().st_size == 0:
+                raise DataError(str(path), "empty file (0 bytes)")
+            if path.name.lower().endswith(NIFTI_SUFFIXES):
+                nifti.append(_nifti_ref(path, root))
+            else:
+                series_uid, study_uid, sop_uid = _dicom_header(path)
+                headers[series_uid].append((str(path), study_uid, sop_uid))
+        except DataError as err:
+            rejects.append(err)
+    refs = _dicom_refs(headers, root) + nifti
+    return sorted(refs, key=lambda r: r.source), rejects
+
+
+def _walk(root: Path, ignore: Sequence[str]) -> Iterator[Path]:
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not _ignored(d, ignore))
+        for name in sorted(files):
+            if not _ignored(name, ignore):
+                yield Path(folder) / name
+
+
+def _ignored(name: str, patterns: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatch(name, pattern) for pattern in patterns)
+
+
+def _dicom_header(path: Path) -> tuple[str, str, str]:
+    """(SeriesInstanceUID, StudyInstanceUID, SOPInstanceUID) read without pixels, or a DataError."""
+    from pydicom.errors import InvalidDicomError
+
+    with _quiet():  # pydicom converts values lazily and may warn, quoting them, on first access: all inside
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
+        except InvalidDicomError:
+            raise DataError(str(path), "not a DICOM file (no DICM preamble) nor NIfTI") from None
+        except Exception as exc:  # any parser failure on untrusted bytes; its message may quote header values
+            raise DataError(str(path), f"unreadable DICOM header ({type(exc).__name__})") from None
+        uids = tuple(str(ds.get(keyword, "") or "") for keyword in _HEADER_TAGS)
+    if not uids[0]:
+        raise DataError(str(path), "DICOM header without SeriesInstanceUID (truncated file or not an image)")
+    return uids
+
+
+def _dicom_refs(headers: dict[str, list[tuple[str, str, str]]], root: Path) -> list[SeriesRef]:
+    """One ref per series; a folder holding one series is named by its path, else by the series' first file."""
+    series_per_folder: dict[str, int] = defaultdict(int)
+    for entries in headers.values():
+        for folder in {str(Path(p).parent) for p, _, _ in entries}:
+            series_per_folder[folder] += 1
+    refs = []
+    for entries in headers.values():
+        entries = sorted(entries)
+        paths = [p for p, _, _ in entries]
+        folder = Path(os.path.commonpath(paths)) if len(paths) > 1 else Path(paths[0]).parent
+        sole = (
+            series_per_folder.get(str(folder), 1) == 1
+        )  # files spread over sub-folders: their common parent
+        study_uid = entries[0][1]
+        keys = _folder_keys(folder, root, include_self=sole) + ((study_uid,) if study_uid else ())
+        refs.append(
+            SeriesRef(
+                source=str(folder) if sole else paths[0],
+                kind="dicom",
+                files=tuple(paths),
+                study_keys=_unique(keys),
+                study_uid=study_uid,
+                sop_uids=tuple(sop for _, _, sop in entries),
+            )
+        )
+    return refs
+
+
+def _folder_keys(folder: Path, root: Path, *, include_self: bool) -> tuple[str, ...]:
+    """Folder names from ``folder`` up to (not including) ``root``, deepest first, ``folder``'s own name only when
+    ``include_self``. A series lying directly in ``root`` is keyed by ``root``'s name (``discover('/data/study_7')``
+    still yields ``study_7``)."""
+    names = list(reversed(folder.relative_to(root).parts))
+    if not names:
+        return (root.resolve().name,) if include_self else ()
+    return tuple(names if include_self else names[1:])
+
+
+def _unique(keys: Sequence[str]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(k for k in keys if k))
+
+
+def _nifti_ref(path: Path, root: Path) -> SeriesRef:
+    _nifti_image(path)  # header check now; voxel data is read by load_series
+    stem = path.name[: -len(".nii.gz")] if path.name.lower().endswith(".nii.gz") else path.stem
+    # the file stem, then its folders below root (root's own name is shared by every file in it: no key)
+    keys = (stem,) + (_folder_keys(path.parent, root, include_self=True) if path.parent != root else ())
+    return SeriesRef(source=str(path), kind="nifti", files=(str(path),), study_keys=_unique(keys))
+
+
+# ---------------------------------------------------------------------------------------------------- load
+
+
+def load_series(ref: SeriesRef, *, min_slices: int = DEFAULT_MIN_SLICES) -> Volume:
+    """Decode, validate and return one series as HU; any problem is a ``DataError`` naming ``ref.source``."""
+    min_slices = max(2, int(min_slices))  # two positions are needed to know the slice step
+    with _quiet():  # every header access, not just the read: pydicom converts (and warns about) values lazily
+        if ref.kind == "dicom":
+            volume = _load_dicom(ref, min_slices)
+        elif ref.kind == "nifti":
+            volume = _load_nifti(ref, min_slices)
+        else:
+            raise DataError(ref.source, f"unknown series kind {ref.kind!r}")
+    _check_hu(volume.hu, ref.source)
+    return volume
+
+
+@contextmanager
+def _quiet():
+    """pydicom/nibabel warnings can quote header values: never let them reach a log."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+# ---- DICOM
+
+
+def _load_dicom(ref: SeriesRef, min_slices: int) -> Volume:
+    datasets = [_read_dataset(path, ref.source) for path in ref.files]
+    names = [Path(p).name for p in ref.files]
+    _check_modality(datasets, ref.source)
+    _check_matrix(datasets, ref.source)
+    if len(datasets) < min_slices:
+        raise DataError(ref.source, f"too few slices: {len(datasets)} (minimum {min_slices})")
+    row_dir, col_dir = _orientation(datasets, names, ref.source)
+    _check_tilt_tag(datasets, ref.source)
+    normal = np.cross(row_dir, col_dir)  # unit: row_dir and col_dir are orthonormal
+    # point the normal superior, so ascending position along it = inferior -> superior
+    normal = normal if normal[2] >= 0 else -normal
+    _check_axial(normal, ref.source)
+    positions = np.array([_position(ds, name, ref.source) for ds, name in zip(datasets, names, strict=True)])
+    order = np.argsort(positions @ normal, kind="stable")
+    positions = positions[order]
+    ordered = [datasets[i] for i in order]
+    ordered_names = [names[i] for i in order]
+    dz = _slice_step(positions, normal, ordered_names, ref.source)
+    hu = np.stack([_slice_hu(ds, name, ref.source) for ds, name in zip(ordered, ordered_names, strict=True)])
+    dy, dx = (float(v) for v in ordered[0].PixelSpacing)  # DICOM order: between rows, between columns
+    return Volume(
+        hu=hu,
+        spacing=(dz, dy, dx),
+        direction=np.stack([normal, col_dir, row_dir]),  # array axes z, y (rows), x (columns)
+        origin=positions[0].astype(np.float64),
+        study_keys=ref.study_keys,
+        source=ref.source,
+        patient_id=str(ordered[0].get("PatientID", "") or ""),
+    )
+
+
+def _read_dataset(path: str, source: str):
+    name = Path(path).name
+    try:
+        ds = pydicom.dcmread(path)
+    except Exception as exc:  # the header read in discover succeeded, so this is a damaged body
+        raise DataError(source, f"{name}: unreadable DICOM file ({type(exc).__name__})") from None
+    if "PixelData" not in ds:
+        raise DataError(source, f"{name}: no pixel data (truncated file or not an image)")
+    if int(ds.get("NumberOfFrames", 1) or 1) > 1:
+        raise DataError(
+            source, f"{name}: multi-frame (enhanced) DICOM is not supported; export single slices"
+        )
+    for keyword in ("Rows", "Columns", "PixelSpacing", "ImageOrientationPatient", "ImagePositionPatient"):
+        if ds.get(keyword) in (None, ""):
+            raise DataError(source, f"{name}: missing {keyword}")
+    return ds
+
+
+def _check_modality(datasets, source: str) -> None:
+    found = sorted({str(ds.get("Modality", "") or "") for ds in datasets})
+    if found != ["CT"]:
+        shown = ", ".join(m if m.isalnum() and len(m) <= 4 else "?" for m in found) or "none"
+        raise DataError(source, f"modality {shown} is not CT")
+
+
+def _check_matrix(datasets, source: str) -> None:
+    sizes = sorted({(int(ds.Rows), int(ds.Columns)) for ds in datasets})
+    if len(sizes) > 1:
+        raise DataError(source, "mixed matrix sizes: " + ", ".join(f"{r}x{c}" for r, c in sizes))
+    spacings = sorted({tuple(round(float(v), 4) for v in ds.PixelSpacing) for ds in datasets})
+    if len(spacings) > 1:
+        raise DataError(source, "mixed pixel spacing: " + ", ".join(f"{a:g}x{b:g} mm" for a, b in spacings))
+    samples = {int(ds.get("SamplesPerPixel", 1) or 1) for ds in datasets}
+    if samples != {1}:
+        raise DataError(source, "not a greyscale image (SamplesPerPixel != 1)")
+
+
+def _orientation(datasets, names: list[str], source: str) -> tuple[np.ndarray, np.ndarray]:
+    """Unit row and column direction cosines, equal on every slice and orthogonal."""
+    first = np.array([float(v) for v in datasets[0].ImageOrientationPatient])
+    if first.shape != (6,):
+        raise DataError(source, f"{names[0]}: ImageOrientationPatient needs 6 values")
+    for ds, name in zip(datasets, names, strict=True):
+        other = np.array([float(v) for v in ds.ImageOrientationPatient])
+        if other.shape != (6,) or np.abs(other - first).max() > ORIENTATION_TOL:
+            raise DataError(source, f"mixed orientations ({name} differs from {names[0]})")
+    row_dir, col_dir = first[:3], first[3:]
+    norms = np.linalg.norm(row_dir), np.linalg.norm(col_dir)
+    if min(norms) < 0.5:
+        raise DataError(source, "degenerate ImageOrientationPatient")
+    row_dir, col_dir = row_dir / norms[0], col_dir / norms[1]
+    if abs(float(row_dir @ col_dir)) > ORIENTATION_TOL:
+        raise DataError(
+            source, "sheared orientation: row and column directions are not orthogonal (gantry tilt?)"
+        )
+    return row_dir, col_dir
+
+
+def _check_tilt_tag(datasets, source: str) -> None:
+    tilts = [float(ds.get("GantryDetectorTilt", 0) or 0) for ds in datasets]
+    worst = max(tilts, key=abs)
+    if abs(worst) > TILT_MAX_DEG:
+        raise DataError(
+            source, f"gantry tilt of {worst:g} degrees (GantryDetectorTilt); resample it untilted first"
+        )
+
+
+def _check_axial(normal: np.ndarray, source: str) -> None:
+    # angle between the slice normal and the head-foot axis: acos(|n . z|)
+    angle = math.degrees(math.acos(min(1.0, abs(float(normal[2])))))
+    if angle > AXIAL_MAX_DEG:
+        raise DataError(source, f"not axial: slice normal is {angle:.1f} degrees from the head-foot axis")
+
+
+def _position(ds, name: str, source: str) -> np.ndarray:
+    position = np.array([float(v) for v in ds.ImagePositionPatient])
+    if position.shape != (3,) or not np.isfinite(position).all():
+        raise DataError(source, f"{name}: ImagePositionPatient needs 3 finite values")
+    return position
+
+
+def _slice_step(positions: np.ndarray, normal: np.ndarray, names: list[str], source: str) -> float:
+    """Mean spacing along the normal, after checking duplicates, shear, gaps and uniformity."""
+    along = positions @ normal  # mm along the normal, ascending
+    steps = np.diff(along)
+    duplicate = np.flatnonzero(steps < DUPLICATE_MM)
+    if duplicate.size:
+        i = int(duplicate[0])
+        raise DataError(
+            source,
+            f"duplicate slice positions: {names[i]} and {names[i + 1]} (and {duplicate.size - 1} more)",
+        )
+    # shear: in-plane drift of the last slice relative to the first, as an angle off the normal
+    offset = positions[-1] - positions[0]
+    drift = float(np.linalg.norm(offset - (offset @ normal) * normal))
+    shear = math.degrees(math.atan2(drift, float(offset @ normal)))
+    if shear > SHEAR_MAX_DEG:
+        raise DataError(
+            source, f"sheared slice positions: stacked {shear:.1f} degrees off the slice normal (gantry tilt)"
+        )
+    median = float(np.median(steps))
+    tolerance = max(STEP_ABS_TOL_MM, STEP_REL_TOL * median)
+    bad = np.flatnonzero(np.abs(steps - median) > tolerance)
+    if bad.size:
+        _raise_spacing_error(steps, bad, median, names, source)
+    return float((along[-1] - along[0]) / (len(along) - 1))
+
+
+def _raise_spacing_error(steps: np.ndarray, bad: np.ndarray, median: float, names: list[str], source: str):
+    ratios = steps[bad] / median
+    # every bad step a whole multiple (>= 2) of the usual one: slices are missing, not unevenly spaced
+    if np.all((ratios > 1.5) & (np.abs(ratios - np.rint(ratios)) < 0.1)):
+        i = int(bad[0])
+        missing = int(np.rint(ratios).sum() - len(ratios))
+        raise DataError(
+            source,
+            f"missing slice(s): {missing} missing, first gap of {steps[i]:.2f} mm after {names[i]} "
+            f"where slices are {median:.2f} mm apart",
+        )
+    raise DataError(
+        source, f"non-uniform slice spacing: steps from {steps.min():.2f} to {steps.max():.2f} mm"
+    )
+
+
+def _slice_hu(ds, name: str, source: str) -> np.ndarray:
+    _check_pixel_length(ds, name, source)
+    try:
+        pixels = ds.pixel_array
+    except Exception as exc:  # any decoder plugin failure: missing codec, corrupt stream
+        raise DataError(source, f"{name}: pixel data cannot be decoded ({_explain(exc, ds)})") from None
+    if pixels.shape != (int(ds.Rows), int(ds.Columns)):
+        raise DataError(
+            source, f"{name}: decoded pixels have shape {pixels.shape}, header says {ds.Rows}x{ds.Columns}"
+        )
+    slope = float(ds.get("RescaleSlope", 1) or 1)
+    intercept = float(ds.get("RescaleIntercept", 0) or 0)
+    return (pixels.astype(np.float32) * np.float32(slope) + np.float32(intercept)).astype(np.float32)
+
+
+def _check_pixel_length(ds, name: str, source: str) -> None:
+    """Native (uncompressed) pixel data must hold rows*cols*bits/8 bytes; fewer means a truncated file."""
+    if ds.file_meta.get("TransferSyntaxUID") is None or ds.file_meta.TransferSyntaxUID.is_compressed:
+        return
+    expected = int(ds.Rows) * int(ds.Columns) * int(ds.get("BitsAllocated", 16)) // 8
+    got = len(ds.PixelData)
+    if got < expected:
+        raise DataError(source, f"{name}: truncated pixel data ({got} of {expected} bytes)")
+
+
+def _explain(exc: Exception, ds) -> str:
+    """Exception type and message (one line, at most 200 characters), any header text value of ``ds`` blanked."""
+    text = " ".join(str(exc).split())[:200]
+    for element in ds.iterall():
+        value = str(element.value) if element.VR in _TEXT_VRS else ""
+        if len(value) >= 3 and value in text:
+            text = text.replace(value, "<redacted>")
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+# ---- NIfTI
+
+
+def _nifti_image(path: Path):
+    import nibabel as nib
+
+    try:
+        with _quiet():
+            return nib.load(str(path))
+    except Exception as exc:  # bad gzip, wrong magic, junk: nibabel raises several types
+        raise DataError(str(path), f"unreadable NIfTI ({type(exc).__name__})") from None
+
+
+def _load_nifti(ref: SeriesRef, min_slices: int) -> Volume:
+    path = Path(ref.files[0])
+    image = _nifti_image(path)
+    shape = tuple(int(n) for n in image.shape)
+    if len(shape) < 3:
+        raise DataError(ref.source, f"2D image (shape {'x'.join(map(str, shape))}), expected a 3D volume")
+    if len(shape) > 3 and any(n != 1 for n in shape[3:]):
+        raise DataError(
+            ref.source, f"{len(shape)}D image (shape {'x'.join(map(str, shape))}), expected a 3D volume"
+        )
+    try:
+        data = np.asarray(image.get_fdata(dtype=np.float32)).reshape(shape[:3])  # applies scl_slope/inter
+    except Exception as exc:  # truncated or corrupt compressed stream
+        raise DataError(ref.source, f"unreadable NIfTI voxel data ({type(exc).__name__})") from None
+    _check_finite(data, ref.source)
+    if shape[2] < min_slices:
+        raise DataError(ref.source, f"too few slices: {shape[2]} (minimum {min_slices})")
+    hu, spacing, direction, origin = _nifti_geometry(data, image.affine, ref.source)
+    return Volume(hu, spacing, direction, origin, ref.study_keys, ref.source, patient_id="")
+
+
+def _check_finite(data: np.ndarray, source: str) -> None:
+    nan = int(np.isnan(data).sum())
+    if nan:
+        raise DataError(source, f"{nan} NaN voxels")
+    inf = int(np.isinf(data).sum())
+    if inf:
+        raise DataError(source, f"{inf} infinite voxels")
+
+
+def _nifti_geometry(data: np.ndarray, affine: np.ndarray, source: str):
+    """NIfTI ``data[i, j, k]`` + RAS affine -> ``hu[k, j, i]`` with LPS direction/origin, slice 0 inferior.
+
+    The third voxel axis (k) must be the slice axis, as written by dcm2niix and molre's own writer.
+    """
+    columns = _LPS_FROM_RAS @ np.asarray(affine, dtype=np.float64)[:3, :3]  # LPS step per voxel along i, j, k
+    origin = _LPS_FROM_RAS @ np.asarray(affine, dtype=np.float64)[:3, 3]
+    spacing_ijk = np.linalg.norm(columns, axis=0)
+    if not np.isfinite(columns).all() or spacing_ijk.min() < 1e-6:
+        raise DataError(source, "degenerate affine (zero or non-finite voxel size)")
+    u_i, u_j, u_k = (columns[:, n] / spacing_ijk[n] for n in range(3))
+    if abs(float(u_i @ u_j)) > ORIENTATION_TOL:
+        raise DataError(source, "sheared affine: in-plane axes are not orthogonal (gantry tilt?)")
+    normal = np.cross(u_i, u_j)
+    normal = normal if normal[2] >= 0 else -normal
+    _check_axial(normal, source)
+    shear = math.degrees(math.acos(min(1.0, abs(float(u_k @ normal)))))
+    if shear > SHEAR_MAX_DEG:
+        raise DataError(
+            source, f"sheared affine: slices stacked {shear:.1f} degrees off the slice normal (gantry tilt)"
+        )
+    hu = np.ascontiguousarray(data.transpose(2, 1, 0), dtype=np.float32)
+    if u_k[2] < 0:  # slices run superior -> inferior: flip so slice 0 is inferior
+        origin = origin + (hu.shape[0] - 1) * columns[:, 2]
+        hu, u_k = np.ascontiguousarray(hu[::-1]), -u_k
+    spacing = (float(spacing_ijk[2]), float(spacing_ijk[1]), float(spacing_ijk[0]))
+    return hu, spacing, np.stack([u_k, u_j, u_i]), origin
+
+
+# ---- HU
+
+
+def _check_hu(hu: np.ndarray, source: str) -> None:
+    low, high = float(hu.min()), float(hu.max())
+    if low < HU_FLOOR or high > HU_CEIL:
+        raise DataError(
+            source,
+            f"implausible HU range {low:.0f}..{high:.0f}: outside [{HU_FLOOR:.0f}, {HU_CEIL:.0f}] (wrong rescale?)",
+        )
+    if low > AIR_MAX_HU or high < BONE_MIN_HU:
+        raise DataError(
+            source,
+            f"implausible HU range {low:.0f}..{high:.0f}: a head CT needs air (min <= {AIR_MAX_HU:.0f}) "
+            f"and bone (max >= {BONE_MIN_HU:.0f}); missing or wrong RescaleSlope/Intercept?",
+        )
