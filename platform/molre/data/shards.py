@@ -1,0 +1,308 @@
+"""The preprocessed dataset on storage: zstd Parquet shards, one row per study, plus ``manifest.json``.
+
+Layout under the output root (a local path or ``s3://bucket/prefix``)::
+
+    manifest.json                  counts, config, shard list with sha256 (written last: the run's commit point)
+    quarantine.csv                 path,reason for every input that was not processed
+    <split>/shard-<id>.parquet     train/, val/, test/ (readable as ray.data.read_parquet("<root>/<split>"))
+    _progress/                     run.json (config check) + one marker per finished batch (resume state)
+
+Row schema (``SCHEMA``, version ``SCHEMA_VERSION``)::
+
+    study_hash      string           salted HMAC-SHA256 of the study key, 16 hex
+    patient_hash    string           salted HMAC-SHA256 of the patient id, 16 hex
+    split           string           train | val | test
+    volume          binary           int16 little-endian HU, C-order [D, H, W]
+    shape           list<int32>[3]   (D, H, W)
+    spacing         list<float32>[3] (z, y, x) mm
+    labels          list<uint8>[75]  1 = finding present, FINDING_IDS order
+    known           list<uint8>[75]  1 = finding annotated (0 = unknown: masked from loss and metrics)
+    schema_version  int16
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from molre.data import storage
+from molre.errors import DataError
+from molre.findings import FINDING_IDS, NUM_FINDINGS
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+QUARANTINE = "quarantine.csv"
+PROGRESS = "_progress"
+SHARD_SUFFIX = ".parquet"
+ZSTD_LEVEL = 3
+ROWS_PER_GROUP = 1  # one volume (~1-3 MB compressed at the default grid) per row group
+
+SCHEMA = pa.schema(
+    [
+        pa.field("study_hash", pa.string(), nullable=False),
+        pa.field("patient_hash", pa.string(), nullable=False),
+        pa.field("split", pa.string(), nullable=False),
+        pa.field("volume", pa.binary(), nullable=False),
+        pa.field("shape", pa.list_(pa.int32()), nullable=False),
+        pa.field("spacing", pa.list_(pa.float32()), nullable=False),
+        pa.field("labels", pa.list_(pa.uint8()), nullable=False),
+        pa.field("known", pa.list_(pa.uint8()), nullable=False),
+        pa.field("schema_version", pa.int16(), nullable=False),
+    ],
+    metadata={"molre.schema_version": str(SCHEMA_VERSION), "molre.finding_ids": ",".join(FINDING_IDS)},
+)
+LIST_LENGTHS = {"shape": 3, "spacing": 3, "labels": NUM_FINDINGS, "known": NUM_FINDINGS}
+
+
+# ---------------------------------------------------------------------------------------------------- manifest
+
+
+@dataclass
+class ShardInfo:
+    path: str  # relative to the output root: "<split>/shard-<id>.parquet"
+    split: str
+    rows: int
+    sha256: str
+    bytes: int
+
+
+@dataclass
+class Manifest:
+    """What a preprocessing run produced; ``manifest.json`` at the output root (never holds the salt)."""
+
+    config: dict  # spacing, grid, splits, seed, labels_format, shard_size, ...
+    counts: (
+        dict  # in / processed / quarantined (+ by reason), per split studies / patients / positives / known
+    )
+    shards: list[ShardInfo]
+    salt_fingerprint: str  # HMAC of a constant under the salt: tells salts apart, reveals nothing
+    schema_version: int = SCHEMA_VERSION
+    finding_ids: list[str] = field(default_factory=lambda: list(FINDING_IDS))
+    format: str = "molre-shards"
+
+    def shards_of(self, split: str) -> list[ShardInfo]:
+        return [s for s in self.shards if s.split == split]
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str, where: str = MANIFEST) -> Manifest:
+        try:
+            raw = json.loads(text)
+            shards = [ShardInfo(**s) for s in raw.pop("shards")]
+            manifest = cls(shards=shards, **raw)
+        except (ValueError, TypeError, KeyError) as err:
+            raise DataError(where, f"not a valid molre manifest ({type(err).__name__}: {err})") from None
+        if manifest.schema_version != SCHEMA_VERSION:
+            raise DataError(
+                where,
+                f"schema_version {manifest.schema_version} is not supported (this molre reads {SCHEMA_VERSION})",
+            )
+        if tuple(manifest.finding_ids) != FINDING_IDS:
+            raise DataError(where, "finding ids differ from this molre's taxonomy (findings.yaml)")
+        return manifest
+
+
+def read_manifest(uri: str) -> Manifest:
+    """The manifest of the dataset rooted at ``uri`` (local path or s3://)."""
+    where = storage.join(uri, MANIFEST)
+    try:
+        text = storage.read_bytes(where).decode("utf-8")
+    except FileNotFoundError:
+        raise DataError(
+            where, "no manifest: not a preprocessed dataset, or its run has not finished"
+        ) from None
+    return Manifest.from_json(text, where)
+
+
+def list_shards(uri: str, split: str, manifest: Manifest | None = None) -> list[str]:
+    """Full URIs of the shards of ``split`` listed in the manifest (sorted)."""
+    manifest = manifest or read_manifest(uri)
+    return sorted(storage.join(uri, s.path) for s in manifest.shards_of(split))
+
+
+def _root_of(shard_uri: str) -> str:
+    return shard_uri.rsplit("/", 2)[0]  # <root>/<split>/<name>
+
+
+def verify_shard(uri: str, manifest: Manifest | None = None) -> bytes:
+    """Check the shard's sha256 against the manifest; returns its bytes. A mismatch is a ``DataError``."""
+    root = _root_of(uri)
+    manifest = manifest or read_manifest(root)
+    rel = storage.relative(uri, root)
+    entry = next((s for s in manifest.shards if s.path == rel), None)
+    if entry is None:
+        raise DataError(uri, "shard is not listed in the manifest")
+    data = storage.read_bytes(uri)
+    digest = storage.sha256_bytes(data)
+    if digest != entry.sha256:
+        raise DataError(
+            uri,
+            f"sha256 mismatch: manifest says {entry.sha256}, shard has {digest} (corrupt or modified shard)",
+        )
+    return data
+
+
+# ---------------------------------------------------------------------------------------------------- volumes
+
+
+def encode_volume(volume: np.ndarray) -> bytes:
+    """int16 [D,H,W] -> little-endian C-order bytes."""
+    if volume.dtype != np.int16 or volume.ndim != 3:
+        raise ValueError(f"volume must be int16 [D,H,W], got {volume.dtype} {volume.shape}")
+    return np.ascontiguousarray(volume, dtype="<i2").tobytes()
+
+
+def decode_volume(row_or_bytes, shape: Sequence[int] | None = None) -> np.ndarray:
+    """A shard row (mapping with ``volume`` and ``shape``) or raw bytes + ``shape`` -> int16 [D,H,W] (a copy)."""
+    if isinstance(row_or_bytes, Mapping):
+        data, shape = row_or_bytes["volume"], row_or_bytes["shape"] if shape is None else shape
+    else:
+        data = row_or_bytes
+    if shape is None:
+        raise ValueError("decode_volume needs the shape (D, H, W) with raw bytes")
+    shape = tuple(int(n) for n in shape)
+    if len(data) != 2 * int(np.prod(shape)):
+        raise DataError("volume", f"{len(data)} bytes do not hold an int16 volume of shape {shape}")
+    return np.frombuffer(data, dtype="<i2").reshape(shape).astype(np.int16, copy=True)
+
+
+# ---------------------------------------------------------------------------------------------------- writing
+
+
+def make_row(
+    study_hash: str,
+    patient_hash: str,
+    split: str,
+    volume: np.ndarray,
+    spacing: Sequence[float],
+    labels: np.ndarray,
+    known: np.ndarray,
+) -> dict:
+    """One shard row (plain Python values, ``SCHEMA`` order)."""
+    return {
+        "study_hash": study_hash,
+        "patient_hash": patient_hash,
+        "split": split,
+        "volume": encode_volume(volume),
+        "shape": [int(n) for n in volume.shape],
+        "spacing": [float(s) for s in spacing],
+        "labels": np.asarray(labels, dtype=np.uint8).tolist(),
+        "known": np.asarray(known, dtype=np.uint8).tolist(),
+        "schema_version": SCHEMA_VERSION,
+    }
+
+
+def shard_bytes(rows: Sequence[dict]) -> bytes:
+    """Rows -> the bytes of one zstd Parquet file (``ROWS_PER_GROUP`` rows per row group)."""
+    table = pa.Table.from_pylist(list(rows), schema=SCHEMA)
+    sink = io.BytesIO()
+    small = [f.name for f in SCHEMA if f.name != "volume"]
+    pq.write_table(
+        table,
+        sink,
+        compression="zstd",
+        compression_level=ZSTD_LEVEL,
+        row_group_size=ROWS_PER_GROUP,
+        use_dictionary=["split"],
+        write_statistics=small,  # min/max of a multi-MB binary is useless
+    )
+    return sink.getvalue()
+
+
+def write_shard(uri: str, rows: Sequence[dict]) -> tuple[str, int]:
+    """Write rows atomically to ``uri``; returns (sha256, bytes)."""
+    data = shard_bytes(rows)
+    storage.write_bytes(uri, data)
+    return storage.sha256_bytes(data), len(data)
+
+
+# ---------------------------------------------------------------------------------------------------- reading
+
+
+def check_schema(schema: pa.Schema, where: str) -> None:
+    """``DataError`` naming ``where`` and the column when ``schema`` is not ``SCHEMA`` (ignoring metadata)."""
+    for expected in SCHEMA:
+        if expected.name not in schema.names:
+            raise DataError(where, f"missing column {expected.name!r} (expected {expected.type})")
+        found = schema.field(expected.name).type
+        if found != expected.type:
+            raise DataError(where, f"column {expected.name!r} has type {found}, expected {expected.type}")
+    extra = [n for n in schema.names if n not in SCHEMA.names]
+    if extra:
+        raise DataError(
+            where, f"unexpected column {extra[0]!r} (schema version {SCHEMA_VERSION} has {SCHEMA.names})"
+        )
+
+
+def check_table(table: pa.Table, where: str) -> None:
+    """Schema plus the per-row invariants: list lengths, schema_version, volume byte count, no nulls."""
+    check_schema(table.schema, where)
+    for name in SCHEMA.names:
+        if table.column(name).null_count:
+            raise DataError(where, f"column {name!r} has null values")
+    for name, length in LIST_LENGTHS.items():
+        lengths = pc.list_value_length(table.column(name))
+        if table.num_rows and pc.min_max(lengths).as_py() != {"min": length, "max": length}:
+            raise DataError(where, f"column {name!r} must hold {length} values per row")
+    versions = set(table.column("schema_version").to_pylist())
+    if versions - {SCHEMA_VERSION}:
+        raise DataError(where, f"column 'schema_version' holds {sorted(versions)}, expected {SCHEMA_VERSION}")
+    shapes = np.array(table.column("shape").to_pylist(), dtype=np.int64).reshape(-1, 3)
+    sizes = pc.binary_length(table.column("volume")).to_numpy()
+    bad = np.flatnonzero(sizes != 2 * shapes.prod(axis=1))
+    if bad.size:
+        raise DataError(
+            where, f"column 'volume': row {int(bad[0])} does not hold int16 [D,H,W] of its 'shape'"
+        )
+
+
+def read_shard(uri: str, columns: Sequence[str] | None = None, *, verify: bool = False) -> pa.Table:
+    """One shard as a ``pyarrow.Table`` after schema validation (``verify``: sha256 against the manifest first).
+
+    With ``columns`` (and no ``verify``) only the footer and those column chunks are fetched."""
+    if verify or columns is None:
+        data = verify_shard(uri) if verify else storage.read_bytes(uri)
+        table = _read_parquet(uri, lambda: pa.BufferReader(data), columns)
+    else:
+        fs, path = storage.filesystem(uri)
+        table = storage.with_retries(
+            "read", uri, lambda: _read_parquet(uri, lambda: fs.open(path, "rb"), columns)
+        )
+    if columns is None:
+        check_table(table, uri)
+    return table
+
+
+def _read_parquet(uri: str, source, columns: Sequence[str] | None) -> pa.Table:
+    try:
+        with source() as handle:
+            parquet = pq.ParquetFile(handle)
+            check_schema(parquet.schema_arrow, uri)
+            return parquet.read(columns=list(columns) if columns else None)
+    except (DataError, FileNotFoundError):
+        raise
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as err:
+        raise DataError(uri, f"not a readable Parquet shard ({type(err).__name__}: {err})") from None
+
+
+def read_index(uri: str, manifest: Manifest | None = None) -> pa.Table:
+    """``study_hash, patient_hash, split`` of every row of every shard in the manifest, plus ``shard``."""
+    manifest = manifest or read_manifest(uri)
+    parts = []
+    for info in manifest.shards:
+        table = read_shard(storage.join(uri, info.path), ["study_hash", "patient_hash", "split"])
+        parts.append(table.append_column("shard", pa.array([info.path] * table.num_rows, pa.string())))
+    if not parts:
+        return pa.table(
+            {n: pa.array([], pa.string()) for n in ("study_hash", "patient_hash", "split", "shard")}
+        )
+    return pa.concat_tables(parts)

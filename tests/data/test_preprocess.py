@@ -1,0 +1,415 @@
+"""`molre preprocess` end to end: real DICOM (pydicom) -> Ray -> zstd Parquet shards on a loopback S3 server.
+
+A cohort of 8 tiny studies (16x64x64, 5 patients, one NIfTI) plus a wrong-modality series and an unlabelled one.
+Every header carries planted PHI; none of it may reach any output byte or log line.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import stat
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from molre.cli import main
+from molre.data import ingest, preprocess, shards, storage
+from molre.data.dicom_write import write_dicom_series, write_nifti
+from molre.data.resample import align_volume
+from molre.data.split import assert_no_patient_leak
+from molre.errors import DataError
+from molre.findings import FINDING_IDS
+from tests.data.malformed import (
+    PHI_ACCESSION,
+    PHI_ID,
+    PHI_INSTITUTION,
+    PHI_NAME,
+    PHI_STRINGS,
+    UNLABELLED,
+    write_corpus,
+)
+
+SPACING_IN = (5.0, 3.0, 3.0)  # written series, mm (z, y, x)
+SPACING_OUT = (8.0, 4.0, 4.0)
+GRID = (16, 64, 64)
+PHI_DATE = "19770412"
+SALT = b"test-salt-not-a-secret-0123456789"
+N_FINDINGS_LABELLED = 6
+LABELLED = FINDING_IDS[:N_FINDINGS_LABELLED]
+SETTINGS = dict(spacing=SPACING_OUT, grid=GRID, salt=SALT, shard_size=3, progress=False)
+
+
+def head_ct(seed: int, shape=(16, 64, 64)) -> np.ndarray:
+    """An off-centre ellipsoidal head in HU: bone shell, brain, a hyperdense blob; air around."""
+    rng = np.random.default_rng(seed)
+    centre = np.array([(n - 1) / 2 for n in shape]) + rng.uniform(-4, 4, 3) * (0.5, 1, 1)
+    zz, yy, xx = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
+    r = np.sqrt(((zz - centre[0]) / 7) ** 2 + ((yy - centre[1]) / 24) ** 2 + ((xx - centre[2]) / 20) ** 2)
+    hu = np.where(r < 1.0, 1100.0, -1000.0)
+    hu[r < 0.88] = 35.0
+    hu += rng.normal(0, 4, shape)
+    blob = ((zz - centre[0]) ** 2 + (yy - centre[1] - 6) ** 2 + (xx - centre[2]) ** 2) < 9
+    hu[blob] = 70.0
+    return hu.astype(np.float32)
+
+
+def write_cohort(root: Path, n_studies: int = 8, n_patients: int = 5) -> dict:
+    """DICOM series (one NIfTI) under root/input + a generic labels.csv; returns what was written."""
+    rng = np.random.default_rng(0)
+    input_dir, rows, uids, patients = root / "input", [], [], {}
+    for i in range(n_studies):
+        study = f"study_{i:02d}"
+        patients[study] = f"{PHI_ID}-{i % n_patients}"
+        if i == n_studies - 1:
+            write_nifti(head_ct(i), SPACING_IN, input_dir / study / f"{study}.nii.gz")
+        else:
+            uid = f"1.2.826.0.1.3680043.8.498.{1000 + i}"
+            uids.append(uid)
+            write_dicom_series(head_ct(i), SPACING_IN, input_dir / study, **phi_headers(patients[study], uid))
+        rows.append([study, patients[study], *(rng.random(N_FINDINGS_LABELLED) < 0.35).astype(int)])
+    write_dicom_series(
+        head_ct(99), SPACING_IN, input_dir / "study_mr", modality="MR", **phi_headers(PHI_ID, None)
+    )
+    rows.append(["study_mr", PHI_ID, *[0] * N_FINDINGS_LABELLED])
+    write_dicom_series(head_ct(98), SPACING_IN, input_dir / "study_nolabel", **phi_headers(PHI_ID, None))
+    labels = root / "labels.csv"
+    with open(labels, "w", newline="") as f:
+        csv.writer(f).writerows([["study_id", "patient_id", *LABELLED], *rows])
+    return {"input": input_dir, "labels": labels, "rows": {r[0]: r for r in rows}, "uids": uids}
+
+
+def phi_headers(patient_id: str, study_uid: str | None) -> dict:
+    return dict(
+        patient_id=patient_id,
+        patient_name=PHI_NAME,
+        institution=PHI_INSTITUTION,
+        accession=PHI_ACCESSION,
+        description=f"head CT of {PHI_NAME}",
+        study_date=PHI_DATE,
+        study_uid=study_uid,
+    )
+
+
+def expected_rows(cohort: dict, salt: bytes = SALT) -> dict[str, dict]:
+    """study_hash -> the row an in-process run of ingest + align_volume gives, with labels from the CSV."""
+    refs, _ = ingest.discover(cohort["input"])
+    out = {}
+    for ref in refs:
+        key = next((k for k in ref.study_keys if k in cohort["rows"]), None)
+        if key is None or key == "study_mr":
+            continue
+        vol = ingest.load_series(ref)
+        row = cohort["rows"][key]
+        out[preprocess.salted_hash(salt, "study", key)] = {
+            "volume": align_volume(vol.hu, vol.spacing, vol.direction, out_spacing=SPACING_OUT, grid=GRID),
+            "patient_hash": preprocess.salted_hash(salt, "patient", row[1]),
+            "labels": [int(v) for v in row[2:]] + [0] * (75 - N_FINDINGS_LABELLED),
+            "known": [1] * N_FINDINGS_LABELLED + [0] * (75 - N_FINDINGS_LABELLED),
+        }
+    return out
+
+
+def read_all_rows(root: str) -> list[dict]:
+    manifest = shards.read_manifest(root)
+    out = []
+    for info in manifest.shards:
+        table = shards.read_shard(storage.join(root, info.path), verify=True)  # sha256 against the manifest
+        out.extend(table.to_pylist())
+    return out
+
+
+def output_texts(root: str) -> dict[str, bytes]:
+    """Every object under ``root`` as bytes, plus the decoded non-volume content of every Parquet shard."""
+    if storage.is_s3(root):
+        fs, path = storage.filesystem(root)
+        names = ["s3://" + p for p in fs.find(path)]
+    else:
+        names = [str(p) for p in Path(root).rglob("*") if p.is_file()]
+    out = {}
+    for name in names:
+        data = storage.read_bytes(name)
+        out[name] = data
+        if name.endswith(".parquet"):
+            table = shards.read_shard(name)
+            decoded = repr(table.drop_columns(["volume"]).to_pylist()) + repr(table.schema.metadata)
+            out[name + "#decoded"] = decoded.encode()
+    return out
+
+
+def assert_no_phi(blobs: dict[str, bytes], extra: tuple[str, ...] = ()) -> None:
+    planted = [*PHI_STRINGS, PHI_DATE, SALT.decode(), *extra]
+    for name, data in blobs.items():
+        for secret in planted:
+            assert secret.encode() not in data, f"{secret!r} found in {name}"
+
+
+def check_dataset(root: str, cohort: dict) -> shards.Manifest:
+    """Manifest counts reconcile, rows equal the in-process result bit for bit, no patient in two splits."""
+    manifest = shards.read_manifest(root)
+    c = manifest.counts
+    assert c["in"] == 10 and c["processed"] == 8 and c["quarantined"] == 2
+    assert c["in"] == c["processed"] + c["quarantined"]
+    assert c["quarantined_by_reason"] == {"modality MR is not CT": 1, "no labels": 1}
+    assert manifest.config["grid"] == list(GRID) and manifest.config["spacing"] == list(SPACING_OUT)
+    assert "salt" not in json.dumps(manifest.config)
+    rows = read_all_rows(root)
+    want = expected_rows(cohort)
+    assert sorted(r["study_hash"] for r in rows) == sorted(want)
+    for row in rows:
+        exp = want[row["study_hash"]]
+        np.testing.assert_array_equal(shards.decode_volume(row), exp["volume"])
+        assert row["patient_hash"] == exp["patient_hash"]
+        assert row["labels"] == exp["labels"] and row["known"] == exp["known"]
+        assert row["shape"] == list(GRID) and row["spacing"] == list(SPACING_OUT)
+    assert_no_patient_leak([r["patient_hash"] for r in rows], [r["split"] for r in rows])
+    for split, stats in c["splits"].items():
+        mine = [r for r in rows if r["split"] == split]
+        assert stats["studies"] == len(mine)
+        if mine:
+            positives = np.sum([r["labels"] for r in mine], axis=0).tolist()
+            assert [stats["positives"][f] for f in FINDING_IDS] == positives
+    quarantine = storage.read_bytes(storage.join(root, shards.QUARANTINE)).decode().splitlines()
+    assert quarantine[0] == "path,reason"
+    assert sorted(line.split(",")[0] for line in quarantine[1:]) == ["study_mr", "study_nolabel"]
+    return manifest
+
+
+@pytest.fixture
+def cohort(tmp_path):
+    return write_cohort(tmp_path)
+
+
+def test_cli_preprocess_to_s3_with_ray(cohort, s3_bucket, tmp_path, capfd):
+    salt_file = tmp_path / "salt"
+    salt_file.write_bytes(SALT)
+    root = storage.join(s3_bucket, "headct/v1")
+    argv = ["preprocess", "--input", str(cohort["input"]), "--labels", str(cohort["labels"]), "--output", root,
+            "--spacing", "8,4,4", "--grid", "16,64,64", "--workers", "2", "--shard-size", "3",
+            "--salt-file", str(salt_file)]  # fmt: skip
+    assert main(argv) == 0
+    captured = capfd.readouterr()
+    assert "10 in = 8 processed" in captured.out
+    check_dataset(root, cohort)
+    # the layout the training reader uses: <root>/<split>/*.parquet, nothing else in there
+    for split in ("train", "val", "test"):
+        names = [u.rsplit("/", 1)[-1] for u in storage.list_dir(storage.join(root, split))]
+        assert all(n.startswith("shard-") and n.endswith(".parquet") for n in names)
+    objects = output_texts(root)
+    assert len([n for n in objects if n.endswith(".parquet")]) == 4 and any(
+        n.endswith("manifest.json") for n in objects
+    )
+    assert_no_phi(objects | {"stdout": captured.out.encode(), "stderr": captured.err.encode()},
+                  tuple(cohort["uids"]))  # fmt: skip
+
+
+def test_local_rerun_is_a_no_op_and_logs_hold_no_phi(cohort, tmp_path, caplog):
+    root = str(tmp_path / "out")
+    caplog.set_level(logging.DEBUG)
+    first = preprocess.preprocess(
+        cohort["input"], cohort["labels"], "generic", root, executor="inline", **SETTINGS
+    )
+    check_dataset(root, cohort)
+    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in Path(root).rglob("*") if p.is_file()}
+    second = preprocess.preprocess(
+        cohort["input"], cohort["labels"], "generic", root, executor="inline", **SETTINGS
+    )
+    after = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in Path(root).rglob("*") if p.is_file()}
+    assert second == first
+    shard_files = [p for p in before if p.suffix == ".parquet"]
+    assert shard_files and all(after[p] == before[p] for p in shard_files)  # not rewritten
+    assert set(after) == set(before)
+    assert_no_phi(output_texts(root) | {"log": caplog.text.encode()}, tuple(cohort["uids"]))
+    with pytest.raises(AssertionError, match="found in"):  # the scan does see PHI where there is some
+        assert_no_phi(output_texts(str(cohort["input"])))
+
+
+def test_nothing_labelled_gives_an_empty_but_valid_output(cohort, tmp_path):
+    empty_labels = tmp_path / "none.csv"
+    empty_labels.write_text("study_id,patient_id," + LABELLED[0] + "\n")
+    root = str(tmp_path / "out")
+    manifest = preprocess.preprocess(
+        cohort["input"], empty_labels, "generic", root, executor="inline", **SETTINGS
+    )
+    assert manifest.shards == [] and manifest.counts["processed"] == 0
+    assert manifest.counts["quarantined"] == manifest.counts["in"] == 10
+    assert shards.read_manifest(root) == manifest
+
+
+def test_interrupted_run_resumes_to_the_same_output(cohort, tmp_path, monkeypatch):
+    clean = str(tmp_path / "clean")
+    reference = preprocess.preprocess(
+        cohort["input"], cohort["labels"], "generic", clean, executor="inline", **SETTINGS
+    )
+    root = str(tmp_path / "out")
+    real, calls = preprocess.process_batch, []
+
+    def dies_after_two(batch, ctx):
+        if len(calls) == 2:
+            raise RuntimeError("worker killed")
+        calls.append(batch.batch_id)
+        return real(batch, ctx)
+
+    monkeypatch.setattr(preprocess, "process_batch", dies_after_two)
+    with pytest.raises(RuntimeError, match="worker killed"):
+        preprocess.preprocess(
+            cohort["input"], cohort["labels"], "generic", root, executor="inline", **SETTINGS
+        )
+    assert not Path(root, shards.MANIFEST).exists()
+    assert len(list(Path(root, shards.PROGRESS).glob("batch-*.json"))) == 2
+    monkeypatch.setattr(preprocess, "process_batch", real)
+    # debris of the crash: a shard no marker claims and a half-written temp object
+    (Path(root) / "train" / "shard-0000000000000000.parquet").write_bytes(b"orphan")
+    (Path(root) / "val").mkdir(exist_ok=True)
+    (Path(root) / "val" / "shard-x.parquet.tmp-0123").write_bytes(b"half")
+    resumed = preprocess.preprocess(
+        cohort["input"], cohort["labels"], "generic", root, executor="inline", **SETTINGS
+    )
+    assert resumed == reference  # same shards, same bytes (sha256), same counts
+    assert not (Path(root) / "train" / "shard-0000000000000000.parquet").exists()
+    assert not (Path(root) / "val" / "shard-x.parquet.tmp-0123").exists()
+    check_dataset(root, cohort)
+
+
+def test_lost_manifest_and_shard_are_rebuilt(cohort, tmp_path):
+    root = str(tmp_path / "out")
+    first = preprocess.preprocess(
+        cohort["input"], cohort["labels"], "generic", root, executor="inline", **SETTINGS
+    )
+    Path(root, shards.MANIFEST).unlink()
+    Path(root, first.shards[0].path).unlink()
+    second = preprocess.preprocess(
+        cohort["input"], cohort["labels"], "generic", root, executor="inline", **SETTINGS
+    )
+    assert second == first
+    check_dataset(root, cohort)
+
+
+def test_malformed_inputs_are_quarantined_and_good_ones_processed(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus")
+    root = str(tmp_path / "out")
+    manifest = preprocess.preprocess(
+        corpus.input_dir, corpus.labels, "generic", root, executor="inline", min_slices=8, **SETTINGS
+    )
+    c = manifest.counts
+    assert c["processed"] == corpus.good
+    assert c["in"] == c["processed"] + c["quarantined"]
+    with open(Path(root) / shards.QUARANTINE, newline="") as f:
+        rows = list(csv.DictReader(f))
+    for case, (path, reason) in corpus.expected.items():
+        rel = os.path.relpath(Path(path).resolve(), corpus.input_dir.resolve())
+        hits = [r for r in rows if r["path"] == rel]
+        assert hits, f"{case}: {rel} not in quarantine.csv"
+        wanted = "no label row" if case == UNLABELLED else reason
+        assert any(wanted in r["reason"] for r in hits), (case, hits)
+    assert_no_phi(output_texts(root))
+
+
+def test_salt_sources_and_guards(cohort, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv(preprocess.SALT_ENV, raising=False)
+    generated = preprocess.resolve_salt()
+    salt_path = tmp_path / "home" / ".molre" / "salt"
+    assert stat.S_IMODE(salt_path.stat().st_mode) == 0o600 and len(generated) == 64
+    assert preprocess.resolve_salt() == generated
+    monkeypatch.setenv(preprocess.SALT_ENV, "from-env")
+    assert preprocess.resolve_salt() == b"from-env"
+    (tmp_path / "salt.txt").write_text("from-file\n")
+    assert preprocess.resolve_salt(tmp_path / "salt.txt") == b"from-file"
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "salt").write_text("x")
+    with pytest.raises(DataError, match="must not lie inside the output"):
+        preprocess.resolve_salt(tmp_path / "out" / "salt", str(tmp_path / "out"))
+
+    root = str(tmp_path / "ds")
+    settings = SETTINGS | {"salt": b"salt-one"}
+    preprocess.preprocess(cohort["input"], cohort["labels"], "generic", root, executor="inline", **settings)
+    with pytest.raises(DataError, match="different patient-hash salt"):
+        preprocess.preprocess(cohort["input"], cohort["labels"], "generic", root, executor="inline",
+                              **settings | {"salt": b"salt-two"})  # fmt: skip
+    with pytest.raises(DataError, match=r"different config \(spacing\)"):
+        preprocess.preprocess(cohort["input"], cohort["labels"], "generic", root, executor="inline",
+                              **settings | {"spacing": (4.0, 4.0, 4.0)})  # fmt: skip
+
+
+def test_several_series_of_one_study_give_one_row(tmp_path):
+    cohort = write_cohort(tmp_path, n_studies=4, n_patients=4)
+    # a second, shorter series of study_00 (e.g. a reformat) in its own folder under the study folder
+    extra = cohort["input"] / "study_00" / "thick"
+    write_dicom_series(head_ct(0)[::2], (10.0, 3.0, 3.0), extra, **phi_headers(f"{PHI_ID}-0", None))
+    first = cohort["input"] / "study_00" / "thin"
+    first.mkdir()
+    for p in sorted((cohort["input"] / "study_00").glob("IM-*.dcm")):
+        p.rename(first / p.name)
+    root = str(tmp_path / "out")
+    manifest = preprocess.preprocess(
+        cohort["input"], cohort["labels"], "generic", root, executor="inline", **SETTINGS
+    )
+    rows = read_all_rows(root)
+    assert len(rows) == manifest.counts["processed"] == 4
+    assert manifest.counts["quarantined_by_reason"][preprocess.SERIES_NOT_USED] == 1
+    assert len({r["study_hash"] for r in rows}) == 4
+    assert sum(pq.read_table(p).num_rows for p in Path(root).glob("*/*.parquet")) == 4
+
+
+def test_label_problems_quarantine_their_study(tmp_path):
+    cohort = write_cohort(tmp_path, n_studies=4, n_patients=4)
+    with open(cohort["labels"]) as f:
+        rows = list(csv.reader(f))
+    rows[0].append("made_up_finding")  # an unknown column: reported, ignored
+    rows = [r + ["0"] if i else r for i, r in enumerate(rows)]
+    conflicting = list(rows[2])
+    conflicting[2] = "1" if conflicting[2] == "0" else "0"
+    rows.append(conflicting)  # study_01 again, with other labels
+    with open(cohort["labels"], "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    root = str(tmp_path / "out")
+    manifest = preprocess.preprocess(
+        cohort["input"], cohort["labels"], "generic", root, executor="inline", **SETTINGS
+    )
+    c = manifest.counts
+    assert c["processed"] == 3 and c["in"] == c["processed"] + c["quarantined"]
+    assert c["quarantined_by_reason"]["labels unusable"] == 1 and c["label_problems"] == 2
+    text = (Path(root) / shards.QUARANTINE).read_text()
+    assert "study_01,labels unusable" in text and "conflicting labels" in text and "made_up_finding" in text
+
+
+def test_synth_phantoms_to_s3_read_back_equal(s3_bucket, tmp_path):
+    import pydicom
+
+    from molre.data import labels, synth
+
+    labels_path = synth.generate(tmp_path / "synth", count=6, seed=3, shape=GRID)
+    root = storage.join(s3_bucket, "synth/v1")
+    manifest = preprocess.preprocess(
+        tmp_path / "synth", labels_path, "generic", root, executor="inline", **SETTINGS
+    )
+    table = labels.load_labels(labels_path)
+    refs, _ = ingest.discover(tmp_path / "synth")
+    rows = {r["study_hash"]: r for r in read_all_rows(root)}
+    assert len(rows) == len(refs) == manifest.counts["processed"] == 6
+    planted = set()
+    for ref in refs:
+        key = table.match(ref.study_keys)
+        row, want = rows[preprocess.salted_hash(SALT, "study", key)], table.rows[key]
+        vol = ingest.load_series(ref)
+        aligned = align_volume(vol.hu, vol.spacing, vol.direction, out_spacing=SPACING_OUT, grid=GRID)
+        np.testing.assert_array_equal(shards.decode_volume(row), aligned)
+        assert row["labels"] == want.labels.tolist() and row["known"] == want.known.tolist()
+        assert row["patient_hash"] == preprocess.salted_hash(SALT, "patient", want.patient_id)
+        header = pydicom.dcmread(ref.files[0], stop_before_pixels=True)
+        for keyword in (
+            "PatientName",
+            "PatientID",
+            "StudyDate",
+            "StudyInstanceUID",
+            "InstitutionName",
+            "AccessionNumber",
+        ):
+            planted.add(str(header.get(keyword)))
+    assert_no_patient_leak([r["patient_hash"] for r in rows.values()], [r["split"] for r in rows.values()])
+    assert_no_phi(output_texts(root), tuple(planted | {"SYNTH", "SYNACC"}))
