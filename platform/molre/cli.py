@@ -15,6 +15,8 @@ from molre.errors import MolreError
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "params": ("molre.models.params", "parameter table of a preset (total, trainable, MoLRE share)"),
+    "preprocess": ("molre.data.preprocess", "DICOM/NIfTI + labels -> int16 HU Parquet shards on storage"),
+    "synth": ("molre.data.synth", "synthetic head CTs with planted findings: DICOM/NIfTI + labels.csv"),
 }
 
 
