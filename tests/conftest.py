@@ -76,3 +76,11 @@ def ray_local():
     DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory) -> str:
+    """A tiny learnable shard dataset (48 train / 24 val / 12 test volumes of 8x64x64), see tests/tiny_data.py."""
+    from tests.tiny_data import write_tiny_dataset
+
+    return write_tiny_dataset(str(tmp_path_factory.mktemp("tiny-shards")))

@@ -22,7 +22,9 @@ class _Strict(BaseModel):
 
 class BackboneConfig(_Strict):
     preset: str = "tiny-vit"  # a name from molre.models.backbones.PRESETS
-    weights: str | None = None  # local path or s3:// URI of safetensors / torch weights; None = random init
+    weights: str | None = (
+        None  # local path or s3:// URI (safetensors or torch); "{preset}" is filled in; None = random
+    )
     image_size: int | None = Field(
         None, gt=0
     )  # slice (2D) or volume side (3D); None = the preset's native size

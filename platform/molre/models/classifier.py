@@ -94,8 +94,8 @@ def build_model(cfg: RunConfig, load_weights: bool = True) -> MoLREClassifier:
     bcfg, acfg = cfg.backbone, cfg.adapter
     backbone = create_backbone(bcfg.preset, bcfg.image_size, cfg.data.num_slices)
     preset = backbone.preset
-    if load_weights and bcfg.weights:
-        load_backbone_weights(backbone, bcfg.weights)
+    if load_weights and bcfg.weights:  # "{preset}" in the URI lets one sweep give every preset its own file
+        load_backbone_weights(backbone, bcfg.weights.replace("{preset}", preset.name))
     finetune = bcfg.finetune or preset.finetune
     backbone.requires_grad_(finetune == "full")
     use_molre = acfg.kind == "molre"

@@ -15,11 +15,8 @@ from molre.models.backbones import PAPER_PRESETS, PRESETS, get_preset
 from molre.models.classifier import build_model
 
 
-def count_params(preset: str, adapter: str = "molre") -> dict:
-    """``{"preset", "total", "trainable", "molre", "molre_share"}`` for the paper's setting of ``preset``."""
-    p = get_preset(preset)
-    kind = adapter if p.supports_molre else "none"
-    cfg = build_config({"backbone": {"preset": preset}, "adapter": {"kind": kind}})
+def count_config_params(cfg) -> dict:
+    """``{"total", "trainable", "molre", "molre_share"}`` of the model a run config builds (on meta)."""
     with torch.device("meta"):
         model = build_model(cfg, load_weights=False)
     total = sum(t.numel() for t in model.parameters())
@@ -30,13 +27,14 @@ def count_params(preset: str, adapter: str = "molre") -> dict:
         for n, t in m.named_parameters()
         if not n.startswith("base_layer.")
     )
-    return {
-        "preset": preset,
-        "total": total,
-        "trainable": trainable,
-        "molre": molre,
-        "molre_share": molre / total,
-    }
+    return {"total": total, "trainable": trainable, "molre": molre, "molre_share": molre / total}
+
+
+def count_params(preset: str, adapter: str = "molre") -> dict:
+    """``{"preset", "total", "trainable", "molre", "molre_share"}`` for the paper's setting of ``preset``."""
+    kind = adapter if get_preset(preset).supports_molre else "none"
+    cfg = build_config({"backbone": {"preset": preset}, "adapter": {"kind": kind}})
+    return {"preset": preset, **count_config_params(cfg)}
 
 
 def table_rows(presets=PAPER_PRESETS) -> list[dict]:

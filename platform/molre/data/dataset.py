@@ -1,0 +1,158 @@
+"""Ray Data input: preprocessed Parquet shards (local or s3://) -> per-split datasets -> per-worker batches.
+
+The driver opens ``<root>/<split>/*.parquet`` as ``ray.data`` datasets (schema and checksums checked against
+the manifest first); Ray Train splits them across workers. On a worker, ``rfs_batches`` streams its train shard
+once per epoch and applies Repeat Factor Sampling in the stream: each volume is repeated floor(r) or floor(r)+1
+times, drawn from a generator seeded by (seed, epoch, study hash), so the draw does not depend on which worker
+got the volume. Repeats go through a small shuffle buffer; storage is read once per epoch.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from ray.train import DataConfig
+
+from molre.data import shards, storage
+from molre.data.sampling import class_repeat_factors
+from molre.errors import DataError
+
+READ_COLUMNS = ["study_hash", "volume", "shape", "labels", "known"]
+
+
+def arrow_filesystem(uri: str):
+    """A pyarrow filesystem + path for ``uri`` (wrapping the fsspec one, so s3:// honours AWS_ENDPOINT_URL)."""
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    fs, path = storage.filesystem(uri)
+    return PyFileSystem(FSSpecHandler(fs)), path
+
+
+def split_files(root: str, split: str, verify: bool = True) -> list[str]:
+    """The shard URIs of one split, checked against the manifest: schema always, checksums when ``verify``."""
+    manifest = shards.read_manifest(root)
+    entries = manifest.shards_of(split)
+    if sum(s.rows for s in entries) == 0:
+        raise DataError(
+            storage.join(root, split), f"split '{split}' is empty: no volumes to train or validate on"
+        )
+    uris = shards.list_shards(root, split, manifest)
+    for uri in uris:
+        if verify:
+            shards.verify_shard(uri, manifest)
+        check_shard_schema(uri)
+    return uris
+
+
+def check_shard_schema(uri: str) -> None:
+    """Read only the Parquet footer and check the schema (a wrong schema is a DataError naming the shard)."""
+    import pyarrow.parquet as pq
+
+    fs, path = storage.filesystem(uri)
+    with fs.open(path, "rb") as handle:
+        try:
+            schema = pq.ParquetFile(handle).schema_arrow
+        except Exception as err:
+            raise DataError(uri, f"not a readable Parquet shard ({type(err).__name__}: {err})") from None
+    shards.check_schema(schema, uri)
+
+
+def read_split(root: str, split: str, verify: bool = True):
+    """A ``ray.data.Dataset`` of one split (only the columns training needs)."""
+    import ray.data
+
+    uris = split_files(root, split, verify)
+    fs, _ = arrow_filesystem(root)
+    paths = [storage.filesystem(u)[1] for u in uris]
+    return ray.data.read_parquet(paths, filesystem=fs, columns=READ_COLUMNS, shuffle=None)
+
+
+class ExactSplitDataConfig(DataConfig):
+    """Ray Train's DataConfig, except that ``val`` is split with ``equal=False``: every validation volume is
+    scored exactly once (``equal=True`` would drop the remainder rows to balance the workers)."""
+
+    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+        balanced = {k: v for k, v in datasets.items() if k != "val"}
+        output = super().configure(balanced, world_size, worker_handles, worker_node_ids, **kwargs)
+        if "val" in datasets:
+            val = datasets["val"].copy(datasets["val"])
+            val.context.execution_options = self._resolve_execution_options("val")
+            for i, split in enumerate(val.streaming_split(world_size, equal=False)):
+                output[i]["val"] = split
+        return output
+
+
+def label_matrix(root: str, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(labels, known)`` ``[N, 75]`` of a split, reading only those two columns (for RFS and focal alpha)."""
+    labels, known = [], []
+    for uri in split_files(root, split, verify=False):
+        table = shards.read_shard(uri, ["labels", "known"])
+        labels.append(np.asarray(table["labels"].to_pylist(), dtype=np.uint8).reshape(len(table), -1))
+        known.append(np.asarray(table["known"].to_pylist(), dtype=np.uint8).reshape(len(table), -1))
+    return np.concatenate(labels), np.concatenate(known)
+
+
+def training_statistics(root: str, rfs_threshold: float, alpha_clip) -> dict:
+    """Train-split facts every worker needs: RFS class factors and prevalence-based focal alpha."""
+    from molre.train.loss import prevalence_alpha
+
+    labels, known = label_matrix(root, "train")
+    return {
+        "class_factors": class_repeat_factors(labels, rfs_threshold, known).tolist(),
+        "alpha": prevalence_alpha(labels, known, clip=tuple(alpha_clip)).tolist(),
+        "train_volumes": int(len(labels)),
+    }
+
+
+def volume_repeat_factor(labels: np.ndarray, known: np.ndarray, class_factors: np.ndarray) -> float:
+    positive = (np.asarray(labels) > 0) & (np.asarray(known) > 0)
+    return float(class_factors[positive].max()) if positive.any() else 1.0
+
+
+def _copies(study_hash: str, r: float, seed: int, epoch: int) -> int:
+    """floor(r) + Bernoulli(r - floor(r)), seeded by (seed, epoch, study) and independent of worker order."""
+    u = np.random.default_rng([seed, epoch, zlib.crc32(study_hash.encode())]).random()
+    return int(np.floor(r)) + int(u < r - np.floor(r))
+
+
+def rfs_batches(
+    shard, class_factors: np.ndarray, epoch: int, seed: int, batch_size: int, buffer_size: int = 32
+) -> Iterator[dict[str, np.ndarray]]:
+    """One epoch of training batches from a worker's shard, with Repeat Factor Sampling and a shuffle buffer."""
+    rng = np.random.default_rng([seed, epoch, 1])
+    buffer: list[dict] = []
+    for batch in shard.iter_batches(batch_size=8, batch_format="numpy"):
+        for i in range(len(batch["study_hash"])):
+            row = {k: v[i] for k, v in batch.items()}
+            r = volume_repeat_factor(row["labels"], row["known"], class_factors)
+            buffer.extend([row] * _copies(str(row["study_hash"]), r, seed, epoch))
+        while len(buffer) >= buffer_size + batch_size:
+            yield _pop_batch(buffer, rng, batch_size)
+    rng.shuffle(buffer)
+    while buffer:
+        yield _stack(buffer[:batch_size])
+        del buffer[:batch_size]
+
+
+def _pop_batch(buffer: list[dict], rng: np.random.Generator, batch_size: int) -> dict[str, np.ndarray]:
+    picks = sorted(rng.choice(len(buffer), size=batch_size, replace=False).tolist(), reverse=True)
+    return _stack([buffer.pop(i) for i in picks])
+
+
+def _stack(rows: list[dict]) -> dict[str, np.ndarray]:
+    return {
+        k: np.stack([np.asarray(r[k]) for r in rows]) if k != "volume" else [r[k] for r in rows]
+        for k in rows[0]
+    }
+
+
+def to_tensors(batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Decode a batch: int16 HU ``[B, D, H, W]``, labels and known ``[B, 75]`` float, on ``device``."""
+    volumes = [shards.decode_volume(v, s) for v, s in zip(batch["volume"], batch["shape"], strict=True)]
+    hu = torch.from_numpy(np.stack(volumes)).to(device, non_blocking=True)
+    labels = torch.as_tensor(np.stack(list(batch["labels"])), dtype=torch.float32, device=device)
+    known = torch.as_tensor(np.stack(list(batch["known"])), dtype=torch.float32, device=device)
+    return hu, labels, known

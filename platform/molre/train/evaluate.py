@@ -1,0 +1,141 @@
+"""`molre evaluate` and `molre predict`: score a checkpoint's best weights on a split, or on one series.
+
+evaluate: per-finding AUCs (Parquet + Markdown), mean +- std and stratified counts, as ``summary.json``.
+predict: the 75 probabilities, the routing weights of each slice and the attention weight of each slice.
+Both run in-process on one device (no cluster needed) and read shards with pyarrow.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from molre.config import RunConfig
+from molre.data import shards
+from molre.data.augment import augment_batch
+from molre.errors import WeightsError
+from molre.findings import FINDING_IDS, FINDINGS
+from molre.models import MoLREClassifier, build_model
+from molre.train.checkpoint import load_trainable_state, read_config, read_setup, read_weights
+from molre.train.metrics import per_finding_auc, summarize
+
+
+def load_checkpoint_model(checkpoint: str, device: str = "cpu", preset: str | None = None):
+    """The classifier of a checkpoint with its best weights, in eval mode, plus its config and data facts."""
+    cfg = read_config(checkpoint)
+    if preset and preset != cfg.backbone.preset:
+        raise WeightsError(f"checkpoint {checkpoint} holds preset {cfg.backbone.preset}, not {preset}")
+    torch.manual_seed(
+        cfg.train.seed
+    )  # the frozen backbone is rebuilt as in training when it has no weights file
+    model = build_model(cfg)
+    load_trainable_state(model, read_weights(checkpoint, "best"), checkpoint)
+    return model.to(device).eval(), cfg, read_setup(checkpoint)
+
+
+def _iter_split(root: str, split: str, batch_size: int):
+    manifest = shards.read_manifest(root)
+    for uri in shards.list_shards(root, split, manifest):
+        table = shards.read_shard(uri, verify=True)  # checksum + schema: a corrupt shard is never scored
+        for batch in table.to_batches(max_chunksize=batch_size):
+            yield batch.to_pydict()
+
+
+@torch.no_grad()
+def score_volumes(model: MoLREClassifier, cfg: RunConfig, setup: dict, hu: torch.Tensor) -> torch.Tensor:
+    x = augment_batch(hu, cfg.data, torch.Generator(), train=False, out_size=tuple(setup["input_size"]))
+    return torch.sigmoid(model(x.to(next(model.parameters()).device)).float())
+
+
+def evaluate(
+    checkpoint: str, data: str, split: str = "test", out_dir: str | None = None, device: str = "cpu"
+) -> dict:
+    model, cfg, setup = load_checkpoint_model(checkpoint, device)
+    scores, labels, known = [], [], []
+    for batch in _iter_split(data, split, cfg.train.batch_size):
+        volumes = [shards.decode_volume(v, s) for v, s in zip(batch["volume"], batch["shape"], strict=True)]
+        scores.append(score_volumes(model, cfg, setup, torch.from_numpy(np.stack(volumes))).cpu().numpy())
+        labels.append(np.asarray(batch["labels"]))
+        known.append(np.asarray(batch["known"]))
+    if not scores:
+        raise WeightsError(f"split '{split}' of {data} has no volumes to evaluate")
+    aucs = per_finding_auc(np.concatenate(scores), np.concatenate(labels), np.concatenate(known))
+    summary = summarize(aucs)
+    table = pd.DataFrame({
+        "finding": FINDING_IDS, "name": [f.name for f in FINDINGS], "category": [f.category for f in FINDINGS],
+        "auc": aucs, "positives": np.concatenate(labels).sum(0) if labels else 0,
+    })  # fmt: skip
+    out = Path(out_dir or Path(checkpoint) / f"eval-{split}")
+    out.mkdir(parents=True, exist_ok=True)
+    table.to_parquet(out / "per_finding_auc.parquet")
+    (out / "per_finding_auc.md").write_text(_markdown(table, summary, split))
+    result = {
+        **summary.as_dict(),
+        "undefined": summary.undefined,
+        "volumes": int(sum(len(s) for s in scores)),
+    }
+    (out / "summary.json").write_text(json.dumps(result, indent=1))
+    return {**result, "out_dir": str(out)}
+
+
+def _markdown(table: pd.DataFrame, summary, split: str) -> str:
+    lines = [
+        f"# Per-finding AUC ({split})",
+        "",
+        f"Mean AUC {summary.mean:.3f} +- {summary.std:.3f} over {summary.n_defined} findings with both classes; "
+        f"AUC >= 0.90: {summary.n_high}; 0.80-0.90: {summary.n_moderate}; undefined: {len(summary.undefined)}.",
+        "",
+        "| finding | category | positives | AUC |",
+        "|---|---|---:|---:|",
+    ]
+    for row in table.itertuples():
+        auc = "undefined" if np.isnan(row.auc) else f"{row.auc:.3f}"
+        lines.append(f"| {row.name} | {row.category} | {int(row.positives)} | {auc} |")
+    return "\n".join(lines) + "\n"
+
+
+def predict(checkpoint: str, series: str, device: str = "cpu") -> dict:
+    """Probabilities, per-slice routing weights and per-slice attention for one DICOM series dir or NIfTI file."""
+    from molre.data.ingest import discover, load_series
+    from molre.data.resample import standardize
+
+    model, cfg, setup = load_checkpoint_model(checkpoint, device)
+    refs, rejects = discover(series)
+    if rejects and not refs:
+        raise rejects[0]
+    volume = standardize(load_series(refs[0]), spacing=tuple(setup["spacing"]), grid=tuple(setup["grid"]))
+    probs = score_volumes(model, cfg, setup, torch.from_numpy(volume)[None])[0].cpu().numpy()
+    routing, attention = model.router_weights(), model.slice_attention()
+    return {
+        "probabilities": {fid: float(p) for fid, p in zip(FINDING_IDS, probs, strict=True)},
+        "router_weights": routing[0].cpu().numpy().round(5).tolist() if routing is not None else None,
+        "slice_attention": attention[0].cpu().numpy().round(5).tolist() if attention is not None else None,
+    }
+
+
+# ---- CLI (two commands share this module) -----------------------------------------------------------------
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("checkpoint", help="a checkpoint directory written by molre train")
+    if parser.prog.endswith("evaluate"):
+        parser.add_argument("--data", required=True, help="preprocessed shard root (local path or s3://)")
+        parser.add_argument("--split", default="test", choices=["train", "val", "test"])
+        parser.add_argument("--out", help="output directory (default: CHECKPOINT/eval-SPLIT)")
+    else:
+        parser.add_argument("--input", required=True, help="one DICOM series directory or NIfTI file")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def run(args) -> int:
+    if hasattr(args, "data"):
+        result = evaluate(args.checkpoint, args.data, args.split, args.out, args.device)
+        print(f"mean AUC {result['mean_auc']:.4f} +- {result['std_auc']:.4f} on {result['volumes']} volumes; "
+              f"written to {result['out_dir']}")  # fmt: skip
+    else:
+        print(json.dumps(predict(args.checkpoint, args.input, args.device), indent=1))
+    return 0

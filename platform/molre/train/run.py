@@ -1,0 +1,162 @@
+"""The driver of one training run: check the data and the config, build a TorchTrainer, fit, return the result.
+
+Used by ``molre train``, ``jobs/train.py`` and every sweep trial. Locally it starts a Ray for you; under
+``ray job submit`` it joins the cluster it runs on. A re-run with the same ``train.run_name`` and storage
+resumes from the latest checkpoint (Ray Train V2 restores the run's snapshot); a finished run is not retrained.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from molre.config import RunConfig, config_to_dict, load_config
+from molre.data import dataset, shards, storage
+from molre.errors import ModelError
+from molre.models import build_model
+from molre.train.loop import METRIC, train_loop_per_worker
+
+
+@dataclass
+class TrainResult:
+    metrics: dict  # last reported metrics
+    best_metric: float
+    checkpoint_path: str | None  # latest checkpoint (its best.safetensors holds the best epoch)
+    path: str  # the run directory
+
+
+def ensure_ray(num_cpus: int | None = None) -> None:
+    """Join a running cluster (``ray job submit``, RAY_ADDRESS) or start a private local Ray.
+
+    A local Ray gets at least 4 logical CPUs: a trial, its Train workers and Ray Data's read tasks each hold a
+    CPU slot, and on a 2-core machine two slots would starve the data reads.
+    """
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"])
+    else:
+        ray.init(num_cpus=num_cpus or max(4, os.cpu_count() or 1), include_dashboard=False,
+                 dashboard_host="127.0.0.1")  # fmt: skip
+
+
+def model_input_size(cfg: RunConfig, grid: tuple[int, int, int]) -> tuple[int, int, int]:
+    """(slices, H, W) the model takes: 2D slices at the backbone's image size; 3D volumes at its depth."""
+    from molre.models import get_preset
+
+    preset = get_preset(cfg.backbone.preset)
+    side = cfg.backbone.image_size or preset.image_size
+    depth = cfg.data.num_slices or (grid[0] if preset.dims == 2 else preset.depth)
+    return (depth, side, side)
+
+
+def check_model_fits(cfg: RunConfig, input_size: tuple[int, int, int]) -> None:
+    """Build the model on the meta device and push one meta batch through: catches grid mismatches up front."""
+    with torch.device("meta"):
+        model = build_model(cfg, load_weights=False)
+        try:
+            model(torch.empty(1, len(cfg.data.windows), *input_size))
+        except ModelError as err:
+            raise ModelError(
+                f"backbone {cfg.backbone.preset} cannot take the volume grid {input_size}: {err}"
+            ) from None
+
+
+def prepare(cfg: RunConfig, verify: bool = True) -> dict:
+    """Driver-side facts for the workers (grid, spacing, input size, RFS factors, focal alpha); validates data."""
+    if not cfg.data.uri:
+        from molre.data.default import ensure_default_dataset
+
+        cfg.data.uri = ensure_default_dataset()
+    manifest = shards.read_manifest(cfg.data.uri)
+    grid, spacing = tuple(manifest.config["grid"]), tuple(manifest.config["spacing"])
+    for split in ("train", "val"):
+        dataset.split_files(cfg.data.uri, split, verify=verify)
+    input_size = model_input_size(cfg, grid)
+    check_model_fits(cfg, input_size)
+    stats = dataset.training_statistics(cfg.data.uri, cfg.data.rfs_threshold, cfg.loss.alpha_clip)
+    return {**stats, "grid": list(grid), "spacing": list(spacing), "input_size": list(input_size)}
+
+
+def use_gpu(cfg: RunConfig) -> bool:
+    if cfg.scaling.use_gpu != "auto":
+        return bool(cfg.scaling.use_gpu)
+    import ray
+
+    return ray.cluster_resources().get("GPU", 0) > 0
+
+
+def build_trainer(cfg: RunConfig, setup: dict, fault: dict | None = None, callbacks: list | None = None):
+    import ray.train
+    from ray.data import DataContext, ExecutionOptions
+    from ray.train.torch import TorchTrainer
+
+    DataContext.get_current().enable_progress_bars = (
+        False  # Tune / the run report progress; keep logs readable
+    )
+
+    gpu = use_gpu(cfg)
+    resources = {"CPU": cfg.scaling.cpus_per_worker, **({"GPU": cfg.scaling.gpus_per_worker} if gpu else {})}
+    fs, path = dataset.arrow_filesystem(cfg.train.storage)
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"run": config_to_dict(cfg), "setup": setup, "fault": fault},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.scaling.num_workers, use_gpu=gpu, resources_per_worker=resources
+        ),
+        run_config=ray.train.RunConfig(
+            name=cfg.train.run_name,
+            storage_path=path,
+            storage_filesystem=fs,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            callbacks=callbacks,
+        ),
+        datasets={
+            "train": dataset.read_split(cfg.data.uri, "train", verify=False),
+            "val": dataset.read_split(cfg.data.uri, "val", verify=False),
+        },
+        dataset_config=dataset.ExactSplitDataConfig(
+            execution_options=ExecutionOptions(
+                preserve_order=True
+            )  # deterministic shard -> worker assignment
+        ),
+    )
+
+
+def train(cfg: RunConfig, fault: dict | None = None, num_cpus: int | None = None) -> TrainResult:
+    """Run (or resume) one training run to its end and return its result."""
+    ensure_ray(num_cpus)
+    if not storage.is_s3(cfg.train.storage):
+        cfg.train.storage = os.path.abspath(cfg.train.storage)
+    setup = prepare(cfg)
+    result = build_trainer(cfg, setup, fault).fit()
+    if result.error:
+        raise result.error
+    checkpoint = result.checkpoint.path if result.checkpoint else None
+    metrics = result.metrics or {}
+    return TrainResult(metrics, float(metrics.get("val/best_mean_auc", metrics.get(METRIC, float("nan")))),
+                       checkpoint, result.path)  # fmt: skip
+
+
+# ---- CLI ------------------------------------------------------------------------------------------------
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--config", help="run config YAML (defaults: the paper's settings on tiny-vit)")
+    parser.add_argument(
+        "overrides", nargs="*", help="dotted key=value overrides, e.g. adapter.molre.experts=4"
+    )
+
+
+def run(args) -> int:
+    cfg = load_config(args.config, args.overrides)
+    result = train(cfg)
+    print(f"run {cfg.train.run_name}: best {METRIC} = {result.best_metric:.4f}")
+    print(f"checkpoint: {result.checkpoint_path}")
+    return 0
