@@ -14,9 +14,18 @@ from molre.errors import MolreError
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
+    "check-cluster": ("molre.cluster", "security + schema checks of ray_cluster.yaml / deploy/*.yaml"),
+    "leaderboard": ("molre.tune.leaderboard", "Markdown + HTML leaderboard of a sweep's trials.parquet"),
     "params": ("molre.models.params", "parameter table of a preset (total, trainable, MoLRE share)"),
     "preprocess": ("molre.data.preprocess", "DICOM/NIfTI + labels -> int16 HU Parquet shards on storage"),
     "synth": ("molre.data.synth", "synthetic head CTs with planted findings: DICOM/NIfTI + labels.csv"),
+    "train": (
+        "molre.train.run",
+        "one MoLRE fine-tuning run on Ray Train (local Ray, or the cluster it runs on)",
+    ),
+    "sweep": ("molre.tune.sweep", "Ray Tune + Optuna sweep over a search-space file, with leaderboards"),
+    "evaluate": ("molre.train.evaluate", "per-finding AUCs of a checkpoint on a split (Parquet + Markdown)"),
+    "predict": ("molre.train.evaluate", "75 probabilities, routing and slice attention for one series"),
 }
 
 

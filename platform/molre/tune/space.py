@@ -1,0 +1,242 @@
+"""Search-space files: a base run config, a space over dotted keys, the searcher, scheduler, budget, resources.
+
+    name: molre_hparams                 # experiment name: stable, resume depends on it
+    base: {backbone: {preset: tiny-vit}, ...}      # any run config (molre.config)
+    space:
+      adapter.kind: {choice: [none, molre]}
+      adapter.molre.experts: {choice: [2, 4, 6], when: {adapter.kind: molre}}
+      adapter.molre.rank: {int: [4, 16]}
+      optim.lr_adapter: {logfloat: [1.0e-5, 1.0e-3]}
+      loss.gamma: {float: [0.0, 3.0]}
+    search: {algorithm: optuna | grid, num_samples: 16, seeds: [0, 1, 2],
+             objectives: [[val/best_mean_auc, max], [params/trainable, min]]}
+    scheduler: {asha: {grace_period: 2, reduction_factor: 2}}    # or null
+    budget: {time_s: 3600}
+    resources: {num_workers: 1, gpus_per_worker: 0.25, cpus_per_worker: 1, max_concurrent_trials: null}
+
+Everything is validated before any trial starts (``load_sweep``): unknown keys, empty choices, low > high, a
+condition on a key the space does not define, and every sampled point must build a valid run config.
+"""
+
+from __future__ import annotations
+
+import builtins
+import itertools
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from molre.config import RunConfig, _format_error, build_config, read_yaml
+from molre.errors import ConfigError
+
+KINDS = ("choice", "int", "float", "logfloat")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Dimension(_Strict):
+    """One searched key: exactly one of choice / int / float / logfloat, optionally conditional."""
+
+    # the field names are the YAML words; builtins.* keeps the types unambiguous inside the class body
+    choice: list[Any] | None = None
+    int: tuple[builtins.int, builtins.int] | None = None
+    float: tuple[builtins.float, builtins.float] | None = None
+    logfloat: tuple[builtins.float, builtins.float] | None = None
+    when: dict[str, Any] | None = None  # {other.key: value or [values]}: searched only when it holds
+
+    @model_validator(mode="after")
+    def _one_kind(self):
+        given = [k for k in KINDS if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of {list(KINDS)}, got {given or 'none'}")
+        kind = given[0]
+        if kind == "choice" and not self.choice:
+            raise ValueError("empty choice")
+        if kind != "choice":
+            lo, hi = getattr(self, kind)
+            if lo > hi:
+                raise ValueError(f"low {lo} > high {hi}")
+            if kind == "logfloat" and lo <= 0:
+                raise ValueError(f"logfloat needs a positive low, got {lo}")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in KINDS if getattr(self, k) is not None)
+
+    def grid_values(self) -> list[Any]:
+        if self.kind == "choice":
+            return list(self.choice)
+        if self.kind == "int":
+            return list(range(self.int[0], self.int[1] + 1))
+        raise ConfigError(f"a grid needs choice or int dimensions; {self.kind} cannot be enumerated")
+
+    def holds(self, point: dict[str, Any]) -> bool:
+        for key, wanted in (self.when or {}).items():
+            allowed = wanted if isinstance(wanted, list) else [wanted]
+            if key not in point or point[key] not in allowed:
+                return False
+        return True
+
+
+class SearchConfig(_Strict):
+    algorithm: Literal["optuna", "grid"] = "optuna"
+    num_samples: int = Field(8, gt=0)  # optuna: configurations to try (each repeated over the seeds)
+    limit: int | None = Field(None, gt=0)  # grid: only the first N points (smoke runs)
+    seeds: list[int] = [0]
+    objectives: list[tuple[str, Literal["max", "min"]]] = [("val/best_mean_auc", "max")]
+
+    @property
+    def metric(self) -> str:
+        return self.objectives[0][0]
+
+    @property
+    def mode(self) -> str:
+        return self.objectives[0][1]
+
+
+class ASHAConfig(_Strict):
+    grace_period: int = Field(2, gt=0)  # epochs before a trial can be stopped
+    reduction_factor: float = Field(2.0, gt=1)
+
+
+class SchedulerConfig(_Strict):
+    asha: ASHAConfig | None = None
+
+
+class BudgetConfig(_Strict):
+    time_s: float | None = Field(None, gt=0)  # stop starting new trials after this long
+
+
+class ResourcesConfig(_Strict):
+    num_workers: int = Field(1, gt=0)  # Ray Train workers per trial
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(1.0, gt=0)  # used when GPUs exist; < 1 packs small backbones on one GPU
+    max_concurrent_trials: int | None = Field(None, gt=0)  # None: as many as the cluster's resources allow
+
+
+class SweepSpec(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    base: dict = {}
+    space: dict[str, Dimension] = {}
+    search: SearchConfig = SearchConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
+    budget: BudgetConfig = BudgetConfig()
+    resources: ResourcesConfig = ResourcesConfig()
+
+    @model_validator(mode="after")
+    def _conditions_name_space_keys(self):
+        for key, dim in self.space.items():
+            for other in dim.when or {}:
+                if other not in self.space and other != key:
+                    raise ValueError(f"space.{key}: condition on {other!r}, which the space does not define")
+        return self
+
+
+def _sample_value(dim: Dimension, rng) -> Any:
+    if dim.kind == "choice":
+        return dim.choice[rng.integers(len(dim.choice))]
+    if dim.kind == "int":
+        return int(rng.integers(dim.int[0], dim.int[1] + 1))
+    if dim.kind == "float":
+        return float(rng.uniform(*dim.float))
+    lo, hi = dim.logfloat
+    return float(math.exp(rng.uniform(math.log(lo), math.log(hi))))
+
+
+def random_point(spec: SweepSpec, rng) -> dict[str, Any]:
+    """A point sampled in declaration order, skipping dimensions whose condition does not hold."""
+    point: dict[str, Any] = {}
+    for key, dim in spec.space.items():
+        if dim.holds(point):
+            point[key] = _sample_value(dim, rng)
+    return point
+
+
+def grid_points(spec: SweepSpec) -> list[dict[str, Any]]:
+    """The exhaustive grid over the space, conditional keys only where their condition holds."""
+    points: list[dict[str, Any]] = [{}]
+    for key, dim in spec.space.items():
+        expanded: list[dict[str, Any]] = []
+        for point in points:
+            if dim.holds(point):
+                expanded.extend({**point, key: value} for value in dim.grid_values())
+            else:
+                expanded.append(point)
+        points = expanded
+    return points[: spec.search.limit] if spec.search.limit else points
+
+
+def optuna_define_by_run(spec: SweepSpec):
+    """Optuna define-by-run space: conditional keys are suggested only when their condition holds."""
+
+    def define(trial) -> None:
+        point: dict[str, Any] = {}
+        for key, dim in spec.space.items():
+            if not dim.holds(point):
+                continue
+            if dim.kind == "choice":
+                point[key] = trial.suggest_categorical(key, dim.choice)
+            elif dim.kind == "int":
+                point[key] = trial.suggest_int(key, *dim.int)
+            else:
+                lo, hi = dim.float if dim.kind == "float" else dim.logfloat
+                point[key] = trial.suggest_float(key, lo, hi, log=dim.kind == "logfloat")
+
+    return define
+
+
+def run_config_for(spec: SweepSpec, point: dict[str, Any], seed: int | None = None) -> RunConfig:
+    overrides = dict(point)
+    if seed is not None:
+        overrides["train.seed"] = seed
+    return build_config(spec.base, overrides, source=f"sweep {spec.name} point {point}")
+
+
+def load_sweep(path: str | Path, overrides: list[str] | None = None) -> SweepSpec:
+    """Parse and fully validate a search-space file; ``overrides`` (``key=value``) apply to its ``base``."""
+    from molre.config import parse_overrides, set_dotted
+
+    raw = read_yaml(path)
+    try:
+        spec = SweepSpec.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err, str(path))) from None
+    for key, value in parse_overrides(overrides or []).items():
+        set_dotted(spec.base, key, value)
+    validate_points(spec, str(path))
+    return spec
+
+
+def validate_points(spec: SweepSpec, source: str, samples: int = 16) -> None:
+    """Every grid point (or a sample of random points) must build a valid run config."""
+    import numpy as np
+
+    build_config(spec.base, source=f"{source}: base")
+    unknown = [k for k in spec.space if not _is_config_key(k)]
+    if unknown:
+        raise ConfigError(f"{source}: space key {unknown[0]!r} is not a run-config key")
+    if spec.search.algorithm == "grid":
+        points = grid_points(spec)
+    else:
+        rng = np.random.default_rng(0)
+        points = [random_point(spec, rng) for _ in range(samples)]
+    for point, seed in itertools.product(points, spec.search.seeds[:1]):
+        try:
+            run_config_for(spec, point, seed)
+        except ConfigError as err:
+            raise ConfigError(f"{source}: the space reaches an invalid run config:\n{err}") from None
+
+
+def _is_config_key(key: str) -> bool:
+    node: Any = RunConfig
+    for part in key.split("."):
+        fields = getattr(node, "model_fields", None)
+        if not fields or part not in fields:
+            return False
+        node = fields[part].annotation
+    return True

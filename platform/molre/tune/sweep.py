@@ -1,0 +1,353 @@
+"""The sweep driver: Ray Tune over a search-space file, one trial = one TorchTrainer (Ray Train V2 pattern).
+
+    spec (search_spaces/*.yaml) -> searcher (Optuna TPE via OptunaSearch, repeated over seeds; or a grid)
+      -> ASHA -> trial: run config -> TorchTrainer.fit() (epoch metrics forwarded by TuneReportCallback)
+      -> final report (best-epoch per-finding AUCs, router analysis, parameter counts)
+      -> trials.parquet + leaderboard (Markdown, HTML) in <storage>/<name>/, rewritten as trials finish
+
+Experiment names are the spec's ``name`` (no timestamps), so ``resume=True`` restores the experiment: finished
+trials are not re-run, the searcher keeps its state, and an interrupted trial resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import ray.tune
+
+from molre.config import config_to_dict
+from molre.data import storage
+from molre.errors import ConfigError
+from molre.findings import CATEGORY_SIZES, FINDING_IDS, FINDINGS
+from molre.train.metrics import per_finding_auc, summarize
+from molre.tune.space import SweepSpec, grid_points, optuna_define_by_run, run_config_for
+
+TRIALS_FILE = "trials.parquet"
+
+
+# ---- one trial --------------------------------------------------------------------------------------------
+
+
+def _point_and_seed(config: dict, spec: SweepSpec) -> tuple[dict, int]:
+    if "point" in config:  # grid: {"point": {...}, "seed": s}
+        return dict(config["point"]), int(config["seed"])
+    index = int(config.get("__trial_index__", 0))  # Optuna + Repeater: one suggestion, repeated per seed
+    point = {k: v for k, v in config.items() if k in spec.space}
+    return point, spec.search.seeds[index % len(spec.search.seeds)]
+
+
+def trial_run_config(config: dict, spec: SweepSpec, data_uri: str, experiment_uri: str, trial_id: str):
+    point, seed = _point_and_seed(config, spec)
+    cfg = run_config_for(spec, point, seed)
+    cfg.data.uri = data_uri
+    cfg.train.storage = storage.join(experiment_uri, "runs")
+    cfg.train.run_name = trial_id  # stable across --resume: Train restores the trial's own checkpoints
+    res = spec.resources
+    cfg.scaling.num_workers, cfg.scaling.cpus_per_worker = res.num_workers, res.cpus_per_worker
+    cfg.scaling.gpus_per_worker = res.gpus_per_worker
+    return cfg, point
+
+
+def run_trial(config: dict, spec: dict, data_uri: str, experiment_uri: str) -> None:
+    """Tune trial: build and fit a TorchTrainer, then report the best epoch's full metrics."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from molre.train.run import build_trainer, prepare
+
+    sweep = SweepSpec.model_validate(spec)
+    trial_id = ray.tune.get_context().get_trial_id()
+    cfg, point = trial_run_config(config, sweep, data_uri, experiment_uri, trial_id)
+    setup = prepare(cfg, verify=False)  # the driver verified the shards' checksums once for the sweep
+    result = build_trainer(cfg, setup, callbacks=[TuneReportCallback()]).fit()
+    if result.error:
+        raise result.error
+    with result.checkpoint.as_directory() as directory:
+        final = final_metrics(directory, cfg)
+    ray.tune.report(
+        {**final, "point": json.dumps(point, default=str), "checkpoint_path": result.checkpoint.path}
+    )
+
+
+def final_metrics(checkpoint_dir: str, cfg) -> dict:
+    """Best-epoch metrics from a checkpoint: summary, per-finding AUCs, routing analysis, parameter counts."""
+    from molre.models.params import count_config_params
+    from molre.train.checkpoint import read_state
+
+    state = read_state(checkpoint_dir)
+    outputs_path = Path(checkpoint_dir) / "val_outputs.npz"
+    out = {"epochs": state.epoch + 1, "best_epoch": state.best_epoch, "val/best_mean_auc": state.best_metric}
+    if outputs_path.exists():
+        outputs = dict(np.load(outputs_path))
+        aucs = per_finding_auc(outputs["scores"], outputs["labels"], outputs["known"])
+        summary = summarize(aucs).as_dict("val/")
+        out.update({k: v for k, v in summary.items() if k != "val/mean_auc"})
+        out.update({f"auc/{fid}": float(a) for fid, a in zip(FINDING_IDS, aucs, strict=True)})
+        out.update(router_analysis(outputs))
+    out.update({f"params/{k}": v for k, v in count_config_params(cfg).items()})
+    return out
+
+
+def router_analysis(outputs: dict[str, np.ndarray]) -> dict:
+    """Mean routing weight of each expert over validation volumes positive for each category; entropy."""
+    router = outputs.get("router")
+    if router is None or router.ndim != 2 or not len(router):
+        return {}
+    entropy = -(router * np.log(np.clip(router, 1e-12, 1))).sum(axis=1).mean()
+    out = {"router/entropy": float(entropy)}
+    positive = (outputs["labels"] > 0) & (outputs["known"] > 0)
+    for category in CATEGORY_SIZES:
+        columns = [f.index for f in FINDINGS if f.category == category]
+        rows = positive[:, columns].any(axis=1)
+        usage = router[rows].mean(axis=0) if rows.any() else np.full(router.shape[1], np.nan)
+        out.update({f"router/usage/{category}/{k}": float(u) for k, u in enumerate(usage)})
+    return out
+
+
+# ---- the trials table -------------------------------------------------------------------------------------
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = json.dumps(value) if isinstance(value, list | tuple) else value
+    return out
+
+
+def trial_row(trial_id: str, status: str, config: dict, metrics: dict, spec: SweepSpec) -> dict:
+    point, seed = _point_and_seed(config, spec) if config else ({}, 0)
+    cfg = run_config_for(spec, point, seed)
+    row = {"trial_id": trial_id, "status": status, "searched": json.dumps([*spec.space, "train.seed"])}
+    row.update({f"config/{k}": v for k, v in _flat(config_to_dict(cfg)).items()})
+    metrics = metrics or {}
+    final = "params/total" in metrics  # the trial's last report is the final one
+    row["stopped_early"] = status == "TERMINATED" and not final
+    row["epochs"] = metrics.get("epochs", (metrics.get("epoch", -1) + 1) if "epoch" in metrics else 0)
+    row["checkpoint"] = metrics.get("checkpoint_path")
+    for key, value in metrics.items():
+        if key.startswith(("val/", "auc/", "params/", "router/")) and isinstance(value, int | float):
+            row[key] = value
+    if not final:  # ASHA-stopped or running: fall back to the last epoch's per-finding AUCs
+        row.update({f"auc/{fid}": metrics.get(f"val/auc/{fid}", math.nan) for fid in FINDING_IDS})
+    return {k: v for k, v in row.items() if not k.startswith("val/auc/")}
+
+
+def trials_table(trials, spec: SweepSpec) -> pd.DataFrame:
+    rows = [trial_row(t.trial_id, t.status, t.config, t.last_result, spec) for t in trials]
+    return pd.DataFrame(rows)
+
+
+class LeaderboardCallback(ray.tune.Callback):
+    """Rewrites trials.parquet and the leaderboard each time a trial finishes or fails (cheap, a few files)."""
+
+    def __init__(self, spec: SweepSpec, experiment_uri: str):
+        self.spec, self.experiment_uri = spec, experiment_uri
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        write_results(trials_table(trials, self.spec), self.experiment_uri, self.spec)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        write_results(trials_table(trials, self.spec), self.experiment_uri, self.spec)
+
+
+def write_results(table: pd.DataFrame, experiment_uri: str, spec: SweepSpec) -> dict:
+    from molre.tune.leaderboard import write_leaderboard
+
+    return write_leaderboard(table, experiment_uri, title=f"molre sweep {spec.name}")
+
+
+# ---- the driver -------------------------------------------------------------------------------------------
+
+
+def _searcher(spec: SweepSpec):
+    from ray.tune.search import Repeater
+    from ray.tune.search.optuna import OptunaSearch
+
+    objectives = spec.search.objectives
+    if len(objectives) > 1:
+        if len(spec.search.seeds) > 1:
+            raise ConfigError(
+                f"sweep {spec.name}: multi-objective search takes one seed (Repeater averages one metric)"
+            )
+        return OptunaSearch(optuna_define_by_run(spec), metric=[m for m, _ in objectives],
+                            mode=[d for _, d in objectives], seed=0)  # fmt: skip
+    searcher = OptunaSearch(
+        optuna_define_by_run(spec), metric=spec.search.metric, mode=spec.search.mode, seed=0
+    )
+    return (
+        Repeater(searcher, repeat=len(spec.search.seeds), set_index=True)
+        if len(spec.search.seeds) > 1
+        else searcher
+    )
+
+
+def _scheduler(spec: SweepSpec, max_epochs: int):
+    if spec.scheduler.asha is None:
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    a = spec.scheduler.asha
+    return ASHAScheduler(time_attr="training_iteration", metric=spec.search.metric, mode=spec.search.mode,
+                         max_t=max_epochs + 1, grace_period=a.grace_period, reduction_factor=a.reduction_factor)  # fmt: skip
+
+
+def max_concurrent(spec: SweepSpec) -> int:
+    """Explicit, or what the cluster's GPUs (else CPUs) hold at the per-trial resources."""
+    import ray
+
+    res = spec.resources
+    if res.max_concurrent_trials:
+        return res.max_concurrent_trials
+    total = ray.cluster_resources()
+    if total.get("GPU", 0) > 0:
+        return max(1, int(total["GPU"] // (res.num_workers * res.gpus_per_worker)))
+    per_trial = res.num_workers * res.cpus_per_worker + 1  # + 1 CPU of headroom for the trial's data reads
+    return max(1, int(total.get("CPU", 1) // per_trial))
+
+
+def sweep_data_uri(spec: SweepSpec, storage_root: str, synthetic: dict | None = None) -> str:
+    """The spec's data.uri, or the embedded synthetic dataset (next to the results when storage is s3://)."""
+    from molre.data.default import DEFAULT, dataset_key, ensure_default_dataset
+
+    uri = spec.base.get("data", {}).get("uri", "")
+    if uri:
+        return uri
+    key = dataset_key({**DEFAULT, **(synthetic or {})})
+    out = storage.join(storage_root, "datasets", f"synthetic-{key}") if storage.is_s3(storage_root) else None
+    return ensure_default_dataset(out, **(synthetic or {}))
+
+
+def run_sweep(spec: SweepSpec, storage_root: str, resume: bool = False, synthetic: dict | None = None):
+    """Run (or resume) the sweep; returns the trials table (also written with the leaderboard)."""
+    from molre.data.dataset import arrow_filesystem, split_files
+    from molre.train.run import ensure_ray
+
+    ensure_ray()
+    if not storage.is_s3(storage_root):
+        storage_root = os.path.abspath(storage_root)
+    experiment_uri = storage.join(storage_root, spec.name)
+    print(f"molre sweep {spec.name}: results in {experiment_uri}", flush=True)
+    data_uri = sweep_data_uri(spec, storage_root, synthetic)
+    for split in ("train", "val"):
+        split_files(data_uri, split, verify=True)  # checksums once per sweep, not once per trial
+    fs, path = arrow_filesystem(storage_root)
+    trainable = ray.tune.with_resources(
+        ray.tune.with_parameters(run_trial, spec=spec.model_dump(mode="json"), data_uri=data_uri,
+                                 experiment_uri=experiment_uri),
+        {"CPU": 0.1},  # the trial only drives its TorchTrainer; its Train workers hold the real resources
+    )  # fmt: skip
+    experiment_path = f"{path}/{spec.name}"
+    if ray.tune.Tuner.can_restore(experiment_path, storage_filesystem=fs):
+        if not resume:
+            raise ConfigError(f"experiment {spec.name} already exists at {experiment_uri}; pass --resume to finish "
+                              "it, or change the name")  # fmt: skip
+        tuner = ray.tune.Tuner.restore(experiment_path, trainable, resume_errored=True, storage_filesystem=fs)
+    else:
+        tuner = _new_tuner(spec, trainable, storage_root, experiment_uri, fs, path)
+    results = tuner.fit()
+    table = _table_from_results(results, spec)
+    paths = write_results(table, experiment_uri, spec)
+    return table, paths
+
+
+def _new_tuner(spec: SweepSpec, trainable, storage_root: str, experiment_uri: str, fs, path: str):
+    max_epochs = run_config_for(spec, {}).train.max_epochs
+    if spec.search.algorithm == "grid":
+        param_space = {
+            "point": ray.tune.grid_search(grid_points(spec)),
+            "seed": ray.tune.grid_search(spec.search.seeds),
+        }
+        search_alg, num_samples = None, 1
+    else:
+        param_space, search_alg = {}, _searcher(spec)
+        num_samples = spec.search.num_samples * len(spec.search.seeds)
+    multi = len(spec.search.objectives) > 1
+    return ray.tune.Tuner(
+        trainable,
+        param_space=param_space,
+        tune_config=ray.tune.TuneConfig(
+            metric=None if multi else spec.search.metric,
+            mode=None if multi else spec.search.mode,
+            search_alg=search_alg,
+            scheduler=_scheduler(spec, max_epochs),
+            num_samples=num_samples,
+            max_concurrent_trials=max_concurrent(spec),
+            time_budget_s=spec.budget.time_s,
+        ),
+        run_config=ray.tune.RunConfig(
+            name=spec.name,
+            storage_path=path,
+            storage_filesystem=fs,
+            callbacks=[LeaderboardCallback(spec, experiment_uri)],
+            failure_config=ray.tune.FailureConfig(max_failures=1),
+            verbose=1,
+        ),
+    )
+
+
+def _table_from_results(results, spec: SweepSpec) -> pd.DataFrame:
+    rows = []
+    for i, result in enumerate(results):
+        trial_id = (result.metrics or {}).get("trial_id") or f"trial_{i:05d}"
+        status = "ERROR" if result.error else "TERMINATED"
+        rows.append(trial_row(trial_id, status, result.config, result.metrics, spec))
+    return pd.DataFrame(rows)
+
+
+# ---- CLI --------------------------------------------------------------------------------------------------
+
+DEFAULT_SPACE = Path(__file__).resolve().parents[3] / "search_spaces" / "default.yaml"
+SMOKE_DATA = {"count": 48}  # a smaller synthetic dataset for --smoke
+
+
+def smoke(spec: SweepSpec) -> SweepSpec:
+    """2 trials of 1 epoch on a small dataset: proves the whole path works, in about a minute or two."""
+    from molre.config import set_dotted
+
+    spec = spec.model_copy(deep=True)
+    for key, value in (("train.max_epochs", 1), ("train.min_epochs", 0)):
+        set_dotted(spec.base, key, value)
+    spec.name = f"{spec.name}-smoke"
+    spec.search.seeds = spec.search.seeds[:1]
+    spec.search.num_samples, spec.search.limit = 2, 2
+    spec.scheduler.asha = None
+    return spec
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument(
+        "--config", default=str(DEFAULT_SPACE), help="search-space YAML (default: the embedded default)"
+    )
+    parser.add_argument(
+        "--storage", default="runs", help="results root: local path or s3:// (default: ./runs)"
+    )
+    parser.add_argument(
+        "--resume", action="store_true", help="finish an interrupted experiment of the same name"
+    )
+    parser.add_argument(
+        "--smoke", action="store_true", help="2 trials x 1 epoch on a small synthetic dataset"
+    )
+    parser.add_argument("overrides", nargs="*", help="key=value overrides of the spec's base run config")
+
+
+def run(args) -> int:
+    from molre.tune.leaderboard import finished_trials, ranking_table
+    from molre.tune.space import load_sweep
+
+    spec = load_sweep(args.config, args.overrides)  # every problem surfaces here, before any trial starts
+    spec = smoke(spec) if args.smoke else spec
+    table, paths = run_sweep(
+        spec, args.storage, resume=args.resume, synthetic=SMOKE_DATA if args.smoke else None
+    )
+    print(f"\nmolre sweep {spec.name}: {len(table)} trials; top rows:")
+    print(ranking_table(finished_trials(table), top=8).to_string(index=False))
+    for name, uri in paths.items():
+        print(f"  {name}: {uri}")
+    return 0

@@ -1,0 +1,95 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from molre.errors import ConfigError
+from molre.tune.space import grid_points, load_sweep, random_point, run_config_for
+
+SPACES = sorted(Path(__file__).resolve().parents[2].joinpath("search_spaces").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SPACES, ids=lambda p: p.name)
+def test_every_shipped_space_loads_samples_and_builds_configs(path):
+    assert path.read_text().startswith(
+        "# python jobs/sweep.py"
+    )  # each file opens with the command that runs it
+    spec = load_sweep(path)
+    points = grid_points(spec) if spec.search.algorithm == "grid" else [
+        random_point(spec, np.random.default_rng(i)) for i in range(8)
+    ]  # fmt: skip
+    assert points
+    for point in points:
+        cfg = run_config_for(spec, point, spec.search.seeds[0])
+        assert cfg.train.seed == spec.search.seeds[0]
+
+
+def test_shipped_set_covers_the_issue():
+    assert {p.stem for p in SPACES} >= {
+        "default",
+        "molre_hparams",
+        "ablation_lora_vs_molre",
+        "paper_table2",
+        "placement",
+    }
+
+
+def test_conditional_keys_only_where_the_condition_holds(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text(
+        "name: t\n"
+        "space:\n"
+        "  adapter.kind: {choice: [none, molre]}\n"
+        "  adapter.molre.experts: {choice: [2, 4], when: {adapter.kind: molre}}\n"
+        "  adapter.molre.rank: {int: [4, 5], when: {adapter.kind: molre}}\n"
+        "search: {algorithm: grid}\n"
+    )
+    points = grid_points(load_sweep(path))
+    assert {"adapter.kind": "none"} in points
+    assert len(points) == 1 + 2 * 2
+    assert all(("adapter.molre.experts" in p) == (p["adapter.kind"] == "molre") for p in points)
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        p = random_point(load_sweep(path), rng)
+        assert ("adapter.molre.rank" in p) == (p["adapter.kind"] == "molre")
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ("name: t\nspaces: {}\n", "spaces: unknown key"),
+        ("name: t\nspace:\n  loss.gamma: {choice: []}\n", "empty choice"),
+        ("name: t\nspace:\n  loss.gamma: {float: [3.0, 1.0]}\n", "low 3.0 > high 1.0"),
+        (
+            "name: t\nspace:\n  adapter.molre.experts: {choice: [2], when: {adapter.kind: molre}}\n",
+            "condition on 'adapter.kind', which the space does not define",
+        ),
+        (
+            "name: t\nspace:\n  adapter.molre.expert: {choice: [2]}\n",
+            "'adapter.molre.expert' is not a run-config key",
+        ),
+        (
+            "name: t\nspace:\n  adapter.molre.experts: {choice: [0, 2]}\n",
+            "adapter.molre.experts: Input should be greater",
+        ),
+        ("name: t\nbase: {train: {batchsize: 2}}\n", "train.batchsize: unknown key"),
+        ("name: t\nspace:\n  loss.gamma: {float: [0, 1], choice: [1]}\n", "give exactly one of"),
+        ("name: 'a b'\n", "name: String should match pattern"),
+        (
+            "name: t\nsearch: {algorithm: grid}\nspace:\n  loss.gamma: {float: [0, 1]}\n",
+            "cannot be enumerated",
+        ),
+    ],
+)
+def test_bad_space_fails_before_any_trial_naming_the_problem(tmp_path, body, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(body)
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_sweep(path)
+
+
+def test_overrides_apply_to_the_base(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text("name: t\nbase: {train: {max_epochs: 3}}\n")
+    spec = load_sweep(path, ["train.max_epochs=5"])
+    assert run_config_for(spec, {}).train.max_epochs == 5
