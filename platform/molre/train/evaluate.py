@@ -101,13 +101,15 @@ def _markdown(table: pd.DataFrame, summary, split: str) -> str:
 def predict(checkpoint: str, series: str, device: str = "cpu") -> dict:
     """Probabilities, per-slice routing weights and per-slice attention for one DICOM series dir or NIfTI file."""
     from molre.data.ingest import discover, load_series
-    from molre.data.resample import standardize
+    from molre.data.resample import align_volume
 
     model, cfg, setup = load_checkpoint_model(checkpoint, device)
     refs, rejects = discover(series)
     if rejects and not refs:
         raise rejects[0]
-    volume = standardize(load_series(refs[0]), spacing=tuple(setup["spacing"]), grid=tuple(setup["grid"]))
+    series_volume = load_series(refs[0])  # the same alignment and grid as preprocess gave the training shards
+    volume = align_volume(series_volume.hu, series_volume.spacing, series_volume.direction,
+                          out_spacing=tuple(setup["spacing"]), grid=tuple(setup["grid"]))  # fmt: skip
     probs = score_volumes(model, cfg, setup, torch.from_numpy(volume)[None])[0].cpu().numpy()
     routing, attention = model.router_weights(), model.slice_attention()
     return {
