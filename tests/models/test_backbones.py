@@ -74,3 +74,17 @@ def test_unreadable_weights_are_clear_errors(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(WeightsError, match="neither safetensors nor a torch state dict"):
         load_backbone_weights(create_backbone("tiny-vit"), str(tmp_path / "junk.pt"))
+
+
+def test_weights_from_s3(s3_bucket, tmp_path):
+    from molre.data import storage
+
+    src = create_backbone("tiny-vit")
+    save_file(src.net.state_dict(), tmp_path / "w.safetensors")
+    uri = storage.join(s3_bucket, "weights", "tiny-vit.safetensors")
+    storage.write_bytes(uri, (tmp_path / "w.safetensors").read_bytes())
+    dst = create_backbone("tiny-vit")
+    load_backbone_weights(dst, uri)
+    torch.testing.assert_close(dst.net.state_dict()["norm.weight"], src.net.state_dict()["norm.weight"])
+    with pytest.raises(WeightsError, match="does not exist"):
+        load_backbone_weights(dst, storage.join(s3_bucket, "weights", "missing.safetensors"))

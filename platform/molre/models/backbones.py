@@ -213,11 +213,10 @@ _HEAD_KEYS = ("head.", "fc_norm.", "head_drop.", "class_layers.")  # classifier 
 
 def read_state_dict(uri: str) -> dict[str, torch.Tensor]:
     """Read safetensors or a torch file from a local path or s3:// (s3fs imported only for s3)."""
-    import fsspec
+    from molre.data import storage
 
     try:
-        with fsspec.open(uri, "rb") as f:
-            blob = f.read()
+        blob = storage.read_bytes(uri)
     except FileNotFoundError:
         raise WeightsError(f"weights file {uri} does not exist") from None
     except OSError as err:
