@@ -16,10 +16,10 @@ from molre.train.run import prepare, train
 pytestmark = pytest.mark.slow
 
 
-def _cfg(data: str, storage_dir: Path, name: str, **extra):
+def _cfg(data_uri: str, storage_dir: Path, name: str, **extra):
     tree = {
         "backbone": {"preset": "tiny-vit"},
-        "data": {"uri": data},
+        "data": {"uri": data_uri},
         "optim": {"lr_head": 1e-2, "lr_adapter": 1e-3},
         "train": {"max_epochs": 4, "min_epochs": 0, "batch_size": 2, "seed": 7, "run_name": name,
                   "storage": str(storage_dir)},

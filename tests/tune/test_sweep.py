@@ -88,8 +88,10 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_local, 
     done_dirs = {
         t: sorted(p.name for p in (results / "resume" / "runs" / t).glob("checkpoint_*")) for t in done
     }
-    table, _ = run_sweep(load_sweep(spec_path), str(results), resume=True)
+    table, paths = run_sweep(load_sweep(spec_path), str(results), resume=True)
     assert len(table) == 3 and (table["status"] == "TERMINATED").all()
+    assert sorted(table["config/adapter.molre.experts"]) == [2, 3, 4]  # the grid, each point once
+    assert {Path(p).name for p in paths.values()} >= LEADERBOARD_FILES
     for trial_id, checkpoints in done_dirs.items():  # finished trials were not trained again
         assert (
             sorted(p.name for p in (results / "resume" / "runs" / trial_id).glob("checkpoint_*"))

@@ -57,14 +57,14 @@ def model_input_size(cfg: RunConfig, grid: tuple[int, int, int]) -> tuple[int, i
 
 def check_model_fits(cfg: RunConfig, input_size: tuple[int, int, int]) -> None:
     """Build the model on the meta device and push one meta batch through: catches grid mismatches up front."""
-    with torch.device("meta"):
-        model = build_model(cfg, load_weights=False)
-        try:
+    try:
+        with torch.device("meta"):
+            model = build_model(cfg, load_weights=False)
             model(torch.empty(1, len(cfg.data.windows), *input_size))
-        except ModelError as err:
-            raise ModelError(
-                f"backbone {cfg.backbone.preset} cannot take the volume grid {input_size}: {err}"
-            ) from None
+    except ModelError as err:
+        raise ModelError(
+            f"backbone {cfg.backbone.preset} cannot take the volume grid {input_size}: {err}"
+        ) from None
 
 
 def prepare(cfg: RunConfig, verify: bool = True) -> dict:
