@@ -241,7 +241,7 @@ def run_sweep(spec: SweepSpec, storage_root: str, resume: bool = False, syntheti
     trainable = ray.tune.with_resources(
         ray.tune.with_parameters(run_trial, spec=spec.model_dump(mode="json"), data_uri=data_uri,
                                  experiment_uri=experiment_uri),
-        {"CPU": 0.1},  # the trial only drives its TorchTrainer; its Train workers hold the real resources
+        {"CPU": 0, "node:__internal_head__": 0.01},  # trial drivers live on the head (CPU:0 on clusters); workers hold the real resources
     )  # fmt: skip
     experiment_path = f"{path}/{spec.name}"
     if ray.tune.Tuner.can_restore(experiment_path, storage_filesystem=fs):
