@@ -178,6 +178,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     torch.manual_seed(cfg.train.seed)  # every rank builds identical initial weights
     device = ray.train.torch.get_device()
     core = build_model(cfg)
+    if cfg.train.compile:  # in place: core keeps its methods (aux_loss, router_weights), forward is compiled
+        core.compile()
     model = ray.train.torch.prepare_model(core)
     optimizer = make_optimizer(core, cfg)
     loss_fn = FocalLoss(cfg.loss.gamma, _alpha(cfg, setup)).to(device)

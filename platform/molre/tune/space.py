@@ -171,12 +171,18 @@ def grid_points(spec: SweepSpec) -> list[dict[str, Any]]:
     return points[: spec.search.limit] if spec.search.limit else points
 
 
-def optuna_define_by_run(spec: SweepSpec):
-    """Optuna define-by-run space: conditional keys are suggested only when their condition holds."""
+class OptunaSpace:
+    """Optuna define-by-run space: conditional keys are suggested only when their condition holds.
 
-    def define(trial) -> None:
+    A class (not a closure) because Tune pickles the searcher, and with it this callable, to resume sweeps.
+    """
+
+    def __init__(self, spec: SweepSpec):
+        self.spec = spec
+
+    def __call__(self, trial) -> None:
         point: dict[str, Any] = {}
-        for key, dim in spec.space.items():
+        for key, dim in self.spec.space.items():
             if not dim.holds(point):
                 continue
             if dim.kind == "choice":
@@ -186,8 +192,6 @@ def optuna_define_by_run(spec: SweepSpec):
             else:
                 lo, hi = dim.float if dim.kind == "float" else dim.logfloat
                 point[key] = trial.suggest_float(key, lo, hi, log=dim.kind == "logfloat")
-
-    return define
 
 
 def run_config_for(spec: SweepSpec, point: dict[str, Any], seed: int | None = None) -> RunConfig:

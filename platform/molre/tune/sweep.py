@@ -25,7 +25,7 @@ from molre.data import storage
 from molre.errors import ConfigError
 from molre.findings import CATEGORY_SIZES, FINDING_IDS, FINDINGS
 from molre.train.metrics import per_finding_auc, summarize
-from molre.tune.space import SweepSpec, grid_points, optuna_define_by_run, run_config_for
+from molre.tune.space import OptunaSpace, SweepSpec, grid_points, run_config_for
 
 TRIALS_FILE = "trials.parquet"
 
@@ -176,11 +176,9 @@ def _searcher(spec: SweepSpec):
             raise ConfigError(
                 f"sweep {spec.name}: multi-objective search takes one seed (Repeater averages one metric)"
             )
-        return OptunaSearch(optuna_define_by_run(spec), metric=[m for m, _ in objectives],
+        return OptunaSearch(OptunaSpace(spec), metric=[m for m, _ in objectives],
                             mode=[d for _, d in objectives], seed=0)  # fmt: skip
-    searcher = OptunaSearch(
-        optuna_define_by_run(spec), metric=spec.search.metric, mode=spec.search.mode, seed=0
-    )
+    searcher = OptunaSearch(OptunaSpace(spec), metric=spec.search.metric, mode=spec.search.mode, seed=0)
     return (
         Repeater(searcher, repeat=len(spec.search.seeds), set_index=True)
         if len(spec.search.seeds) > 1
