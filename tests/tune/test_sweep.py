@@ -42,11 +42,9 @@ def _spec_file(tmp_path: Path, data: str, name: str, search: dict, space: dict |
     return path
 
 
-@pytest.mark.parametrize(
-    "search", [{"algorithm": "optuna", "num_samples": 2}, {"algorithm": "grid", "limit": 2}]
-)
-def test_smoke_sweep_writes_every_leaderboard_file(ray_local, tiny_dataset, tmp_path, search):
-    spec = load_sweep(_spec_file(tmp_path, tiny_dataset, f"smoke-{search['algorithm']}", search))
+def test_optuna_smoke_sweep_writes_every_leaderboard_file(ray_local, tiny_dataset, tmp_path):
+    search = {"algorithm": "optuna", "num_samples": 2}  # the grid path is covered by the resume test below
+    spec = load_sweep(_spec_file(tmp_path, tiny_dataset, "smoke-optuna", search))
     table, paths = run_sweep(spec, str(tmp_path / "results"))
     assert len(table) == 2 and (table["status"] == "TERMINATED").all()
     assert table["val/best_mean_auc"].notna().all()
@@ -100,4 +98,7 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_local, 
 
 
 def _finished(path: Path) -> bool:
-    return path.exists() and (pd.read_parquet(path)["status"] == "TERMINATED").any()
+    try:
+        return (pd.read_parquet(path)["status"] == "TERMINATED").any()
+    except (OSError, ValueError):  # not written yet
+        return False
