@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	$(PY) jobs/sweep.py --resume  # resume: a second `make demo` re-reports (or finishes) the same experiment
+	$(PY) jobs/sweep.py --resume  # a second demo re-reports (or finishes) the same experiment
 
 lint: setup
 	$(VENV)/bin/ruff check .
