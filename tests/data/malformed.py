@@ -8,6 +8,10 @@ rejected for. Reused by the ingest, preprocess and reliability tests.
   slices it refers to under ``folder/images``) and returns the label file's path.
 - ``write_corpus(root)`` writes every volume case plus good series under ``root/series`` and a generic
   ``root/labels.csv`` that labels every study except ``study_without_labels``.
+- ``READ_CASES`` (``CONFIG_CASES``, ``SHARD_CASES``, ``CHECKPOINT_CASES``): ``case.write(folder)`` builds one bad
+  run config, shard/manifest or checkpoint and returns ``(item, read)``: ``read()`` must raise ``case.error``
+  with ``case.reason`` in its message, which also names ``item`` (a path, or the dotted key / override at fault).
+  ``case.known_leak`` says where a case still escapes as a raw exception (code this package may not edit).
 
 Every DICOM carries the planted PHI strings in ``PHI_STRINGS`` (patient name and id, institution, accession,
 free text) and every label file the planted patient id: none of them may appear in any error message.
@@ -17,6 +21,8 @@ from __future__ import annotations
 
 import csv
 import gzip
+import json
+import struct
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,10 +30,12 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pyarrow as pa
 from pydicom.encaps import encapsulate
 from pydicom.uid import RLELossless
 
 from molre.data.dicom_write import nifti_affine, write_dicom_series, write_nifti
+from molre.errors import ConfigError, DataError, MolreError, WeightsError
 from molre.findings import FINDING_IDS
 
 PHI_NAME = "Plantedphi^Johanna"
@@ -264,6 +272,70 @@ def _sheared_affine(path: Path) -> None:
     write_float_nifti(phantom(), path, affine)
 
 
+def _patch_slice(index: int, old: bytes, new: bytes) -> Callable[[Path], Path]:
+    """A good series whose slice ``index`` has the bytes ``old`` replaced by ``new`` (same length) on disk: for
+    damage pydicom will not write (an unknown VR, an unknown transfer syntax)."""
+
+    def write(folder: Path) -> Path:
+        path = write_good_dicom(folder)[index]
+        data = path.read_bytes()
+        assert data.count(old) == 1 and len(old) == len(new), (old, new)
+        path.write_bytes(data.replace(old, new))
+        return folder
+
+    return write
+
+
+# (0028,1052) RescaleIntercept, explicit VR little endian: group, element, VR
+_INTERCEPT_DS = struct.pack("<HH", 0x0028, 0x1052) + b"DS"
+_EXPLICIT_LE = b"1.2.840.10008.1.2.1\0"  # transfer syntax UID, padded to even length
+
+
+def _nan_position(ds, k):
+    if k == 3:
+        ds.ImagePositionPatient = ["nan", 0.0, 12.0]
+
+
+def _huge_matrix(ds, k):
+    if k == 3:
+        ds.Rows = 60000  # a damaged header: decoding would allocate 60000 x 32 pixels, or worse
+
+
+def _three_pixel_spacings(ds, k):
+    if k == 3:
+        ds.PixelSpacing = [0.9, 0.9, 0.9]
+
+
+def _phi_in_number(ds, k):
+    # a numeric element holding text (a VR of LO for RescaleIntercept): the parse error must not quote it
+    if k == 3:
+        ds.add_new(0x00281052, "LO", PHI_NAME)
+
+
+def _sagittal_nifti(path: Path) -> None:
+    affine = np.array([[0, 0, -4.0, 0], [0, -0.9, 0, 0], [0.9, 0, 0, 0], [0, 0, 0, 1]])  # slices along x
+    write_float_nifti(phantom(), path, affine)
+
+
+def _nifti_claims(slices: int) -> Callable[[Path], None]:
+    """An uncompressed NIfTI whose header says ``slices`` slices where the file holds 10 (a cut-off copy, or a
+    damaged header), gzipped."""
+
+    def write(path: Path) -> None:
+        plain = path.with_name(path.name.removesuffix(".gz"))
+        write_float_nifti(phantom(), plain)
+        header = bytearray(plain.read_bytes())
+        struct.pack_into("<h", header, 40 + 2 * 3, slices)  # dim[3] of the NIfTI-1 header (dim[] at byte 40)
+        path.write_bytes(gzip.compress(bytes(header)))
+        plain.unlink()
+
+    return write
+
+
+def _nifti_no_air(path: Path) -> None:
+    write_float_nifti(np.full((DEPTH, 32, 32), 20.0, np.float32), path)  # a water phantom, or a wrong rescale
+
+
 # ---------------------------------------------------------------------------------------------------- cases
 
 
@@ -307,6 +379,25 @@ VOLUME_CASES: tuple[VolumeCase, ...] = (
     VolumeCase("nifti_2d", "2D image", _nifti(_two_d)),
     VolumeCase("nifti_sheared_affine", "sheared affine", _nifti(_sheared_affine)),
     VolumeCase("study_without_labels", "no label row", _plain()),
+    # found by the fuzz tests (tests/reliability/test_fuzz.py): damage that used to escape as a raw exception
+    VolumeCase(
+        "unknown_vr",
+        "malformed RescaleIntercept element",
+        _patch_slice(3, _INTERCEPT_DS, _INTERCEPT_DS[:4] + b"Dq"),
+    ),
+    VolumeCase(
+        "unknown_transfer_syntax",
+        "malformed TransferSyntaxUID",
+        _patch_slice(3, _EXPLICIT_LE, b"1.2.840.99999.1.2.1\0"),
+    ),
+    VolumeCase("nan_position", "malformed ImagePositionPatient element", _hooked(_nan_position)),
+    VolumeCase("implausible_matrix", "implausible Rows 60000", _hooked(_huge_matrix)),
+    VolumeCase("three_pixel_spacings", "malformed PixelSpacing element", _hooked(_three_pixel_spacings)),
+    VolumeCase("text_in_numeric_element", "malformed RescaleIntercept element", _hooked(_phi_in_number)),
+    VolumeCase("nifti_sagittal", "not axial", _nifti(_sagittal_nifti)),
+    VolumeCase("nifti_header_claims_more_slices", "unreadable NIfTI voxel data", _nifti(_nifti_claims(300))),
+    VolumeCase("nifti_implausible_size", "implausible size 32x32x30000", _nifti(_nifti_claims(30000))),
+    VolumeCase("nifti_no_air", "implausible HU", _nifti(_nifti_no_air)),
 )
 UNLABELLED = "study_without_labels"
 
@@ -334,6 +425,19 @@ def _not_utf8(folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "labels.csv").write_bytes(b"study_id,patient_id\n\xff\xfe\x00bad,\x81\n")
     return folder / "labels.csv"
+
+
+def _raw_file(name: str, data: bytes) -> Callable[[Path], Path]:
+    def write(folder: Path) -> Path:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(data)
+        return folder / name
+
+    return write
+
+
+def _no_file(name: str) -> Callable[[Path], Path]:
+    return lambda folder: folder / name
 
 
 def rsna_images(folder: Path, n_studies: int = 2) -> list[list[str]]:
@@ -490,6 +594,27 @@ LABEL_CASES: tuple[LabelCase, ...] = (
         _cq500([cq500_row("CQ500-CT-0"), cq500_row("CQ500-CT-0", {"SAH": (1, 1, 0)})]),
         line=3,
     ),
+    LabelCase("generic_empty_file", "generic", "label file is empty", _raw_file("labels.csv", b"")),
+    LabelCase("generic_missing_file", "generic", "label file does not exist", _no_file("labels.csv")),
+    LabelCase(
+        "generic_phi_in_finding_column",  # a shifted column puts the patient's name where a 0/1 belongs
+        "generic",
+        "of 18 characters for",
+        _generic([["s1", PHI_ID, 0, PHI_NAME, 0, 0]]),
+        line=2,
+    ),
+    LabelCase(
+        "rsna_binary_file",
+        "rsna",
+        "not UTF-8",
+        _raw_file("stage_2_train.csv", b"PK\x03\x04" + bytes(range(256))),
+    ),
+    LabelCase(
+        "cq500_given_a_generic_file",
+        "cq500",
+        "missing required column 'name'",
+        _generic([["s1", PHI_ID, *_ZEROS]]),
+    ),
 )
 
 
@@ -524,3 +649,568 @@ def write_corpus(root: Path) -> Corpus:
     rows = [[name, PHI_ID, *(int(i % 7 == 0) for i in range(4))] for name in studies]
     labels = _write_csv(root / "labels.csv", GENERIC_HEADER, rows)
     return Corpus(series, labels, expected, good, studies)
+
+
+# ---------------------------------------------------------------------------------------------------- read cases
+# Run configs, shards / manifests and checkpoints: not inputs of a preprocess batch but files a run reads. Each
+# must fail with one of molre's own errors whose message names the item and says why.
+
+
+@dataclass(frozen=True)
+class ReadCase:
+    name: str
+    kind: str  # config | shard | checkpoint
+    error: type[MolreError]  # the error ``read()`` must raise
+    reason: str  # substring of its message
+    write: Callable[[Path], tuple[str, Callable[[], object]]]  # folder -> (item the message names, read)
+    known_leak: str | None = None  # where the case still escapes as a raw exception, if it does
+
+
+# ---- run configs (molre.config.load_config)
+
+
+def _config_file(text: str | bytes) -> Callable[[Path], tuple[str, Callable[[], object]]]:
+    def write(folder: Path):
+        from molre.config import load_config
+
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / "run.yaml"
+        path.write_bytes(text if isinstance(text, bytes) else text.encode())
+        return str(path), lambda: load_config(path)
+
+    return write
+
+
+def _config_override(*overrides: str, item: str | None = None):
+    def write(folder: Path):
+        from molre.config import load_config
+
+        return item or overrides[0], lambda: load_config(None, list(overrides))
+
+    return write
+
+
+def _config_missing(folder: Path):
+    from molre.config import load_config
+
+    return str(folder / "absent.yaml"), lambda: load_config(folder / "absent.yaml")
+
+
+CONFIG_CASES: tuple[ReadCase, ...] = (
+    ReadCase(
+        "config_unknown_key", "config", ConfigError, "unknown key", _config_file("train:\n  epochs: 3\n")
+    ),
+    ReadCase(
+        "config_wrong_type",
+        "config",
+        ConfigError,
+        "train.max_epochs: Input should be a valid integer",
+        _config_file("train:\n  max_epochs: many\n"),
+    ),
+    ReadCase(
+        "config_out_of_range",
+        "config",
+        ConfigError,
+        "adapter.molre.experts: Input should be greater than 0",
+        _config_file("adapter:\n  molre:\n    experts: 0\n"),
+    ),
+    ReadCase(
+        "config_top_k_exceeds_experts",
+        "config",
+        ConfigError,
+        "top_k=4 exceeds experts=2",
+        _config_file("adapter:\n  molre:\n    experts: 2\n    top_k: 4\n"),
+    ),
+    ReadCase("config_bad_yaml", "config", ConfigError, "is not valid YAML", _config_file("train: [1,\n")),
+    ReadCase(
+        "config_not_a_mapping",
+        "config",
+        ConfigError,
+        "top level must be a mapping",
+        _config_file("- 1\n- 2\n"),
+    ),
+    ReadCase(
+        "config_section_is_a_value",
+        "config",
+        ConfigError,
+        "train: Input should be a valid dictionary",
+        _config_file("train: 5\n"),
+    ),
+    ReadCase("config_missing_file", "config", ConfigError, "does not exist", _config_missing),
+    ReadCase(
+        "config_not_utf8",
+        "config",
+        ConfigError,
+        "UTF-8",
+        _config_file(b"train:\n  seed: \xff\xfe\x00\n"),
+    ),
+    ReadCase(
+        "override_without_value",
+        "config",
+        ConfigError,
+        "is not of the form dotted.key=value",
+        _config_override("train.max_epochs"),
+    ),
+    ReadCase(
+        "override_unknown_key",
+        "config",
+        ConfigError,
+        "unknown key",
+        _config_override("nope.key=1", item="nope"),
+    ),
+    ReadCase(
+        "override_wrong_type",
+        "config",
+        ConfigError,
+        "Input should be a valid integer",
+        _config_override("train.max_epochs=abc", item="train.max_epochs"),
+    ),
+    ReadCase(
+        "override_below_a_value",
+        "config",
+        ConfigError,
+        "Input should be a valid integer",
+        _config_override("train.max_epochs.x=1", item="train.max_epochs"),
+    ),
+    ReadCase(
+        "override_bad_yaml",
+        "config",
+        ConfigError,
+        "train.max_epochs",
+        _config_override("train.max_epochs=[1"),
+    ),
+)
+
+
+# ---- shards and manifests (molre.data.shards, molre.data.dataset)
+
+
+def _shard_rows(
+    n: int = 2, shape: tuple[int, int, int] = (2, 4, 4), split: str = "train", first: int = 0
+) -> list[dict]:
+    """``n`` rows: studies ``s<first>``, ``s<first+1>`` ... of patients ``p<first>`` ... (one study each)."""
+    from molre.data import shards
+
+    rng = np.random.default_rng(first)
+    return [
+        shards.make_row(
+            f"s{i:015d}",
+            f"p{i:015d}",
+            split,
+            rng.integers(-1024, 2000, shape, dtype=np.int16),
+            (8.0, 4.0, 4.0),
+            np.zeros(len(FINDING_IDS)),
+            np.ones(len(FINDING_IDS)),
+        )  # fmt: skip
+        for i in range(first, first + n)
+    ]
+
+
+def write_shard_dataset(root: str, splits: dict[str, int] | None = None, overlap: int = 0) -> list[str]:
+    """A small valid dataset (one shard per split, ``splits[name]`` rows each; a split with 0 rows gets no shard)
+    plus its manifest, at a local path or s3:// URI; returns the shard URIs. Splits hold distinct studies and
+    patients, except that with ``overlap`` > 0 each split's first ``overlap`` studies belong to patients of the
+    previous split (a patient leak)."""
+    from molre.data import shards, storage
+
+    infos, uris, first = [], [], 0
+    for split, n in (splits or {"train": 2, "val": 1}).items():
+        if n:
+            rel = f"{split}/shard-0.parquet"
+            rows = _shard_rows(n, split=split, first=first)
+            if first:
+                for row in rows[:overlap]:
+                    row["patient_hash"] = f"p{int(row['patient_hash'][1:]) - overlap:015d}"
+            sha, size = shards.write_shard(storage.join(root, rel), rows)
+            infos.append(shards.ShardInfo(rel, split, n, sha, size))
+            uris.append(storage.join(root, rel))
+            first += n
+    manifest = shards.Manifest({"grid": [2, 4, 4]}, {}, infos, "fingerprint")
+    storage.write_bytes(storage.join(root, shards.MANIFEST), manifest.to_json().encode())
+    return uris
+
+
+def _bad_table(edit: Callable) -> Callable[[Path], tuple[str, Callable[[], object]]]:
+    """A shard whose Arrow table is ``edit(table)`` (valid Parquet, wrong content) read with ``read_shard``."""
+
+    def write(folder: Path):
+        import pyarrow.parquet as pq
+
+        from molre.data import shards
+
+        path = folder / "train" / "shard-0.parquet"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(edit(pa.Table.from_pylist(_shard_rows(), schema=shards.SCHEMA)), path)
+        return str(path), lambda: shards.read_shard(str(path))
+
+    return write
+
+
+def _set(name: str, values: list, kind) -> Callable:
+    return lambda t: t.set_column(t.schema.get_field_index(name), name, pa.array(values, kind))
+
+
+def _bad_bytes(edit: Callable[[bytes], bytes], read: str = "read") -> Callable:
+    """A listed shard whose file bytes are ``edit(good bytes)``; ``read``: read_shard | verify | columns."""
+
+    def write(folder: Path):
+        from molre.data import shards
+
+        (uri, _) = write_shard_dataset(str(folder))
+        Path(uri).write_bytes(edit(Path(uri).read_bytes()))
+        calls = {
+            "read": lambda: shards.read_shard(uri),
+            "verify": lambda: shards.verify_shard(uri),
+            "columns": lambda: shards.read_shard(uri, ["study_hash", "split"]),
+        }
+        return uri, calls[read]
+
+    return write
+
+
+def _flip_middle(data: bytes) -> bytes:
+    middle = len(data) // 2
+    return data[:middle] + bytes([data[middle] ^ 0x40]) + data[middle + 1 :]
+
+
+def _flip_in_volume_page(data: bytes) -> bytes:
+    """One bit flipped in the last byte of the first volume page: zstd has no checksum of its own, so only the
+    page CRC tells this from good data."""
+    import io
+
+    import pyarrow.parquet as pq
+
+    chunk = pq.ParquetFile(io.BytesIO(data)).metadata.row_group(0).column(3)  # column 3 = volume
+    assert chunk.path_in_schema == "volume"
+    at = chunk.data_page_offset + chunk.total_compressed_size - 1
+    return data[:at] + bytes([data[at] ^ 0x01]) + data[at + 1 :]
+
+
+def _bad_manifest(edit: Callable[[dict], object] | bytes | None) -> Callable:
+    """A dataset whose manifest.json is ``edit(manifest dict)`` as JSON, raw bytes, or gone (None)."""
+
+    def write(folder: Path):
+        from molre.data import shards
+
+        write_shard_dataset(str(folder))
+        path = folder / shards.MANIFEST
+        if edit is None:
+            path.unlink()
+        elif isinstance(edit, bytes):
+            path.write_bytes(edit)
+        else:
+            path.write_text(json.dumps(edit(json.loads(path.read_text()))))
+        return str(path), lambda: shards.read_manifest(str(folder))
+
+    return write
+
+
+def _with(**changes) -> Callable[[dict], dict]:
+    return lambda raw: raw | changes
+
+
+def _escaping_shard(raw: dict) -> dict:
+    raw["shards"][0]["path"] = "train/../../outside.parquet"
+    return raw
+
+
+def _unlisted_shard(folder: Path):
+    from molre.data import shards
+
+    write_shard_dataset(str(folder))
+    uri = str(folder / "train" / "shard-extra.parquet")
+    shards.write_shard(uri, _shard_rows(1))
+    return uri, lambda: shards.verify_shard(uri)
+
+
+def _empty_split(folder: Path):
+    from molre.data import dataset
+
+    write_shard_dataset(str(folder), {"train": 2, "val": 0})
+    return str(folder / "val"), lambda: dataset.split_files(str(folder), "val")
+
+
+def _raw_volume(folder: Path):
+    from molre.data import shards
+
+    return "volume", lambda: shards.decode_volume(b"\0" * 30, (2, 4, 4))
+
+
+SHARD_CASES: tuple[ReadCase, ...] = (
+    ReadCase(
+        "shard_column_of_wrong_type",
+        "shard",
+        DataError,
+        "column 'volume' has type string",
+        _bad_table(_set("volume", ["x", "y"], "string")),
+    ),
+    ReadCase(
+        "shard_missing_column",
+        "shard",
+        DataError,
+        "missing column 'known'",
+        _bad_table(lambda t: t.drop_columns(["known"])),
+    ),
+    ReadCase(
+        "shard_phi_column",  # a column that is not in the schema (here: what must never be stored) is refused
+        "shard",
+        DataError,
+        "unexpected column 'patient_name'",
+        _bad_table(lambda t: t.append_column("patient_name", pa.array([PHI_NAME] * 2))),
+    ),
+    ReadCase(
+        "shard_short_label_list",
+        "shard",
+        DataError,
+        "column 'labels' must hold 75 values",
+        _bad_table(_set("labels", [[0, 1], [1, 0]], pa.list_(pa.uint8()))),
+    ),
+    ReadCase(
+        "shard_volume_shorter_than_shape",
+        "shard",
+        DataError,
+        "does not hold int16 [D,H,W] of its 'shape'",
+        _bad_table(_set("volume", [b"\0" * 64, b"\0" * 62], "binary")),
+    ),
+    ReadCase(
+        "shard_negative_shape",
+        "shard",
+        DataError,
+        "non-positive size",
+        _bad_table(_set("shape", [[2, 4, 4], [-2, -4, 4]], pa.list_(pa.int32()))),
+    ),
+    ReadCase(
+        "shard_future_schema_version",
+        "shard",
+        DataError,
+        "column 'schema_version' holds [1, 2]",
+        _bad_table(_set("schema_version", [1, 2], "int16")),
+    ),
+    ReadCase(
+        "shard_null_values",
+        "shard",
+        DataError,
+        "column 'split' has null values",
+        _bad_table(_set("split", ["train", None], "string")),
+    ),
+    ReadCase(
+        "shard_truncated",
+        "shard",
+        DataError,
+        "not a readable Parquet shard",
+        _bad_bytes(lambda d: d[: len(d) // 2]),
+    ),
+    ReadCase(
+        "shard_truncated_footer_only_read",  # the column-subset path (footer + chunks through fsspec)
+        "shard",
+        DataError,
+        "not a readable Parquet shard",
+        _bad_bytes(lambda d: d[: len(d) - 9], read="columns"),
+    ),
+    ReadCase(
+        "shard_zero_bytes", "shard", DataError, "not a readable Parquet shard", _bad_bytes(lambda d: b"")
+    ),
+    ReadCase(
+        "shard_not_parquet",
+        "shard",
+        DataError,
+        "not a readable Parquet shard",
+        _bad_bytes(lambda d: b"%PDF-1.4" * 64),
+    ),
+    ReadCase(
+        "shard_corrupt_page",  # one bit flipped inside a compressed page: the reader must not hand back garbage
+        "shard",
+        DataError,
+        "CRC",
+        _bad_bytes(_flip_in_volume_page),
+    ),
+    ReadCase(
+        "shard_checksum_mismatch",
+        "shard",
+        DataError,
+        "sha256 mismatch",
+        _bad_bytes(_flip_middle, read="verify"),
+    ),
+    ReadCase("shard_not_in_manifest", "shard", DataError, "not listed in the manifest", _unlisted_shard),
+    ReadCase("split_empty", "shard", DataError, "split 'val' is empty", _empty_split),
+    ReadCase("volume_bytes_do_not_fit_shape", "shard", DataError, "do not hold an int16 volume", _raw_volume),
+    ReadCase("manifest_missing", "shard", DataError, "no manifest", _bad_manifest(None)),
+    ReadCase(
+        "manifest_corrupt_json", "shard", DataError, "not a valid molre manifest", _bad_manifest(b"{not json")
+    ),
+    ReadCase("manifest_not_utf8", "shard", DataError, "not UTF-8", _bad_manifest(b"\xff\xfe{}")),
+    ReadCase(
+        "manifest_not_an_object",
+        "shard",
+        DataError,
+        "not a valid molre manifest",
+        _bad_manifest(lambda raw: [raw]),
+    ),
+    ReadCase(
+        "manifest_wrong_schema_version",
+        "shard",
+        DataError,
+        "schema_version 99 is not supported",
+        _bad_manifest(_with(schema_version=99)),
+    ),
+    ReadCase(
+        "manifest_schema_version_not_a_number",
+        "shard",
+        DataError,
+        "'schema_version' must be an integer",
+        _bad_manifest(_with(schema_version="1")),
+    ),
+    ReadCase(
+        "manifest_other_taxonomy",
+        "shard",
+        DataError,
+        "finding ids differ",
+        _bad_manifest(_with(finding_ids=list(reversed(FINDING_IDS)))),
+    ),
+    ReadCase(
+        "manifest_finding_ids_not_a_list",
+        "shard",
+        DataError,
+        "'finding_ids' must be a list",
+        _bad_manifest(_with(finding_ids=75)),
+    ),
+    ReadCase(
+        "manifest_shard_path_escapes_root",
+        "shard",
+        DataError,
+        "inside the root",
+        _bad_manifest(_escaping_shard),
+    ),
+)
+
+
+# ---- checkpoints (molre.train.checkpoint)
+
+
+def _checkpoint_dir(folder: Path, files: dict[str, bytes]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    return folder
+
+
+def _safetensors_bytes(shapes: dict[str, tuple[int, ...]]) -> bytes:
+    import torch
+    from safetensors.torch import save
+
+    return save({name: torch.zeros(shape) for name, shape in shapes.items()})
+
+
+def _checkpoint(files: Callable[[], dict[str, bytes]], call: str, item: str = "") -> Callable:
+    def write(folder: Path):
+        from molre.train import checkpoint
+
+        directory = _checkpoint_dir(folder / "ckpt", files())
+        calls = {
+            "config": lambda: checkpoint.read_config(directory),
+            "weights": lambda: checkpoint.read_weights(directory),
+            "state": lambda: checkpoint.read_state(directory),
+        }
+        return str(directory / item) if item else str(directory), calls[call]
+
+    return write
+
+
+def _misfit(shapes: dict[str, tuple[int, ...]]) -> Callable:
+    """Weights saved for one model loaded into another (``nn.Linear(4, 3)``: weight [3, 4], bias [3])."""
+
+    def write(folder: Path):
+        import torch
+
+        from molre.train import checkpoint
+
+        directory = _checkpoint_dir(folder / "ckpt", {"best.safetensors": _safetensors_bytes(shapes)})
+        state = checkpoint.read_weights(directory)
+        return str(directory), lambda: checkpoint.load_trainable_state(
+            torch.nn.Linear(4, 3), state, str(directory)
+        )
+
+    return write
+
+
+CHECKPOINT_CASES: tuple[ReadCase, ...] = (
+    ReadCase(
+        "checkpoint_without_config", "checkpoint", WeightsError, "no config.yaml", _checkpoint(dict, "config")
+    ),
+    ReadCase(
+        "checkpoint_config_unknown_key",
+        "checkpoint",
+        ConfigError,
+        "backbone.nope: unknown key",
+        _checkpoint(lambda: {"config.yaml": b"backbone:\n  nope: 1\n"}, "config", "config.yaml"),
+    ),
+    ReadCase(
+        "checkpoint_config_not_a_mapping",
+        "checkpoint",
+        ConfigError,
+        "top level must be a mapping",
+        _checkpoint(lambda: {"config.yaml": b"- a\n"}, "config", "config.yaml"),
+    ),
+    ReadCase(
+        "checkpoint_config_bad_yaml",
+        "checkpoint",
+        MolreError,
+        "config.yaml",
+        _checkpoint(lambda: {"config.yaml": b"backbone: [unclosed\n"}, "config", "config.yaml"),
+    ),
+    ReadCase(
+        "checkpoint_without_weights",
+        "checkpoint",
+        WeightsError,
+        "no best.safetensors",
+        _checkpoint(dict, "weights"),
+    ),
+    ReadCase(
+        "checkpoint_corrupt_safetensors",
+        "checkpoint",
+        WeightsError,
+        "best.safetensors",
+        _checkpoint(lambda: {"best.safetensors": b"garbage" * 10}, "weights", "best.safetensors"),
+    ),
+    ReadCase(
+        "checkpoint_truncated_safetensors",
+        "checkpoint",
+        WeightsError,
+        "best.safetensors",
+        _checkpoint(
+            lambda: {"best.safetensors": _safetensors_bytes({"w": (8, 8)})[:-16]},
+            "weights",
+            "best.safetensors",
+        ),
+    ),
+    ReadCase(
+        "checkpoint_weights_of_another_shape",
+        "checkpoint",
+        WeightsError,
+        "mis-shaped ['weight (2, 4) vs (3, 4)']",
+        _misfit({"weight": (2, 4), "bias": (3,)}),
+    ),
+    ReadCase(
+        "checkpoint_weights_missing_a_tensor",
+        "checkpoint",
+        WeightsError,
+        "missing ['bias']",
+        _misfit({"weight": (3, 4)}),
+    ),
+    ReadCase(
+        "checkpoint_weights_of_another_model",
+        "checkpoint",
+        WeightsError,
+        "unexpected ['router.w1']",
+        _misfit({"weight": (3, 4), "bias": (3,), "router.w1": (4, 4)}),
+    ),
+    ReadCase(
+        "checkpoint_state_corrupt",
+        "checkpoint",
+        MolreError,
+        "state.json",
+        _checkpoint(lambda: {"state.json": b'{"epoch": 3, '}, "state", "state.json"),
+    ),
+)
+
+READ_CASES: tuple[ReadCase, ...] = CONFIG_CASES + SHARD_CASES + CHECKPOINT_CASES

@@ -25,7 +25,13 @@ Validation bounds (module constants, so they are documented in one place):
   at -3024; above: does not fit the int16 shards), the minimum at most ``AIR_MAX_HU`` = -500 (a head CT field of
   view always holds air) and the maximum at least ``BONE_MIN_HU`` = 200 (and skull); a volume failing these was
   almost always stored without, or with a wrong, RescaleSlope/Intercept;
-- at least ``DEFAULT_MIN_SLICES`` = 8 slices (``min_slices`` argument, never below 2).
+- at least ``DEFAULT_MIN_SLICES`` = 8 slices (``min_slices`` argument, never below 2);
+- size: at most ``MAX_MATRIX`` = 4096 rows and columns per slice and, for NIfTI, ``MAX_SLICES`` = 4096 slices (a
+  larger header value is damage, and decoding it would try to allocate that much);
+- header elements: every DICOM element ``load_series`` reads is converted and parsed up front (``_check_elements``);
+  one that is malformed (unknown VR, a number that is not one, NaN, the wrong number of values, an unknown transfer
+  syntax) is a ``DataError`` naming the file and the element, and anything the parsers still raise on damaged
+  bytes becomes a ``DataError`` naming the series and the exception type only (tests/reliability fuzzes this).
 
 De-identification: nothing read from a header leaves this module except geometry, pixels, the study keys used to
 match label rows, and ``Volume.patient_id`` in its own field (needed for the salted hash; hidden from ``repr``).
@@ -49,6 +55,8 @@ from pathlib import Path
 
 import numpy as np
 import pydicom  # imported here so that its logging setup runs before ours below
+from pydicom.multival import MultiValue
+from pydicom.uid import UID
 
 from molre.errors import DataError
 
@@ -67,6 +75,14 @@ NIFTI_SUFFIXES = (".nii", ".nii.gz")
 # Sidecar files that are neither images nor junk: skipped, not counted. Hidden files and DICOMDIR indexes too.
 DEFAULT_IGNORE = (".*", "DICOMDIR", "*.csv", "*.json", "*.txt", "*.md", "*.yaml", "*.yml")
 _HEADER_TAGS = ["SeriesInstanceUID", "StudyInstanceUID", "SOPInstanceUID"]
+# elements load_series reads (converted and checked up front by _check_elements)
+_TEXT_ELEMENTS = ("Modality", "PatientID")
+_NUMERIC_ELEMENTS = ("Rows", "Columns", "PixelSpacing", "ImageOrientationPatient", "ImagePositionPatient",
+                     "GantryDetectorTilt", "RescaleSlope", "RescaleIntercept", "SamplesPerPixel", "BitsAllocated",
+                     "NumberOfFrames")  # fmt: skip
+_MULTI_VALUED = {"PixelSpacing": 2, "ImageOrientationPatient": 6, "ImagePositionPatient": 3}
+MAX_MATRIX = 4096  # rows / columns per slice: CT is 512 or 1024; a larger value is a damaged header
+MAX_SLICES = 4096  # NIfTI slices (a DICOM series' slice count is its file count)
 _TEXT_VRS = {"PN", "LO", "SH", "LT", "ST", "UT", "UC", "DA", "DT", "TM", "AE", "AS", "UI", "CS"}
 _LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0])  # NIfTI world is RAS+, DICOM patient space is LPS+
 
@@ -158,11 +174,12 @@ def _dicom_header(path: Path) -> tuple[str, str, str]:
     with _quiet():  # pydicom converts values lazily and may warn, quoting them, on first access: all inside
         try:
             ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
+            # values are converted lazily, here: a damaged element (unknown VR, bad length) fails now
+            uids = tuple(str(ds.get(keyword, "") or "") for keyword in _HEADER_TAGS)
         except InvalidDicomError:
             raise DataError(str(path), "not a DICOM file (no DICM preamble) nor NIfTI") from None
         except Exception as exc:  # any parser failure on untrusted bytes; its message may quote header values
             raise DataError(str(path), f"unreadable DICOM header ({type(exc).__name__})") from None
-        uids = tuple(str(ds.get(keyword, "") or "") for keyword in _HEADER_TAGS)
     if not uids[0]:
         raise DataError(str(path), "DICOM header without SeriesInstanceUID (truncated file or not an image)")
     return uids
@@ -225,13 +242,19 @@ def _nifti_ref(path: Path, root: Path) -> SeriesRef:
 def load_series(ref: SeriesRef, *, min_slices: int = DEFAULT_MIN_SLICES) -> Volume:
     """Decode, validate and return one series as HU; any problem is a ``DataError`` naming ``ref.source``."""
     min_slices = max(2, int(min_slices))  # two positions are needed to know the slice step
-    with _quiet():  # every header access, not just the read: pydicom converts (and warns about) values lazily
-        if ref.kind == "dicom":
-            volume = _load_dicom(ref, min_slices)
-        elif ref.kind == "nifti":
-            volume = _load_nifti(ref, min_slices)
-        else:
-            raise DataError(ref.source, f"unknown series kind {ref.kind!r}")
+    if ref.kind not in ("dicom", "nifti"):
+        raise DataError(ref.source, f"unknown series kind {ref.kind!r}")
+    try:
+        # every header access under _quiet, not just the read: pydicom converts (and warns about) values lazily
+        with _quiet():
+            volume = _load_dicom(ref, min_slices) if ref.kind == "dicom" else _load_nifti(ref, min_slices)
+    except DataError:
+        raise
+    except Exception as exc:
+        # The checks above name what they find; anything else from the parsers on damaged bytes (found by the
+        # fuzz tests in tests/reliability) ends here. Only the type is kept: the message could quote a header value.
+        kind = "DICOM series" if ref.kind == "dicom" else "NIfTI file"
+        raise DataError(ref.source, f"malformed {kind} ({type(exc).__name__})") from None
     _check_hu(volume.hu, ref.source)
     return volume
 
@@ -285,7 +308,8 @@ def _read_dataset(path: str, source: str):
         ds = pydicom.dcmread(path)
     except Exception as exc:  # the header read in discover succeeded, so this is a damaged body
         raise DataError(source, f"{name}: unreadable DICOM file ({type(exc).__name__})") from None
-    if "PixelData" not in ds:
+    _check_elements(ds, name, source)
+    if ds.get("PixelData") in (None, b""):
         raise DataError(source, f"{name}: no pixel data (truncated file or not an image)")
     if int(ds.get("NumberOfFrames", 1) or 1) > 1:
         raise DataError(
@@ -295,6 +319,38 @@ def _read_dataset(path: str, source: str):
         if ds.get(keyword) in (None, ""):
             raise DataError(source, f"{name}: missing {keyword}")
     return ds
+
+
+def _check_elements(ds, name: str, source: str) -> None:
+    """Convert every element ``load_series`` reads, and parse the numeric ones, under one guard: a damaged value
+    (unknown VR, a number that is not one, NaN) becomes a ``DataError`` naming the file and the element, never a
+    raw pydicom/ValueError later (whose message would quote the value, and a value can be PHI)."""
+    for keyword in (*_TEXT_ELEMENTS, *_NUMERIC_ELEMENTS, "PixelData"):
+        try:
+            value = ds.get(keyword)
+            if keyword in _NUMERIC_ELEMENTS and value not in (None, ""):
+                many = isinstance(value, MultiValue | list | tuple)
+                numbers = [float(v) for v in (value if many else [value])]
+                if not all(math.isfinite(n) for n in numbers):
+                    raise ValueError("not finite")
+                if many != (keyword in _MULTI_VALUED) or len(numbers) != _MULTI_VALUED.get(keyword, 1):
+                    raise ValueError("wrong number of values")
+            elif keyword in _TEXT_ELEMENTS and value is not None:
+                str(value)
+        except Exception:
+            raise DataError(source, f"{name}: malformed {keyword} element") from None
+    for keyword in ("Rows", "Columns"):
+        value = ds.get(keyword)
+        if value not in (None, "") and not 1 <= float(value) <= MAX_MATRIX:
+            raise DataError(source, f"{name}: implausible {keyword} {float(value):g} (1..{MAX_MATRIX})")
+    try:
+        syntax = ds.file_meta.get("TransferSyntaxUID")
+        if syntax is not None and not (isinstance(syntax, UID) and syntax.is_transfer_syntax):
+            raise ValueError("not a transfer syntax")
+    except Exception:
+        raise DataError(
+            source, f"{name}: malformed TransferSyntaxUID (not a known transfer syntax)"
+        ) from None
 
 
 def _check_modality(datasets, source: str) -> None:
@@ -431,10 +487,13 @@ def _check_pixel_length(ds, name: str, source: str) -> None:
 def _explain(exc: Exception, ds) -> str:
     """Exception type and message (one line, at most 200 characters), any header text value of ``ds`` blanked."""
     text = " ".join(str(exc).split())[:200]
-    for element in ds.iterall():
-        value = str(element.value) if element.VR in _TEXT_VRS else ""
-        if len(value) >= 3 and value in text:
-            text = text.replace(value, "<redacted>")
+    try:
+        for element in ds.iterall():
+            value = str(element.value) if element.VR in _TEXT_VRS else ""
+            if len(value) >= 3 and value in text:
+                text = text.replace(value, "<redacted>")
+    except Exception:  # a header element that cannot even be converted: show no text at all
+        text = ""
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
@@ -461,6 +520,8 @@ def _load_nifti(ref: SeriesRef, min_slices: int) -> Volume:
         raise DataError(
             ref.source, f"{len(shape)}D image (shape {'x'.join(map(str, shape))}), expected a 3D volume"
         )
+    if max(shape[:2]) > MAX_MATRIX or shape[2] > MAX_SLICES:
+        raise DataError(ref.source, f"implausible size {'x'.join(map(str, shape[:3]))} (damaged header?)")
     try:
         data = np.asarray(image.get_fdata(dtype=np.float32)).reshape(shape[:3])  # applies scl_slope/inter
     except Exception as exc:  # truncated or corrupt compressed stream

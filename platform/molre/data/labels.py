@@ -68,6 +68,7 @@ CQ500_FINDINGS: dict[str, str] = {
     "MidlineShift": "midline_shift",
 }
 
+SHOWN_CELL_MAX = 6  # longest bad cell value a message quotes
 _UNKNOWN_CELLS = {"", "na", "nan", "n/a", "none", "null"}  # generic format: these cells mean "not annotated"
 _TRUE_FALSE = {"0": 0, "1": 1, "0.0": 0, "1.0": 1}
 
@@ -209,7 +210,9 @@ def _binary(cell: str) -> int:
 
 
 def _shown(cell: str) -> str:
-    return repr(cell if len(cell) <= 20 else cell[:20] + "...")
+    """A bad cell as messages may show it: short values as they are ('yes', '2', 'maybe'), longer ones by length
+    only: a shifted column can put a name or an id where a 0/1 belongs, and messages must never quote PHI."""
+    return repr(cell) if len(cell) <= SHOWN_CELL_MAX else f"of {len(cell)} characters"
 
 
 class _Collector:

@@ -22,6 +22,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import hashlib
 import hmac
@@ -413,6 +414,17 @@ def _run_inline(batches: list[Batch], ctx: BatchContext, progress) -> list[dict]
     return out
 
 
+@contextlib.contextmanager
+def _env_without(name: str):
+    """``os.environ`` without ``name`` for the duration (processes started meanwhile do not inherit it)."""
+    value = os.environ.pop(name, None)
+    try:
+        yield
+    finally:
+        if value is not None:
+            os.environ[name] = value
+
+
 def _run_ray(batches: list[Batch], ctx: BatchContext, workers: int, progress) -> list[dict]:
     """One Ray task per batch, at most ``workers`` in flight; Ray is started here (and stopped) if needed."""
     import ray
@@ -423,7 +435,8 @@ def _run_ray(batches: list[Batch], ctx: BatchContext, workers: int, progress) ->
     )  # an existing cluster: its workers have their own environment
     if started:
         sizing = {} if joined else {"num_cpus": workers}
-        ray.init(**sizing, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True)
+        with _env_without(SALT_ENV):  # the Ray processes started here inherit the environment: not the salt
+            ray.init(**sizing, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True)
     try:
         options: dict = {"num_cpus": 1}
         env = {k: os.environ[k] for k in STORAGE_ENV if k in os.environ}

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import io
 import json
+import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -58,6 +60,7 @@ SCHEMA = pa.schema(
     ],
     metadata={"molre.schema_version": str(SCHEMA_VERSION), "molre.finding_ids": ",".join(FINDING_IDS)},
 )
+_SHARD_PATH = re.compile(r"[A-Za-z_][A-Za-z0-9_]*/[A-Za-z0-9_][A-Za-z0-9_.-]*\.parquet")
 LIST_LENGTHS = {"shape": 3, "spacing": 3, "labels": NUM_FINDINGS, "known": NUM_FINDINGS}
 
 
@@ -97,8 +100,11 @@ class Manifest:
     def from_json(cls, text: str, where: str = MANIFEST) -> Manifest:
         try:
             raw = json.loads(text)
+            if not isinstance(raw, dict):
+                raise TypeError(f"top level is a {type(raw).__name__}, not an object")
             shards = [ShardInfo(**s) for s in raw.pop("shards")]
             manifest = cls(shards=shards, **raw)
+            _check_manifest_types(manifest)
         except (ValueError, TypeError, KeyError) as err:
             raise DataError(where, f"not a valid molre manifest ({type(err).__name__}: {err})") from None
         if manifest.schema_version != SCHEMA_VERSION:
@@ -111,6 +117,25 @@ class Manifest:
         return manifest
 
 
+def _check_manifest_types(manifest: Manifest) -> None:
+    """JSON that parsed into the dataclasses can still hold the wrong types: say so before anyone uses them."""
+    for name, kind in (("config", dict), ("counts", dict), ("salt_fingerprint", str), ("finding_ids", list)):
+        if not isinstance(getattr(manifest, name), kind):
+            raise TypeError(f"{name!r} must be a {kind.__name__}")
+    if type(manifest.schema_version) is not int:
+        raise TypeError("'schema_version' must be an integer")
+    for info in manifest.shards:
+        if not (isinstance(info.path, str) and isinstance(info.split, str) and isinstance(info.sha256, str)):
+            raise TypeError(f"shard entry {info.path!r}: path, split and sha256 must be strings")
+        if not _SHARD_PATH.fullmatch(info.path) or info.path.split("/")[0] != info.split:
+            # never follow a path out of the dataset root (``../``, absolute paths, other URIs)
+            raise ValueError(
+                f"shard entry {info.path!r} is not '<split>/<name>{SHARD_SUFFIX}' inside the root"
+            )
+        if type(info.rows) is not int or type(info.bytes) is not int or info.rows < 0 or info.bytes < 0:
+            raise TypeError(f"shard entry {info.path!r}: rows and bytes must be non-negative integers")
+
+
 def read_manifest(uri: str) -> Manifest:
     """The manifest of the dataset rooted at ``uri`` (local path or s3://)."""
     where = storage.join(uri, MANIFEST)
@@ -120,6 +145,8 @@ def read_manifest(uri: str) -> Manifest:
         raise DataError(
             where, "no manifest: not a preprocessed dataset, or its run has not finished"
         ) from None
+    except UnicodeDecodeError:
+        raise DataError(where, "not a valid molre manifest (not UTF-8 text)") from None
     return Manifest.from_json(text, where)
 
 
@@ -170,7 +197,9 @@ def decode_volume(row_or_bytes, shape: Sequence[int] | None = None) -> np.ndarra
     if shape is None:
         raise ValueError("decode_volume needs the shape (D, H, W) with raw bytes")
     shape = tuple(int(n) for n in shape)
-    if len(data) != 2 * int(np.prod(shape)):
+    if len(shape) != 3 or min(shape) < 1:
+        raise DataError("volume", f"shape {shape} is not three positive sizes (D, H, W)")
+    if len(data) != 2 * math.prod(shape):  # math.prod: exact, numpy's int64 product can overflow
         raise DataError("volume", f"{len(data)} bytes do not hold an int16 volume of shape {shape}")
     return np.frombuffer(data, dtype="<i2").reshape(shape).astype(np.int16, copy=True)
 
@@ -214,6 +243,9 @@ def shard_bytes(rows: Sequence[dict]) -> bytes:
         row_group_size=ROWS_PER_GROUP,
         use_dictionary=["split"],
         write_statistics=small,  # min/max of a multi-MB binary is useless
+        # CRC32 per page: zstd carries no checksum, so without this a flipped bit in a page decodes to wrong
+        # voxels silently whenever the manifest's sha256 is not checked (column reads, Ray Data)
+        write_page_checksum=True,
     )
     return sink.getvalue()
 
@@ -257,6 +289,9 @@ def check_table(table: pa.Table, where: str) -> None:
     if versions - {SCHEMA_VERSION}:
         raise DataError(where, f"column 'schema_version' holds {sorted(versions)}, expected {SCHEMA_VERSION}")
     shapes = np.array(table.column("shape").to_pylist(), dtype=np.int64).reshape(-1, 3)
+    if (shapes < 1).any():
+        row = int(np.flatnonzero((shapes < 1).any(axis=1))[0])
+        raise DataError(where, f"column 'shape': row {row} has a non-positive size {shapes[row].tolist()}")
     sizes = pc.binary_length(table.column("volume")).to_numpy()
     bad = np.flatnonzero(sizes != 2 * shapes.prod(axis=1))
     if bad.size:
@@ -285,13 +320,29 @@ def read_shard(uri: str, columns: Sequence[str] | None = None, *, verify: bool =
 def _read_parquet(uri: str, source, columns: Sequence[str] | None) -> pa.Table:
     try:
         with source() as handle:
-            parquet = pq.ParquetFile(handle)
+            parquet = pq.ParquetFile(handle, page_checksum_verification=True)
             check_schema(parquet.schema_arrow, uri)
-            return parquet.read(columns=list(columns) if columns else None)
+            table = parquet.read(columns=list(columns) if columns else None)
+            table.validate(full=True)  # offsets in bounds, strings UTF-8: what to_pylist() and Ray rely on
+            return table
     except (DataError, FileNotFoundError):
         raise
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as err:
-        raise DataError(uri, f"not a readable Parquet shard ({type(err).__name__}: {err})") from None
+    # ArrowInvalid (bad magic, bad footer), ArrowMemoryError (absurd sizes), UnicodeDecodeError (a string column
+    # or metadata that is not UTF-8) ...: the bytes are not a shard
+    except (pa.ArrowException, ValueError, TypeError, LookupError) as err:
+        raise DataError(
+            uri, f"not a readable Parquet shard ({type(err).__name__}: {_one_line(err)})"
+        ) from None
+    except OSError as err:
+        # pyarrow reports undecodable bytes (thrift, zstd, page headers) as a plain OSError without errno; a
+        # storage failure keeps its own type (or an errno, s3fs) and goes on to ``storage.with_retries``
+        if type(err) is OSError and err.errno is None:
+            raise DataError(uri, f"not a readable Parquet shard (corrupt: {_one_line(err)})") from None
+        raise
+
+
+def _one_line(err: BaseException, limit: int = 200) -> str:
+    return " ".join(str(err).split())[:limit]
 
 
 def read_index(uri: str, manifest: Manifest | None = None) -> pa.Table:
