@@ -22,7 +22,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from molre.config import RunConfig, build_config, config_to_dict
+from molre.config import RunConfig, build_config, config_to_dict, read_yaml
 from molre.errors import WeightsError
 
 
@@ -94,14 +94,18 @@ def save_checkpoint(
 
 
 def read_state(directory: str | Path) -> TrainState:
-    return TrainState(**json.loads((Path(directory) / "state.json").read_text()))
+    path = Path(directory) / "state.json"
+    try:
+        return TrainState(**json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError) as err:
+        raise WeightsError(f"{path}: not a readable training state ({type(err).__name__})") from None
 
 
 def read_config(directory: str | Path) -> RunConfig:
     path = Path(directory) / "config.yaml"
     if not path.exists():
         raise WeightsError(f"{directory} is not a molre checkpoint (no config.yaml)")
-    return build_config(yaml.safe_load(path.read_text()), source=str(path))
+    return build_config(read_yaml(path), source=str(path))
 
 
 def read_setup(directory: str | Path) -> dict:
@@ -112,4 +116,7 @@ def read_weights(directory: str | Path, which: str = "best") -> dict[str, torch.
     path = Path(directory) / f"{'best' if which == 'best' else 'model'}.safetensors"
     if not path.exists():
         raise WeightsError(f"{directory} is not a molre checkpoint (no {path.name})")
-    return load_file(path)
+    try:
+        return load_file(path)
+    except Exception as err:  # safetensors raises its own SafetensorError (and OSError)
+        raise WeightsError(f"{path}: not a readable safetensors file ({type(err).__name__})") from None
