@@ -92,8 +92,9 @@ def train_one_epoch(model, core, optimizer, loss_fn, cfg, shard, setup, epoch, d
     model.train()
     rank = ray.train.get_context().get_world_rank()
     gen = _generator(cfg.train.seed, epoch, rank, 0)
+    # RFS copies are drawn per (seed, epoch, study): the same whichever worker holds the study
     batches = rfs_batches(
-        shard, np.asarray(setup["class_factors"]), epoch, cfg.train.seed + rank, cfg.train.batch_size
+        shard, np.asarray(setup["class_factors"]), epoch, cfg.train.seed, cfg.train.batch_size
     )
     join = _join(model)
     total, count, steps = 0.0, 0, 0
