@@ -1,0 +1,365 @@
+"""The model step: forward + backward + AdamW step of the molre classifier vs a hand-written timm + peft peer.
+
+One step = ``zero_grad -> forward (bf16 autocast on GPU, fp32 on CPU) -> focal loss -> backward -> clip grad norm
+1.0 -> AdamW step``, the worker loop's step without data and augmentation. Input ``[B, 3, S, H, W]``.
+
+- molre: ``molre.models.build_model`` of a run config (LoRA r=8 alpha=16 in the attention linears + MoLRE K=6
+  r=8 on the slice features, attention pooling, linear head), optimizer ``molre.train.loop.make_optimizer``.
+- peer: the same timm architecture with peft's LoRA (``inject_adapter_in_model``, r=8, alpha=16) on the attention
+  linears, then attention pooling + linear head written out here (no MoLRE; no molre code in its forward).
+  ``target_modules`` are the suffixes ``attn.qkv`` / ``attn.proj``: peft matches a bare ``"proj"`` against
+  *every* module named ``proj``, which in timm's ViT includes the patch-embedding Conv2d ``patch_embed.proj``.
+
+FLOPs are counted by ``torch.utils.flop_counter.FlopCounterMode`` over one eager forward + backward (the
+optimizer's elementwise work is not counted); achieved FLOP/s = counted FLOPs per step / median step time.
+Variants (eager and ``torch.compile``d, for both sides) are timed in interleaved rounds in one process, so a
+change in the machine's load hits all of them alike.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+
+import torch
+from harness import PeakMemory, emit, loadavg, median, resident_bytes, time_steps
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+NUM_CLASSES = 75
+PEER_TARGETS = ["attn.qkv", "attn.proj"]
+
+
+@dataclass(frozen=True)
+class StepShape:
+    preset: str
+    volumes: int  # B
+    slices: int  # S
+    image_size: int | None = None  # slice side; None = the preset's native size
+
+    def side(self) -> int:
+        from molre.models import get_preset
+
+        return self.image_size or get_preset(self.preset).image_size
+
+    def label(self) -> str:
+        return f"{self.volumes}x{self.slices}x{self.side()}^2"
+
+
+@dataclass
+class Variant:
+    name: str  # e.g. "molre/eager"
+    impl: str  # molre | peer | lora | molre-blocks | ...
+    mode: str  # eager | compiled
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    step: object = None
+    flops: int = 0
+    times: list[float] = field(default_factory=list)
+    cpu_times: list[float] = field(default_factory=list)
+    memory: dict = field(default_factory=dict)
+
+
+def run_config(
+    shape: StepShape, kind: str = "molre", placement: str = "features", finetune: str | None = None
+):
+    from molre.config import build_config
+
+    return build_config({
+        "backbone": {"preset": shape.preset, "image_size": shape.image_size, "finetune": finetune},
+        "adapter": {"kind": kind, "molre": {"placement": placement}},
+        "data": {"num_slices": shape.slices},
+    })  # fmt: skip
+
+
+def molre_model(cfg, device: torch.device):
+    """The molre classifier of ``cfg`` and its optimizer (the worker loop's two learning rates)."""
+    from molre.models import build_model
+    from molre.train.loop import make_optimizer
+
+    model = build_model(cfg).to(device)
+    return model, make_optimizer(model, cfg)
+
+
+class PeerClassifier(nn.Module):
+    """timm backbone + peft LoRA -> [B*S, d] -> attention pooling over slices -> linear, written by hand."""
+
+    def __init__(self, preset_name: str, image_size: int, rank: int = 8, alpha: float = 16.0):
+        super().__init__()
+        from peft import LoraConfig, inject_adapter_in_model
+
+        from molre.models import get_preset
+
+        preset = get_preset(preset_name)
+        net = preset.make(preset, image_size, 0)  # the preset's timm.create_model call, random init
+        width = preset.project_to or net.num_features
+        self.net = inject_adapter_in_model(
+            LoraConfig(r=rank, lora_alpha=alpha, target_modules=PEER_TARGETS), net
+        )  # freezes everything but lora_A / lora_B
+        self.proj = (
+            nn.Linear(net.num_features, width, bias=False).requires_grad_(False)
+            if preset.project_to
+            else None
+        )
+        self.query = nn.Parameter(torch.randn(width) * 0.02)
+        self.head = nn.Linear(width, NUM_CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, s, h, w = x.shape
+        feats = self.net(x.transpose(1, 2).reshape(b * s, c, h, w))  # [B*S, d]
+        if self.proj is not None:
+            feats = self.proj(feats)
+        feats = feats.reshape(b, s, -1)
+        alpha = torch.softmax(feats @ self.query / math.sqrt(feats.shape[-1]), dim=-1)  # [B, S]
+        return self.head(torch.einsum("bs,bsd->bd", alpha, feats))
+
+    def optimizer(self) -> torch.optim.AdamW:
+        head = [self.query, *self.head.parameters()]
+        lora = [p for n, p in self.net.named_parameters() if "lora_" in n and p.requires_grad]
+        return torch.optim.AdamW(
+            [{"params": head, "lr": 1e-3}, {"params": lora, "lr": 1e-4}], weight_decay=0.01
+        )
+
+
+def peer_model(shape: StepShape, device: torch.device):
+    model = PeerClassifier(shape.preset, shape.side()).to(device)
+    return model, model.optimizer()
+
+
+def make_batch(shape: StepShape, device: torch.device, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    side = shape.side()
+    x = torch.rand(shape.volumes, 3, shape.slices, side, side, generator=g)
+    labels = (torch.rand(shape.volumes, NUM_CLASSES, generator=g) < 0.1).float()
+    known = torch.ones_like(labels)
+    return x.to(device), labels.to(device), known.to(device)
+
+
+def _autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def make_step(variant: Variant, batch, loss_fn, device: torch.device):
+    x, labels, known = batch
+    forward = torch.compile(variant.model) if variant.mode == "compiled" else variant.model
+    params = [p for p in variant.model.parameters() if p.requires_grad]
+    optimizer = variant.optimizer
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        with _autocast(device):
+            logits = forward(x)
+        loss = loss_fn(logits.float(), labels, known)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        return loss
+
+    return step
+
+
+def count_flops(model: nn.Module, batch, loss_fn, device: torch.device) -> int:
+    """FLOPs of one eager forward + backward, counted op by op (matmul, conv, attention)."""
+    x, labels, known = batch
+    with FlopCounterMode(display=False) as counter:
+        with _autocast(device):
+            logits = model(x)
+        loss_fn(logits.float(), labels, known).backward()
+    model.zero_grad(set_to_none=True)
+    return int(counter.get_total_flops())
+
+
+def measure(
+    variants: list[Variant], batch, device: torch.device, rounds: int, repeats: int, warmup: int
+) -> None:
+    """Fill each variant's flops, step times (``rounds`` x ``repeats``, interleaved) and peak memory."""
+    from molre.train.loss import FocalLoss
+
+    loss_fn = FocalLoss(2.0, 0.25)
+    flops_of: dict[int, int] = {}
+    for v in variants:  # FLOPs once per model (the eager graph; compile does not change the math)
+        if id(v.model) not in flops_of:
+            flops_of[id(v.model)] = count_flops(v.model, batch, loss_fn, device)
+        v.flops = flops_of[id(v.model)]
+        v.step = make_step(v, batch, loss_fn, device)
+        for _ in range(warmup + (2 if v.mode == "compiled" else 0)):
+            v.step()
+    for r in range(rounds):
+        for v in variants:
+            if r == 0:
+                v.optimizer.zero_grad(set_to_none=True)
+                with PeakMemory(device) as pm:
+                    v.times += time_steps(v.step, repeats, device, v.cpu_times)
+                resident = resident_bytes(v.model, v.optimizer, *batch)
+                v.memory = {"peak_bytes": resident + pm.transient, "resident_bytes": resident,
+                            "transient_bytes": pm.transient, "method": pm.method}  # fmt: skip
+            else:
+                v.times += time_steps(v.step, repeats, device, v.cpu_times)
+
+
+def variant_row(case: str, v: Variant, shape: StepShape, device: torch.device, common: dict) -> dict:
+    step_s = median(v.times)
+    slices = shape.volumes * shape.slices
+    return {
+        "case": case,
+        "preset": shape.preset,
+        "input": shape.label(),
+        "impl": v.impl,
+        "mode": v.mode,
+        "device": str(device),
+        "slices_per_s": round(slices / step_s, 2),
+        "volumes_per_s": round(shape.volumes / step_s, 3),
+        "step_ms": round(step_s * 1e3, 2),
+        "step_ms_min": round(min(v.times) * 1e3, 2),
+        "cpu_ms_per_step": round(median(v.cpu_times) * 1e3, 2),
+        "threads": torch.get_num_threads(),
+        "steps_timed": len(v.times),
+        "gflop_per_slice_step": round(v.flops / slices / 1e9, 4),
+        "achieved_gflops": round(v.flops / step_s / 1e9, 3),
+        "achieved_gflops_best": round(v.flops / min(v.times) / 1e9, 3),
+        "peak_mem_mib": round(v.memory["peak_bytes"] / 2**20, 1),
+        "mem_method": v.memory["method"],
+        "trainable_params": sum(p.numel() for p in v.model.parameters() if p.requires_grad),
+        "loadavg": loadavg(),
+        **common,
+    }
+
+
+def model_step_case(
+    shape: StepShape, device: torch.device, modes=("eager", "compiled"), rounds=3, repeats=5, warmup=2,
+    common: dict | None = None,
+) -> list[dict]:  # fmt: skip
+    """molre vs peer, each in ``modes``; one JSON row per variant and one summary row with the ratios."""
+    common = common or {}
+    torch.manual_seed(0)
+    m_model, m_opt = molre_model(run_config(shape), device)
+    p_model, p_opt = peer_model(shape, device)
+    variants = []
+    for mode in modes:
+        variants.append(
+            Variant(f"molre/{mode}", "molre", mode, m_model, m_opt if mode == "eager" else _clone_opt(m_opt))
+        )
+        variants.append(
+            Variant(f"peer/{mode}", "peer", mode, p_model, p_opt if mode == "eager" else _clone_opt(p_opt))
+        )
+    batch = make_batch(shape, device)
+    measure(variants, batch, device, rounds, repeats, warmup)
+    rows = [emit(variant_row("model_step", v, shape, device, common)) for v in variants]
+    by = {(r["impl"], r["mode"]): r["slices_per_s"] for r in rows}
+    best_step = {(r["impl"], r["mode"]): r["step_ms_min"] for r in rows}
+    cpu_step = {(r["impl"], r["mode"]): r["cpu_ms_per_step"] for r in rows}
+    summary = {
+        "case": "model_step_ratio",
+        "preset": shape.preset,
+        "input": shape.label(),
+        "device": str(device),
+    }
+    for mode in modes:
+        summary[f"molre_over_peer_{mode}"] = round(by["molre", mode] / by["peer", mode], 3)
+        summary[f"molre_over_peer_{mode}_from_min"] = round(
+            best_step["peer", mode] / best_step["molre", mode], 3
+        )
+        summary[f"molre_over_peer_{mode}_from_cpu"] = round(
+            cpu_step["peer", mode] / cpu_step["molre", mode], 3
+        )
+    best_m = max(v for (impl, _), v in by.items() if impl == "molre")
+    best_p = max(v for (impl, _), v in by.items() if impl == "peer")
+    summary["best_molre_over_best_peer"] = round(best_m / best_p, 3)
+    summary.update({"loadavg": loadavg(), **common})
+    rows.append(emit(summary))
+    del variants, m_model, p_model
+    return rows
+
+
+def blocks_overhead_case(
+    shape: StepShape, device: torch.device, modes=("eager",), rounds=3, repeats=5, warmup=2, common: dict | None = None
+) -> list[dict]:  # fmt: skip
+    """Step time of MoLRE inside the attention linears (``placement=blocks``) vs LoRA alone (``kind=none``)."""
+    common = common or {}
+    torch.manual_seed(0)
+    lora_model, lora_opt = molre_model(run_config(shape, kind="none"), device)
+    blocks_model, blocks_opt = molre_model(run_config(shape, placement="blocks"), device)
+    variants = []
+    for mode in modes:
+        variants.append(
+            Variant(
+                f"lora/{mode}",
+                "lora",
+                mode,
+                lora_model,
+                lora_opt if mode == "eager" else _clone_opt(lora_opt),
+            )
+        )
+        variants.append(Variant(f"molre-blocks/{mode}", "molre-blocks", mode, blocks_model,
+                                blocks_opt if mode == "eager" else _clone_opt(blocks_opt)))  # fmt: skip
+    batch = make_batch(shape, device)
+    measure(variants, batch, device, rounds, repeats, warmup)
+    rows = [emit(variant_row("blocks_step", v, shape, device, common)) for v in variants]
+    by = {(r["impl"], r["mode"]): r["step_ms"] for r in rows}
+    best_step = {(r["impl"], r["mode"]): r["step_ms_min"] for r in rows}
+    cpu_step = {(r["impl"], r["mode"]): r["cpu_ms_per_step"] for r in rows}
+    summary = {
+        "case": "blocks_overhead",
+        "preset": shape.preset,
+        "input": shape.label(),
+        "device": str(device),
+    }
+    for mode in modes:
+        summary[f"lora_step_ms_{mode}"] = by["lora", mode]
+        summary[f"blocks_step_ms_{mode}"] = by["molre-blocks", mode]
+        summary[f"overhead_pct_{mode}"] = round((by["molre-blocks", mode] / by["lora", mode] - 1) * 100, 1)
+        summary[f"overhead_pct_{mode}_from_min"] = round(
+            (best_step["molre-blocks", mode] / best_step["lora", mode] - 1) * 100, 1
+        )
+        summary[f"overhead_pct_{mode}_from_cpu"] = round(
+            (cpu_step["molre-blocks", mode] / cpu_step["lora", mode] - 1) * 100, 1
+        )
+    summary.update({"loadavg": loadavg(), **common})
+    rows.append(emit(summary))
+    return rows
+
+
+def _clone_opt(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """A fresh optimizer of the same class and groups (its own state), for a second variant of one model."""
+    groups = [{k: v for k, v in g.items()} for g in optimizer.param_groups]
+    return type(optimizer)(groups)
+
+
+def flops_case(
+    shapes: list[StepShape], limit_tflops: float = 800.0, common: dict | None = None
+) -> list[dict]:
+    """FLOPs per slice-step of molre, the peer, LoRA alone and MoLRE ``blocks``, counted on the meta device.
+
+    Gives the GPU suite's denominators on any machine: ``slices_per_s_at_limit`` = the step rate a device
+    sustaining ``limit_tflops`` (the issue's ~800 TFLOP/s bf16 for an H100) would reach.
+    """
+    from molre.train.loss import FocalLoss
+
+    rows = []
+    meta = torch.device("meta")
+    for shape in shapes:
+        side, n = shape.side(), shape.volumes * shape.slices
+        with meta:
+            models = {
+                "molre": molre_model(run_config(shape), meta)[0],
+                "peer": PeerClassifier(shape.preset, side),
+                "lora": molre_model(run_config(shape, kind="none"), meta)[0],
+                "blocks": molre_model(run_config(shape, placement="blocks"), meta)[0],
+            }
+            x = torch.empty(shape.volumes, 3, shape.slices, side, side)
+            labels = torch.empty(shape.volumes, NUM_CLASSES)
+        row = {"case": "flops", "preset": shape.preset, "input": shape.label(), "device": "meta"}
+        for name, model in models.items():
+            flops = count_flops(model, (x, labels, torch.ones_like(labels)), FocalLoss(2.0, 0.25), meta)
+            row[f"{name}_gflop_per_slice_step"] = round(flops / n / 1e9, 3)
+            row[f"{name}_trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            row[f"{name}_slices_per_s_at_limit"] = round(limit_tflops * 1e12 / (flops / n), 1)
+        row["blocks_flop_overhead_pct"] = round(
+            (row["blocks_gflop_per_slice_step"] / row["lora_gflop_per_slice_step"] - 1) * 100, 1
+        )
+        row.update({"limit_tflops": limit_tflops, "loadavg": loadavg(), **(common or {})})
+        rows.append(emit(row))
+    return rows

@@ -1,0 +1,405 @@
+"""molre benchmark suite: one JSON line per case on stdout, and the tables in BENCHMARKS.md.
+
+    python bench/run.py --suite cpu                      # tiny presets on CPU (this writes BENCHMARKS.md)
+    python bench/run.py --suite gpu                      # dinov3-base / dinov3-large / medgemma on a GPU
+    python bench/run.py --suite gpu --quick --device cpu # the GPU suite's cases at toy sizes: a plumbing check
+    python bench/run.py --suite cpu --quick --md /tmp/B.md --write   # toy sizes (the test runs this)
+
+Cases (``--cases`` picks a subset): ``flops`` (FLOPs per slice-step of the GPU shapes and the suite's own,
+counted on the meta device, so any machine gives them), ``model_step`` (molre vs the timm + peft peer, eager and compiled:
+slices/s, FLOPs counted by FlopCounterMode, peak memory; see model_step.py), ``blocks`` (MoLRE ``blocks``
+placement vs LoRA), ``train_epoch`` (full Ray Train epoch vs the pure step; train_epoch.py), ``augment``
+(on-device augmentation vs MONAI's CPU path; augment_case.py), ``features`` (a cached-feature trial vs the
+end-to-end trial it stands in for; features_case.py). The first line is the machine; every row carries
+``os.getloadavg()``. A failing case prints ``{"case": ..., "error": ...}``, the others still run, exit code 1.
+
+``--quick`` shrinks every case to toy sizes and does not touch BENCHMARKS.md unless ``--write`` is given.
+The full suites rewrite only their own block (between ``<!-- bench/run.py <suite>: begin/end -->``) of the
+section "## Model step and training throughput"; every other section is kept as it is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import re
+import shlex
+import sys
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+from harness import emit, loadavg, machine  # noqa: E402
+from model_step import StepShape  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SECTION = "## Model step and training throughput"
+CASES = ("flops", "model_step", "blocks", "train_epoch", "augment", "features")
+
+
+@dataclass
+class Suite:
+    """Sizes of every case for one suite (full or --quick)."""
+
+    steps: list[StepShape]
+    blocks: list[StepShape]
+    modes: tuple[str, ...] = ("eager", "compiled")
+    rounds: int = 3
+    repeats: int = 5
+    warmup: int = 2
+    epoch: dict = field(default_factory=dict)  # train_epoch_case kwargs
+    augment: dict = field(default_factory=dict)  # augment_case kwargs
+    features: dict = field(default_factory=dict)  # features_case kwargs
+
+
+def suite_config(name: str, quick: bool) -> Suite:
+    if name == "cpu" and not quick:
+        return Suite(
+            steps=[StepShape("tiny-vit", 2, 8), StepShape("tiny-vit", 4, 32), StepShape("tiny-davit", 2, 8)],
+            blocks=[StepShape("tiny-vit", 2, 8), StepShape("tiny-vit", 4, 32)],
+            epoch={
+                "preset": "tiny-vit",
+                "grid": (8, 64, 64),
+                "counts": {"train": 48, "val": 8},
+                "batch_size": 2,
+                "workers": (1, 2),
+                "epochs": 4,
+            },  # fmt: skip
+            augment={"batch": 4, "shape": (32, 128, 128), "repeats": 3},
+            features={
+                "preset": "tiny-vit",
+                "grid": (8, 64, 64),
+                "counts": {"train": 48, "val": 16},
+                "epochs": 4,
+                "batch_size": 2,
+            },  # fmt: skip
+        )
+    if name == "cpu":  # toy sizes: what the test runs
+        return Suite(
+            steps=[StepShape("tiny-vit", 1, 4)], blocks=[StepShape("tiny-vit", 1, 4)], modes=("eager",),
+            rounds=1, repeats=2, warmup=1,
+            epoch={"preset": "tiny-vit", "grid": (4, 64, 64), "counts": {"train": 6, "val": 2},
+                   "batch_size": 2, "workers": (1,), "epochs": 2, "repeats": 1},
+            augment={"batch": 1, "shape": (8, 32, 32), "repeats": 1},
+            features={"preset": "tiny-vit", "grid": (4, 64, 64), "counts": {"train": 6, "val": 4},
+                      "epochs": 2, "batch_size": 2},
+        )  # fmt: skip
+    if name == "gpu" and not quick:
+        return Suite(
+            steps=[StepShape("dinov3-base", 8, 32), StepShape("dinov3-large", 4, 32), StepShape("medgemma", 1, 8)],
+            blocks=[StepShape("dinov3-base", 8, 32)],
+            rounds=3, repeats=10, warmup=3,
+            epoch={"preset": "dinov3-base", "grid": (32, 224, 224), "spacing": (4.0, 1.0, 1.0),
+                   "counts": {"train": 64, "val": 8}, "batch_size": 8, "workers": (1,), "epochs": 3},
+            augment={"batch": 8, "shape": (32, 224, 224), "repeats": 5},
+            features={"preset": "dinov3-base", "grid": (32, 224, 224), "spacing": (4.0, 1.0, 1.0),
+                      "counts": {"train": 64, "val": 16}, "epochs": 3, "batch_size": 8},
+        )  # fmt: skip
+    if name == "gpu":  # the GPU cases at toy sizes (real architectures, 112^2 slices): runs on CPU too
+        return Suite(
+            steps=[StepShape("dinov3-base", 1, 2, 112), StepShape("dinov3-large", 1, 2, 112),
+                   StepShape("medgemma", 1, 1, 112)],
+            blocks=[StepShape("dinov3-base", 1, 2, 112)], modes=("eager",), rounds=1, repeats=1, warmup=1,
+            epoch={"preset": "dinov3-base", "grid": (2, 112, 112), "spacing": (4.0, 2.0, 2.0),
+                   "counts": {"train": 3, "val": 2}, "batch_size": 1, "workers": (1,), "epochs": 2, "repeats": 1},
+            augment={"batch": 1, "shape": (8, 64, 64), "repeats": 1},
+            features={"preset": "dinov3-base", "grid": (2, 112, 112), "spacing": (4.0, 2.0, 2.0),
+                      "counts": {"train": 4, "val": 4}, "epochs": 2, "batch_size": 2},
+        )  # fmt: skip
+    raise ValueError(f"unknown suite {name!r}")
+
+
+def parse_shape(text: str) -> StepShape:
+    """``preset=VxS`` or ``preset=VxS@side`` -> StepShape."""
+    m = re.fullmatch(r"([\w.-]+)=(\d+)x(\d+)(?:@(\d+))?", text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"--shape {text!r}: expected preset=VOLUMESxSLICES[@SIDE]")
+    return StepShape(m[1], int(m[2]), int(m[3]), int(m[4]) if m[4] else None)
+
+
+def run_suite(args) -> list[dict]:
+    device = torch.device(args.device or ("cuda" if args.suite == "gpu" else "cpu"))
+    suite = suite_config(args.suite, args.quick)
+    if args.shape:
+        suite.steps = args.shape
+    if args.no_compile:
+        suite.modes = ("eager",)
+    common = {"suite": args.suite + ("-quick" if args.quick else "")}
+    rows = [
+        emit({"case": "machine", "device": str(device), **machine(device), "loadavg": loadavg(), **common})
+    ]
+    wanted = args.cases or CASES
+    for case in wanted:
+        try:
+            rows += run_case(case, suite, device, args, common)
+        except Exception as err:  # keep going: one broken case must not hide the others' figures
+            traceback.print_exc(file=sys.stderr)
+            rows.append(
+                emit({"case": case, "error": f"{type(err).__name__}: {err}", "loadavg": loadavg(), **common})
+            )
+    return rows
+
+
+def run_case(case: str, suite: Suite, device: torch.device, args, common: dict) -> list[dict]:
+    timing = {"rounds": suite.rounds, "repeats": suite.repeats, "warmup": suite.warmup, "common": common}
+    if case == "flops":  # counted on the meta device: the GPU shapes' FLOPs on any machine
+        from model_step import flops_case
+
+        shapes = args.shape or suite_config("gpu", quick=False).steps + suite.steps  # --shape: only those
+        return flops_case(shapes, common=common)
+    if case == "model_step":
+        from model_step import model_step_case
+
+        return [r for s in suite.steps for r in model_step_case(s, device, modes=suite.modes, **timing)]
+    if case == "blocks":
+        from model_step import blocks_overhead_case
+
+        return [r for s in suite.blocks for r in blocks_overhead_case(s, device, modes=suite.modes, **timing)]
+    if case == "train_epoch":
+        from train_epoch import train_epoch_case
+
+        return train_epoch_case(device=device, num_cpus=args.num_cpus, common=common, **suite.epoch)
+    if case == "augment":
+        from augment_case import augment_case
+
+        return augment_case(device, common=common, **suite.augment)
+    if case == "features":
+        from features_case import features_case
+
+        return features_case(device=device, num_cpus=args.num_cpus, common=common, **suite.features)
+    raise ValueError(f"unknown case {case!r}; expected one of {CASES}")
+
+
+# ---- BENCHMARKS.md -------------------------------------------------------------------------------------------
+
+
+def _si(value: float, unit: str = "") -> str:
+    for scale, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= scale:
+            return f"{value / scale:.3g} {prefix}{unit}"
+    return f"{value:.3g} {unit}".strip()
+
+
+def _load(rows: list[dict]) -> str:
+    ones = [r["loadavg"][0] for r in rows if "loadavg" in r]
+    return f"{min(ones):.1f}..{max(ones):.1f}" if ones else "n/a"
+
+
+def render_block(suite: str, results: dict[str, dict]) -> str:
+    """Markdown for one suite from ``results`` (case -> {"rows", "command", "date", "machine"})."""
+    everything = [r for case in CASES if case in results for r in results[case]["rows"]]
+    rows = [r for r in everything if "error" not in r]
+    out = [f"### {suite.upper()} suite", ""]
+    runs: dict[tuple, list[str]] = {}
+    for case in CASES:
+        if case in results:
+            res = results[case]
+            info = res["machine"]
+            where = f"GPU {info['gpu']}, " if info.get("gpu") else ""
+            machine_text = (f"{where}{info['cpu']}, {info['cores']} cores, torch {info['torch']} "
+                            f"({info['threads']} intra-op threads)")  # fmt: skip
+            runs.setdefault((machine_text, res["date"], res["command"]), []).append(
+                f"{case} (load {_load(res['rows'])})"
+            )
+    for (machine_text, date, command), cases in runs.items():
+        out += [f"- `{command}`: {', '.join(cases)}; {machine_text}; {date}."]
+    out += [
+        "",
+        "Load = 1-minute load average (min..max over the case's rows; each row's own in its table).",
+        "",
+    ]
+    steps = [r for r in rows if r["case"] == "model_step"]
+    if steps:
+        out += ["**Model step** (forward + backward + AdamW). Step ms: median wall (fastest) / process CPU ms "
+                "(all threads); slices/s and achieved FLOP/s from the median wall step.", "",
+                "| preset | input (B x S x side^2) | impl | mode | slices/s | step ms | GFLOP / slice-step "
+                "(counted) | achieved FLOP/s | peak memory | load 1m |",
+                "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for r in steps:
+            mem = f"{r['peak_mem_mib']:.0f} MiB ({r['mem_method']})"
+            out.append(
+                f"| {r['preset']} | {r['input']} | {r['impl']} | {r['mode']} | {r['slices_per_s']:.1f} | "
+                f"{r['step_ms']:.1f} ({r['step_ms_min']:.1f}) / {r['cpu_ms_per_step']:.1f} | "
+                f"{r['gflop_per_slice_step']:.4g} | {_si(r['achieved_gflops'] * 1e9, 'FLOP/s')} | {mem} | "
+                f"{r['loadavg'][0]:.1f} |"
+            )
+        ratios = [r for r in rows if r["case"] == "model_step_ratio"]
+        if ratios:
+            modes = [k.removeprefix("molre_over_peer_") for k in ratios[0]
+                     if k.startswith("molre_over_peer_") and not k.endswith(("_from_min", "_from_cpu"))]  # fmt: skip
+            out += ["", "molre / peer throughput: from the median wall steps (from the fastest steps; from CPU "
+                    "time per step):", "",
+                    "| preset | input | " + " | ".join(f"molre / peer, {m}" for m in modes)
+                    + " | best molre / best peer (median wall) |", "|---|---|" + "---|" * (len(modes) + 1)]  # fmt: skip
+            for r in ratios:
+                cells = " | ".join(
+                    f"{r[f'molre_over_peer_{m}']:.2f}x ({r[f'molre_over_peer_{m}_from_min']:.2f}x; "
+                    f"{r[f'molre_over_peer_{m}_from_cpu']:.2f}x)"
+                    for m in modes
+                )
+                out.append(
+                    f"| {r['preset']} | {r['input']} | {cells} | {r['best_molre_over_best_peer']:.2f}x |"
+                )
+        out.append("")
+    flops = [r for r in rows if r["case"] == "flops"]
+    if flops:
+        limit = flops[0]["limit_tflops"]
+        out += [f"**FLOPs per slice-step** (forward + backward, counted by FlopCounterMode on the meta device; "
+                f"step-rate bound at {limit:.0f} TFLOP/s; `blocks` = MoLRE in the attention linears)", "",
+                "| preset | input | molre GFLOP | peer GFLOP | LoRA GFLOP | blocks GFLOP (vs LoRA) | molre trainable "
+                f"| peer trainable | molre slices/s at {limit:.0f} TFLOP/s |",
+                "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for r in flops:
+            out.append(
+                f"| {r['preset']} | {r['input']} | {r['molre_gflop_per_slice_step']:.4g} | "
+                f"{r['peer_gflop_per_slice_step']:.4g} | {r['lora_gflop_per_slice_step']:.4g} | "
+                f"{r['blocks_gflop_per_slice_step']:.4g} ({r['blocks_flop_overhead_pct']:+.1f}%) | "
+                f"{r['molre_trainable_params']:,} | {r['peer_trainable_params']:,} | "
+                f"{r['molre_slices_per_s_at_limit']:,.0f} |"
+            )
+        out.append("")
+    epochs = [r for r in rows if r["case"] == "train_epoch"]
+    if epochs:
+        out += ["**Full Ray Train epoch vs the pure step** (volumes/s for the whole machine; epoch = steady-state "
+                "median over epochs >= 1)", "",
+                "| preset | input | workers x CPUs | batch/worker | epoch vol/s | pure step vol/s | step + augment "
+                "vol/s | epoch / step | epoch / (step + augment) | load 1m |",
+                "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for r in epochs:
+            out.append(
+                f"| {r['preset']} | {r['input']} | {r['workers']} x {r['cpus_per_worker']} | "
+                f"{r['batch_per_worker']} | {r['epoch_volumes_per_s']:.2f} | {r['step_volumes_per_s']:.2f} | "
+                f"{r['step_augment_volumes_per_s']:.2f} | {r['epoch_over_step'] * 100:.0f}% | "
+                f"{r['epoch_over_step_augment'] * 100:.0f}% | {r['loadavg'][0]:.1f} |"
+            )
+        out.append("")
+    blocks = [r for r in rows if r["case"] == "blocks_overhead"]
+    if blocks:
+        out += ["**MoLRE `blocks` placement vs LoRA** (`adapter.molre.placement=blocks` vs `adapter.kind=none`; "
+                "median wall step; overhead also from the fastest steps and from CPU time per step)", "",
+                "| preset | input | mode | LoRA step ms | blocks step ms | overhead (fastest; CPU time) | load 1m |",
+                "|---|---|---|---|---|---|---|"]  # fmt: skip
+        for r in blocks:
+            modes = [k.removeprefix("overhead_pct_") for k in r if k.startswith("overhead_pct_")]
+            for m in [m for m in modes if not m.endswith(("_from_min", "_from_cpu"))]:
+                out.append(
+                    f"| {r['preset']} | {r['input']} | {m} | {r[f'lora_step_ms_{m}']:.1f} | "
+                    f"{r[f'blocks_step_ms_{m}']:.1f} | {r[f'overhead_pct_{m}']:+.1f}% "
+                    f"({r[f'overhead_pct_{m}_from_min']:+.1f}%; {r[f'overhead_pct_{m}_from_cpu']:+.1f}%) | "
+                    f"{r['loadavg'][0]:.1f} |"
+                )
+        out.append("")
+    augs = [r for r in rows if r["case"] == "augment"]
+    if augs:
+        out += ["**Augmentation per volume** (molre `augment_batch` from int16 on the device vs MONAI per volume "
+                "on CPU; bench/augment_bench.py)", "",
+                "| volume (D,H,W) | batch | molre device | molre ms/volume | MONAI CPU ms/volume | MONAI / molre "
+                "| load 1m |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+        for r in augs:
+            out.append(
+                f"| {'x'.join(map(str, r['shape']))} | {r['batch']} | {r['device']} | "
+                f"{r['molre_ms_per_volume']:.1f} | {r['monai_cpu_ms_per_volume']:.1f} | "
+                f"{r['monai_over_molre']:.1f}x | {r['loadavg'][0]:.1f} |"
+            )
+        out.append("")
+    feats = [r for r in rows if r["case"] == "features"]
+    if feats:
+        out += ["**Cached-feature trial vs the end-to-end trial** (frozen backbone; see the multi-fidelity "
+                "section)", "",
+                "| preset | input | epochs | feature cache build s | cached trial s | end-to-end trial s | "
+                "end-to-end / cached | load 1m |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for r in feats:
+            out.append(
+                f"| {r['preset']} | {r['input']} | {r['epochs']} | {r['cache_build_s']:.1f} | "
+                f"{r['cached_trial_s']:.2f} | {r['e2e_trial_s']:.1f} | {r['e2e_over_cached']:.0f}x | "
+                f"{r['loadavg'][0]:.1f} |"
+            )
+        out.append("")
+    errors = [r for r in everything if "error" in r]
+    for r in errors:
+        out.append(f"Case `{r['case']}` failed: `{r['error']}`.")
+    return "\n".join(out).rstrip() + "\n"
+
+
+def update_markdown(path: Path, suite: str, block: str) -> None:
+    """Replace this suite's block inside SECTION (creating the section or the block if absent)."""
+    begin, end = f"<!-- bench/run.py {suite}: begin -->", f"<!-- bench/run.py {suite}: end -->"
+    text = path.read_text() if path.exists() else "# molre benchmarks\n"
+    marked = f"{begin}\n{block}{end}"
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + marked + rest.split(end, 1)[1]
+    elif SECTION in text:
+        nxt = text.find("\n## ", text.index(SECTION) + len(SECTION))
+        if nxt < 0:
+            text = text.rstrip() + "\n\n" + marked + "\n"
+        else:
+            text = text[:nxt].rstrip() + "\n\n" + marked + "\n\n" + text[nxt + 1 :]
+    else:
+        text = text.rstrip() + f"\n\n{SECTION}\n\n{marked}\n"
+    path.write_text(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--suite", choices=["cpu", "gpu"], required=True)
+    ap.add_argument("--quick", action="store_true", help="toy sizes (no BENCHMARKS.md update unless --write)")
+    ap.add_argument("--device", help="default: cuda for the gpu suite, cpu for the cpu suite")
+    ap.add_argument(
+        "--cases", type=lambda s: [c for c in s.split(",") if c], help=f"subset of {','.join(CASES)}"
+    )
+    ap.add_argument(
+        "--shape", type=parse_shape, action="append", help="model_step / flops shape preset=VxS[@side]"
+    )
+    ap.add_argument("--no-compile", action="store_true", help="eager variants only")
+    ap.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    ap.add_argument("--num-cpus", type=int, help="logical CPUs of a local Ray (default: ensure_ray's)")
+    ap.add_argument("--md", type=Path, default=ROOT / "BENCHMARKS.md")
+    ap.add_argument("--results", type=Path, help="suite results JSON (default: bench/results/<suite>.json)")
+    ap.add_argument("--write", action="store_true", help="update --md even with --quick")
+    ap.add_argument("--no-write", action="store_true")
+    args = ap.parse_args(argv)
+    for case in args.cases or ():
+        if case not in CASES:
+            ap.error(f"unknown case {case!r}; expected some of {','.join(CASES)}")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = run_suite(args)
+    if (args.write or not args.quick) and not args.no_write:
+        argv_text = " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+        results_path = args.results or args.md.parent / "bench" / "results" / f"{args.suite}.json"
+        results = merge_results(results_path, rows, f"python bench/run.py {argv_text}")
+        update_markdown(args.md, args.suite, render_block(args.suite, results))
+    return 1 if any("error" in r for r in rows) else 0
+
+
+def merge_results(path: Path, rows: list[dict], command: str) -> dict[str, dict]:
+    """Replace the cases this run measured in the suite's results file (other cases are kept); returns all."""
+    results = json.loads(path.read_text()) if path.exists() else {}
+    info = next(r for r in rows if r["case"] == "machine")
+    for case in CASES:
+        mine = [r for r in rows if _case_of(r) == case]
+        if mine:
+            results[case] = {"rows": mine, "command": command, "date": datetime.date.today().isoformat(),
+                             "machine": info}  # fmt: skip
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=1) + "\n")
+    return results
+
+
+def _case_of(row: dict) -> str | None:
+    """The suite case a JSON row belongs to."""
+    name = row["case"]
+    return {"model_step_ratio": "model_step", "blocks_step": "blocks", "blocks_overhead": "blocks"}.get(
+        name, name if name in CASES else None
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

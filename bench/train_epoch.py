@@ -1,0 +1,228 @@
+"""Full Ray Train epoch throughput vs the pure model step on the same preset, batch and input size.
+
+The run goes through the same driver path as ``molre.train.run.train`` (``ensure_ray -> prepare -> build_trainer
+-> fit``), with one extra ``ray.train.UserCallback`` that stamps the wall time of every epoch's report on the
+controller. An epoch's interval (report k-1 -> report k, k >= 1; epoch 0 carries worker start-up and is left out)
+holds everything a real epoch costs: the Ray Data read of the shards, RFS, host->device copy, windowing +
+augmentation on the device, the steps, DDP all-reduce, validation over the (small) val split, checkpoint write and
+report. Epoch throughput = RFS train volumes of the epoch / interval.
+
+The pure step is the worker loop's step alone (``model_step.make_step``: forward, focal loss, backward, clip,
+AdamW) on a resident random batch of the same shape, in this process with all of its threads; "step + augment"
+adds ``augment_batch`` from int16 HU (the on-device part the epoch also pays). The ratio is epoch volumes/s over
+pure-step volumes/s for the machine as a whole (with 2 workers each worker gets half of the cores).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from harness import emit, loadavg, median, time_steps
+from model_step import StepShape, Variant, make_step, molre_model
+
+try:
+    from ray.train import UserCallback
+except ImportError:  # pragma: no cover - Ray is a dependency of molre.train
+    UserCallback = object
+
+
+class EpochStamps(UserCallback):
+    """Appends ``{"t", "epoch", "volumes"}`` per report to a JSON-lines file (runs on the Train controller)."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def after_report(self, run_context, metrics, checkpoint):
+        first = metrics[0] if metrics else {}
+        row = {"t": time.time(), "epoch": first.get("epoch"), "volumes": first.get("train/volumes")}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def write_bench_dataset(root: str, grid=(8, 64, 64), spacing=(4.0, 4.0, 4.0), counts=None, seed=0) -> str:
+    """Shards of random head-like int16 volumes with ~10% positive labels (throughput only; nothing to learn)."""
+    from molre.data import shards, storage
+    from molre.findings import NUM_FINDINGS
+
+    counts = counts or {"train": 48, "val": 8}
+    rng = np.random.default_rng(seed)
+    d, h, w = grid
+    yy, xx = np.meshgrid(np.arange(h) - h / 2, np.arange(w) - w / 2, indexing="ij")
+    head = (yy**2 + xx**2) < (0.4 * min(h, w)) ** 2
+    infos = []
+    for split, n in counts.items():
+        rows = []
+        for i in range(n):
+            vol = np.where(head, 35.0, -1000.0)[None] + rng.normal(0, 10, (d, h, w))
+            labels = (rng.random(NUM_FINDINGS) < 0.1).astype(np.uint8)
+            rows.append(shards.make_row(f"{split}{i:05d}", f"p{split}{i}", split, vol.astype(np.int16), spacing,
+                                        labels, np.ones(NUM_FINDINGS, np.uint8)))  # fmt: skip
+        path = f"{split}/shard-00000.parquet"
+        sha, size = shards.write_shard(storage.join(root, path), rows)
+        infos.append(shards.ShardInfo(path=path, split=split, rows=n, sha256=sha, bytes=size))
+    manifest = shards.Manifest(config={"grid": list(grid), "spacing": list(spacing)}, counts=dict(counts),
+                               shards=infos, salt_fingerprint="bench")  # fmt: skip
+    storage.write_bytes(storage.join(root, shards.MANIFEST), manifest.to_json().encode())
+    return root
+
+
+def start_ray(num_cpus: int | None = None) -> None:
+    """``ensure_ray``; a local Ray started here is ensure_ray's, minus the worker logs on the driver."""
+    import ray
+
+    from molre.train.run import ensure_ray
+
+    if not ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):
+        ray.init(
+            num_cpus=num_cpus or max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False
+        )
+    ensure_ray(num_cpus)
+
+
+def run_epochs(cfg, stamps_path: str, num_cpus: int | None = None) -> tuple[list[dict], dict]:
+    """Fit ``cfg`` like ``molre.train.run.train`` does, plus the epoch stamps; returns (stamps, setup)."""
+    import sys
+
+    from ray import cloudpickle
+
+    from molre.train.run import build_trainer, prepare
+
+    start_ray(num_cpus)
+    # the controller process cannot import bench/ modules: ship EpochStamps by value
+    cloudpickle.register_pickle_by_value(sys.modules[EpochStamps.__module__])
+    cfg.train.storage = os.path.abspath(cfg.train.storage)
+    setup = prepare(cfg)
+    result = build_trainer(cfg, setup, callbacks=[EpochStamps(stamps_path)]).fit()
+    if result.error:
+        raise result.error
+    return [json.loads(line) for line in Path(stamps_path).read_text().splitlines()], setup
+
+
+def epoch_throughput(stamps: list[dict]) -> dict:
+    """Steady-state epoch figures from the report stamps (epoch 0 excluded when there is more than one)."""
+    stamps = sorted(stamps, key=lambda s: s["epoch"])
+    steady = [(b["t"] - a["t"], b["volumes"]) for a, b in zip(stamps, stamps[1:], strict=False)]
+    if not steady:
+        raise RuntimeError("need at least 2 epochs to time a steady-state epoch")
+    rates = [vols / dt for dt, vols in steady]
+    return {
+        "epoch_volumes_per_s": round(median(rates), 3),
+        "epoch_volumes_per_s_max": round(max(rates), 3),
+        "epoch_s": round(median(dt for dt, _ in steady), 3),
+        "train_volumes_per_epoch": int(median(v for _, v in steady)),
+        "epochs_timed": len(steady),
+    }
+
+
+def pure_step(cfg, input_size, batch_size: int, device: torch.device, repeats: int, warmup: int = 2) -> dict:
+    """volumes/s of the bare step and of step + on-device augmentation, for ``cfg``'s model at ``input_size``."""
+    from molre.data.augment import augment_batch
+    from molre.train.loss import FocalLoss
+
+    depth, side, _ = input_size
+    shape = StepShape(cfg.backbone.preset, batch_size, depth, side)
+    torch.manual_seed(0)
+    model, opt = molre_model(cfg, device)
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(batch_size, 3, depth, side, side, generator=g).to(device)
+    labels = (torch.rand(batch_size, 75, generator=g) < 0.1).float().to(device)
+    batch = (x, labels, torch.ones_like(labels))
+    step = make_step(
+        Variant("molre/eager", "molre", "eager", model, opt), batch, FocalLoss(2.0, 0.25), device
+    )
+    hu = torch.randint(-1000, 1500, (batch_size, *input_size), generator=g).to(torch.int16).to(device)
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def step_with_augment():
+        batch[0].copy_(augment_batch(hu, cfg.data, gen, train=True, out_size=input_size))
+        return step()
+
+    for _ in range(warmup):
+        step(), step_with_augment()
+    bare, augmented = [], []
+    for _ in range(3):  # interleaved rounds
+        bare += time_steps(step, repeats, device)
+        augmented += time_steps(step_with_augment, repeats, device)
+    return {
+        "step_volumes_per_s": round(batch_size / median(bare), 3),
+        "step_augment_volumes_per_s": round(batch_size / median(augmented), 3),
+        "step_ms": round(median(bare) * 1e3, 2),
+        "step_ms_min": round(min(bare) * 1e3, 2),
+        "shape": shape.label(),
+    }
+
+
+def train_epoch_case(
+    preset: str = "tiny-vit",
+    grid=(8, 64, 64),
+    spacing=(4.0, 4.0, 4.0),
+    counts=None,
+    batch_size: int = 2,
+    workers=(1, 2),
+    epochs: int = 4,
+    device: torch.device | None = None,
+    repeats: int = 5,
+    num_cpus: int | None = None,
+    common: dict | None = None,
+) -> list[dict]:
+    """One JSON row per worker count: steady epoch volumes/s vs the pure step's, and their ratio."""
+    from molre.config import build_config
+
+    common = common or {}
+    device = device or torch.device("cpu")
+    threads = torch.get_num_threads()
+    gpu = device.type == "cuda"
+    counts = counts or {"train": 48, "val": 8}
+    root = tempfile.mkdtemp(prefix="molre-bench-epoch-")
+    rows = []
+    try:
+        data = write_bench_dataset(os.path.join(root, "data"), grid, spacing, counts)
+        ref = None
+        for n in workers:
+            cpus = max(1, (os.cpu_count() or 1) // n) if not gpu else max(1, (os.cpu_count() or 1) // n - 1)
+            cfg = build_config({
+                "backbone": {"preset": preset},
+                "data": {"uri": data},
+                "train": {"max_epochs": epochs, "min_epochs": 0, "batch_size": batch_size, "seed": 0,
+                          "run_name": f"bench-epoch-{preset}-{n}w", "storage": os.path.join(root, "runs")},
+                "scaling": {"num_workers": n, "cpus_per_worker": cpus, "use_gpu": gpu},
+            })  # fmt: skip
+            stamps_path = os.path.join(root, f"stamps-{n}.jsonl")
+            t0 = time.perf_counter()
+            stamps, setup = run_epochs(cfg, stamps_path, num_cpus)
+            wall = time.perf_counter() - t0
+            epoch = epoch_throughput(stamps)
+            if ref is None:  # the same model, batch and input size as the workers run
+                ref = pure_step(cfg, tuple(setup["input_size"]), batch_size, device, repeats)
+            row = {
+                "case": "train_epoch",
+                "preset": preset,
+                "grid": list(grid),
+                "input": ref["shape"],
+                "device": str(device),
+                "workers": n,
+                "cpus_per_worker": cpus,
+                "batch_per_worker": batch_size,
+                **epoch,
+                "run_wall_s": round(wall, 1),
+                "val_volumes": counts["val"],
+                **ref,
+                "epoch_over_step": round(epoch["epoch_volumes_per_s"] / ref["step_volumes_per_s"], 3),
+                "epoch_over_step_augment": round(
+                    epoch["epoch_volumes_per_s"] / ref["step_augment_volumes_per_s"], 3
+                ),
+                "step_threads": threads,
+                "loadavg": loadavg(),
+                **common,
+            }
+            rows.append(emit(row))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return rows

@@ -1,0 +1,372 @@
+"""Cheap first fidelity for sweeps: frozen-backbone slice features cached once, trials train only the top.
+
+For a configuration with ``backbone.finetune=frozen`` and MoLRE on the features (or no adapter), everything up to
+the backbone's output is fixed, so it is computed once per (preset, weights, preprocessed data, image size,
+slices, HU windows) and stored; a trial then trains MoLRE + attention pooling + head on the stored features:
+
+    shards --window + resize (the eval path, no augmentation)--> [B,3,S,H,W] --frozen backbone--> [B,S,d]
+           --> <root>/features/<key>/{train,val}.safetensors        (2D: [N,S,d]; 3D presets: [N,d])
+    trial: [N,S,d] --MoLRE--> --attention pooling--> --linear--> 75 logits     (no backbone forward)
+
+``key`` = sha256 of those ingredients (``feature_key``); ``meta.json`` is written last and marks a complete
+cache. Fidelity differences vs the end-to-end trial: no augmentation (features come from un-augmented volumes)
+and fp32 / bf16 autocast as on the device. ``FeatureHead`` keeps the classifier's module names (``molre.``,
+``pool.``, ``head.``), so its weights move to and from a ``MoLREClassifier`` unchanged.
+
+Sweep use (the lead wires it): ``build_feature_cache(cfg, root)`` once per backbone configuration before the
+trials, then per trial ``cached_trial(cfg, root, on_epoch=tune.report)``; the best candidates are re-run end to end.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from molre.config import RunConfig
+from molre.data import shards, storage
+from molre.errors import ConfigError, DataError
+from molre.findings import NUM_FINDINGS
+from molre.models.molre import MoLRE
+from molre.models.pooling import AttentionPooling
+
+CACHE_VERSION = 1  # bump when the feature pipeline changes: old caches then miss instead of being reused
+META = "meta.json"
+SPLITS = ("train", "val")
+
+
+# ---- keys and checks -------------------------------------------------------------------------------------------
+
+
+def check_cacheable(cfg: RunConfig) -> None:
+    """A ``ConfigError`` unless the backbone is frozen and nothing adapts inside it."""
+    if cfg.backbone.finetune != "frozen":
+        raise ConfigError(
+            f"cached features need backbone.finetune=frozen (got {cfg.backbone.finetune!r}): with LoRA or full "
+            "fine-tuning the backbone's output changes during training"
+        )
+    if cfg.adapter.kind == "molre" and cfg.adapter.molre.placement != "features":
+        raise ConfigError(
+            "cached features need adapter.molre.placement=features (placement=blocks adapts inside the backbone)"
+        )
+
+
+def key_fields(cfg: RunConfig, data_uri: str | None = None) -> dict:
+    """What the features depend on: preset, weights, the preprocessed data (its manifest), input size, windows."""
+    from molre.train.run import model_input_size
+
+    uri = data_uri or cfg.data.uri
+    manifest_bytes = storage.read_bytes(storage.join(uri, shards.MANIFEST))
+    grid = tuple(json.loads(manifest_bytes)["config"]["grid"])
+    weights = cfg.backbone.weights.replace("{preset}", cfg.backbone.preset) if cfg.backbone.weights else None
+    return {
+        "version": CACHE_VERSION,
+        "preset": cfg.backbone.preset,
+        "weights": weights,  # a URI names immutable weights; None = random init under torch.manual_seed(0)
+        # the manifest holds the shard checksums, grid, spacing and preprocessing settings
+        "manifest_sha256": storage.sha256_bytes(manifest_bytes),
+        "input_size": list(model_input_size(cfg, grid)),  # (slices, H, W) the backbone sees
+        "windows": [list(w) for w in cfg.data.windows],
+        "precision": cfg.train.precision,  # auto = bf16 autocast on GPU, fp32 on CPU (as the worker loop)
+    }
+
+
+def feature_key(cfg: RunConfig, data_uri: str | None = None) -> str:
+    text = json.dumps(key_fields(cfg, data_uri), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def cache_uri(root: str, key: str) -> str:
+    return storage.join(root, "features", key)
+
+
+# ---- the cache ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SplitFeatures:
+    features: torch.Tensor  # [N, S, d] (2D) or [N, d] (3D), float32
+    labels: torch.Tensor  # [N, 75] float32 0/1
+    known: torch.Tensor  # [N, 75] float32 0/1
+    study_hash: list[str]
+
+    def __len__(self) -> int:
+        return len(self.study_hash)
+
+
+@dataclass
+class FeatureCache:
+    uri: str
+    key: str
+    meta: dict
+    splits: dict[str, SplitFeatures]
+    computed: bool = False  # True when this call computed the features (False: read from storage)
+    seconds: float = 0.0  # time to compute (or read) the cache
+
+
+def build_feature_cache(
+    cfg: RunConfig,
+    root: str,
+    splits=SPLITS,
+    device: torch.device | str | None = None,
+    batch_size: int = 4,
+    dtype: str = "float32",
+) -> FeatureCache:
+    """Read the cache for ``cfg`` under ``<root>/features/<key>/``, computing and storing it first if absent."""
+    check_cacheable(cfg)
+    if not cfg.data.uri:
+        raise ConfigError("cached features need data.uri (the preprocessed shard root)")
+    key = feature_key(cfg)
+    uri = cache_uri(root, key)
+    if storage.exists(storage.join(uri, META)):
+        return load_feature_cache(uri, splits)
+    start = time.perf_counter()
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    backbone, input_size = _frozen_backbone(cfg, device)
+    meta = {"key": key, "fields": key_fields(cfg), "dtype": dtype, "dims": backbone.dims,
+            "width": backbone.width, "splits": {}}  # fmt: skip
+    out = {}
+    for split in splits:
+        part = compute_split(cfg, backbone, split, input_size, device, batch_size)
+        blob = {"features": part.features.to(getattr(torch, dtype)).contiguous(),
+                "labels": part.labels.to(torch.uint8), "known": part.known.to(torch.uint8)}  # fmt: skip
+        from safetensors.torch import save
+
+        storage.write_bytes(storage.join(uri, f"{split}.safetensors"), save(blob))
+        meta["splits"][split] = {
+            "rows": len(part),
+            "shape": list(part.features.shape),
+            "study_hash": part.study_hash,
+        }
+        out[split] = part
+    meta_bytes = (json.dumps(meta, indent=1) + "\n").encode()
+    storage.write_bytes(storage.join(uri, META), meta_bytes)  # written last: marks the cache complete
+    return FeatureCache(uri, key, meta, out, computed=True, seconds=time.perf_counter() - start)
+
+
+def load_feature_cache(uri: str, splits=SPLITS) -> FeatureCache:
+    from safetensors.torch import load
+
+    start = time.perf_counter()
+    meta_uri = storage.join(uri, META)
+    if not storage.exists(meta_uri):
+        raise DataError(uri, f"not a complete feature cache (no {META})")
+    meta = json.loads(storage.read_bytes(meta_uri))
+    out = {}
+    for split in splits:
+        if split not in meta["splits"]:
+            raise DataError(uri, f"feature cache has no split {split!r} (has {sorted(meta['splits'])})")
+        blob = load(storage.read_bytes(storage.join(uri, f"{split}.safetensors")))
+        out[split] = SplitFeatures(blob["features"].float(), blob["labels"].float(), blob["known"].float(),
+                                   list(meta["splits"][split]["study_hash"]))  # fmt: skip
+    return FeatureCache(uri, meta["key"], meta, out, computed=False, seconds=time.perf_counter() - start)
+
+
+def _frozen_backbone(cfg: RunConfig, device: torch.device):
+    """The backbone exactly as ``build_model`` makes it for ``cfg`` (weights loaded, frozen), in eval mode."""
+    from molre.models import build_model
+    from molre.train.run import model_input_size
+
+    grid = tuple(shards.read_manifest(cfg.data.uri).config["grid"])
+    input_size = model_input_size(cfg, grid)
+    torch.manual_seed(0)  # random-init backbones (tests) are reproducible; real runs load weights
+    bare = copy.deepcopy(cfg)
+    bare.adapter.kind = "none"  # only the backbone is needed
+    backbone = build_model(bare).backbone.to(device).eval()
+    return backbone, input_size
+
+
+def volumes_of(cfg: RunConfig, split: str):
+    """Yield ``(hu int16 [D,H,W] numpy, labels [75], known [75], study_hash)`` of a split, in shard order."""
+    for uri in shards.list_shards(cfg.data.uri, split):
+        table = shards.read_shard(uri, ["study_hash", "volume", "shape", "labels", "known"])
+        cols = table.to_pydict()
+        for i in range(len(table)):
+            yield (shards.decode_volume(cols["volume"][i], cols["shape"][i]),
+                   np.asarray(cols["labels"][i], np.float32), np.asarray(cols["known"][i], np.float32),
+                   str(cols["study_hash"][i]))  # fmt: skip
+
+
+def model_input(hu: torch.Tensor, cfg: RunConfig, input_size) -> torch.Tensor:
+    """The evaluation path of the worker loop: window + resize, ``[B,D,H,W]`` int16 -> ``[B,3,S,H',W']``."""
+    from molre.data.augment import augment_batch
+
+    return augment_batch(hu, cfg.data, torch.Generator(), train=False, out_size=tuple(input_size))
+
+
+@torch.no_grad()
+def backbone_features(backbone, x: torch.Tensor, cfg: RunConfig) -> torch.Tensor:
+    """``[B,3,S,H,W] -> [B,S,d]`` for 2D backbones (the classifier's reshape), ``[B,3,D,H,W] -> [B,d]`` for 3D."""
+    from molre.train.loop import autocast
+
+    with autocast(cfg, x.device):
+        if backbone.dims == 3:
+            return backbone(x).float()
+        b, m, s, h, w = x.shape
+        return backbone(x.transpose(1, 2).reshape(b * s, m, h, w)).float().reshape(b, s, -1)
+
+
+def compute_split(cfg, backbone, split, input_size, device, batch_size: int = 4) -> SplitFeatures:
+    feats, labels, known, hashes = [], [], [], []
+    batch: list = []
+
+    def flush():
+        hu = torch.from_numpy(np.stack([v[0] for v in batch])).to(device)
+        feats.append(backbone_features(backbone, model_input(hu, cfg, input_size), cfg).cpu())
+        labels.extend(v[1] for v in batch)
+        known.extend(v[2] for v in batch)
+        hashes.extend(v[3] for v in batch)
+        batch.clear()
+
+    for item in volumes_of(cfg, split):
+        batch.append(item)
+        if len(batch) == batch_size:
+            flush()
+    if batch:
+        flush()
+    if not hashes:
+        raise DataError(storage.join(cfg.data.uri, split), f"split '{split}' is empty: nothing to cache")
+    return SplitFeatures(torch.cat(feats), torch.as_tensor(np.stack(labels)), torch.as_tensor(np.stack(known)),
+                         hashes)  # fmt: skip
+
+
+# ---- the trial on cached features -----------------------------------------------------------------------------
+
+
+class FeatureHead(nn.Module):
+    """MoLRE (features placement) -> attention pooling (2D) -> linear: the classifier above the backbone.
+
+    Module names match ``MoLREClassifier``, so ``head_state(model)`` / ``load_state_dict`` move weights between
+    the two, and ``parameter_groups`` / ``make_optimizer`` see the same groups.
+    """
+
+    def __init__(self, molre: MoLRE | None, pool: AttentionPooling | None, head: nn.Linear):
+        super().__init__()
+        self.molre, self.pool, self.head = molre, pool, head
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig, width: int, dims: int, device=None) -> FeatureHead:
+        m = cfg.adapter.molre
+        molre = None
+        if cfg.adapter.kind == "molre":
+            molre = MoLRE(width, experts=m.experts, rank=m.rank, router_hidden=m.router_hidden, top_k=m.top_k,
+                          dropout=m.dropout, device=device)  # fmt: skip
+        pool = AttentionPooling(width, device=device) if dims == 2 else None
+        return cls(molre, pool, nn.Linear(width, NUM_FINDINGS, device=device))
+
+    @classmethod
+    def from_model(cls, model) -> FeatureHead:
+        """A copy of a ``MoLREClassifier``'s MoLRE, pooling and head (same weights)."""
+        return cls(copy.deepcopy(model.molre), copy.deepcopy(model.pool), copy.deepcopy(model.head))
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        if self.molre is not None:
+            feats = self.molre(feats)  # slice-level (2D, [B,S,d]) or volume-level (3D, [B,d]) routing
+        if self.pool is not None:
+            feats = self.pool(feats)
+        return self.head(feats)
+
+    def aux_loss(self) -> torch.Tensor | None:
+        return self.molre.last_balance_loss if self.molre is not None else None
+
+
+def head_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The ``molre.`` / ``pool.`` / ``head.`` entries of a classifier's (or a FeatureHead's) state dict."""
+    return {k: v for k, v in model.state_dict().items() if k.startswith(("molre.", "pool.", "head."))}
+
+
+@dataclass
+class CachedTrialResult:
+    best_metric: float
+    best_epoch: int
+    history: list[dict] = field(default_factory=list)
+    best_state: dict[str, torch.Tensor] = field(default_factory=dict)  # keys as head_state()
+    seconds: float = 0.0
+
+
+def train_on_features(
+    cfg: RunConfig,
+    cache: FeatureCache,
+    device: torch.device | str | None = None,
+    on_epoch: Callable[[dict], None] | None = None,
+) -> CachedTrialResult:
+    """Train MoLRE + pooling + head on the cached features with the run's optimizer, loss, RFS and early stop.
+
+    Global batch = ``train.batch_size * scaling.num_workers`` (what the end-to-end run steps with); metrics per
+    epoch are the worker loop's (``val/mean_auc`` and the AUC summary), passed to ``on_epoch`` (e.g. tune.report).
+    """
+    from molre.data.sampling import epoch_indices, image_repeat_factors
+    from molre.train.checkpoint import TrainState, trainable_state
+    from molre.train.loop import METRIC, make_optimizer
+    from molre.train.loss import FocalLoss, prevalence_alpha
+    from molre.train.metrics import per_finding_auc, summarize
+
+    start = time.perf_counter()
+    check_cacheable(cfg)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    train, val = cache.splits["train"], cache.splits["val"]
+    torch.manual_seed(cfg.train.seed)
+    model = FeatureHead.from_config(cfg, int(cache.meta["width"]), int(cache.meta["dims"]), device)
+    optimizer = make_optimizer(model, cfg)
+    labels_np, known_np = train.labels.numpy(), train.known.numpy()
+    alpha = cfg.loss.alpha
+    if alpha == "prevalence":
+        alpha = prevalence_alpha(labels_np, known_np, clip=tuple(cfg.loss.alpha_clip)).astype(np.float32)
+    loss_fn = FocalLoss(cfg.loss.gamma, alpha).to(device)
+    repeat = image_repeat_factors(labels_np, cfg.data.rfs_threshold, known_np)
+    x_train, y_train, k_train = (t.to(device) for t in (train.features, train.labels, train.known))
+    x_val = val.features.to(device)
+    batch = cfg.train.batch_size * cfg.scaling.num_workers
+    params = [p for p in model.parameters() if p.requires_grad]
+    state, best = TrainState(), trainable_state(model)
+    for epoch in range(cfg.train.max_epochs):
+        model.train()
+        order = torch.as_tensor(epoch_indices(repeat, epoch, cfg.train.seed), device=device)
+        total = 0.0
+        for i in range(0, len(order), batch):
+            idx = order[i : i + batch]
+            loss = loss_fn(model(x_train[idx]), y_train[idx], k_train[idx])
+            aux = model.aux_loss()
+            if aux is not None and cfg.adapter.molre.balance_loss_weight > 0:
+                loss = loss + cfg.adapter.molre.balance_loss_weight * aux
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.optim.grad_clip:
+                torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
+            optimizer.step()
+            total += loss.detach().item() * len(idx)
+        model.eval()
+        with torch.no_grad():
+            scores = torch.sigmoid(model(x_val)).cpu().numpy()
+        aucs = per_finding_auc(scores, val.labels.numpy(), val.known.numpy())
+        metrics = {"train/loss": total / max(len(order), 1), "train/volumes": len(order),
+                   **summarize(aucs).as_dict("val/"), "val/volumes": len(val)}  # fmt: skip
+        if state.record(epoch, metrics, METRIC):
+            best = trainable_state(model)
+        metrics.update(
+            {"epoch": epoch, "best_epoch": state.best_epoch, "val/best_mean_auc": state.best_metric}
+        )
+        if on_epoch is not None:
+            on_epoch(metrics)
+        if state.should_stop(cfg.train.min_epochs, cfg.train.patience, cfg.train.max_epochs):
+            break
+    return CachedTrialResult(state.best_metric, state.best_epoch, state.history, best,
+                             time.perf_counter() - start)  # fmt: skip
+
+
+def cached_trial(
+    cfg: RunConfig,
+    root: str,
+    device: torch.device | str | None = None,
+    on_epoch: Callable[[dict], None] | None = None,
+) -> CachedTrialResult:
+    """One sweep trial at the cached-feature fidelity: ensure the cache (computed once per key), then train on it."""
+    cache = build_feature_cache(cfg, root, device=device)
+    return train_on_features(cfg, cache, device=device, on_epoch=on_epoch)

@@ -1,0 +1,103 @@
+"""Cached-feature fidelity: the cache holds the frozen backbone's output, and the cached head is the full model's top."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from molre.config import build_config
+from molre.errors import ConfigError
+from molre.models import build_model, create_backbone
+from molre.tune import features
+from tests.tiny_data import write_tiny_dataset
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> str:
+    return write_tiny_dataset(
+        str(tmp_path_factory.mktemp("feat-shards")), counts={"train": 6, "val": 4}, seed=3
+    )
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> str:
+    """A random tiny-vit backbone saved in the real format (the frozen 'pretrained' weights)."""
+    torch.manual_seed(11)
+    backbone = create_backbone("tiny-vit")
+    path = tmp_path_factory.mktemp("weights") / "tiny-vit.safetensors"
+    save_file({f"net.{k}": v.contiguous() for k, v in backbone.net.state_dict().items()}, str(path))
+    return str(path)
+
+
+def _cfg(uri: str, weights: str | None, **over):
+    tree = {
+        "backbone": {"preset": "tiny-vit", "weights": weights, "finetune": "frozen"},
+        "data": {"uri": uri},
+        "train": {"max_epochs": 2, "min_epochs": 0, "batch_size": 2, "seed": 5},
+    }
+    for key, value in over.items():
+        tree[key] = {**tree.get(key, {}), **value}
+    return build_config(tree)
+
+
+def _val_volumes(cfg) -> tuple[torch.Tensor, list[str]]:
+    items = list(features.volumes_of(cfg, "val"))
+    return torch.from_numpy(np.stack([it[0] for it in items])), [it[3] for it in items]
+
+
+def test_cache_holds_backbone_output_and_head_matches_full_model(data, weights, tmp_path):
+    cfg = _cfg(data, weights)
+    cache = features.build_feature_cache(cfg, str(tmp_path))
+    assert cache.computed and cache.uri == f"{tmp_path}/features/{features.feature_key(cfg)}"
+    again = features.build_feature_cache(cfg, str(tmp_path))
+    assert not again.computed  # computed once per key, then read from storage
+    torch.testing.assert_close(again.splits["val"].features, cache.splits["val"].features)
+
+    model = build_model(
+        cfg
+    ).eval()  # the end-to-end model: same weights file, frozen backbone, MoLRE on features
+    with torch.no_grad():  # make the experts matter (B is zero-initialised)
+        model.molre.B.normal_(0, 0.5)
+    hu, hashes = _val_volumes(cfg)
+    assert hashes == cache.splits["val"].study_hash
+    x = features.model_input(hu, cfg, (8, 64, 64))
+    with torch.no_grad():
+        b, m, s, h, w = x.shape
+        direct = model.backbone(x.transpose(1, 2).reshape(b * s, m, h, w)).reshape(b, s, -1)
+        torch.testing.assert_close(cache.splits["val"].features, direct, rtol=1e-5, atol=1e-5)
+        head = features.FeatureHead.from_model(model).eval()
+        assert set(features.head_state(head)) == set(features.head_state(model))
+        torch.testing.assert_close(head(cache.splits["val"].features), model(x), rtol=1e-5, atol=1e-5)
+        fresh = features.FeatureHead.from_config(cfg, 64, 2)
+        fresh.load_state_dict(features.head_state(model))  # weights move between the two unchanged
+        torch.testing.assert_close(fresh.eval()(cache.splits["val"].features), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_cached_trial_trains_and_reports_each_epoch(data, weights, tmp_path):
+    cfg = _cfg(data, weights, optim={"lr_head": 1e-2, "lr_adapter": 1e-3})
+    seen = []
+    result = features.cached_trial(cfg, str(tmp_path), device="cpu", on_epoch=seen.append)
+    assert [m["epoch"] for m in seen] == [0, 1]
+    assert all(m["val/volumes"] == 4 and np.isfinite(m["val/mean_auc"]) for m in seen)
+    assert result.best_metric == max(m["val/mean_auc"] for m in seen)
+    assert {k.split(".")[0] for k in result.best_state} == {"molre", "pool", "head"}
+    repeat = features.cached_trial(cfg, str(tmp_path), device="cpu")  # same seed, same cache: same metrics
+    assert [h["val/mean_auc"] for h in repeat.history] == [m["val/mean_auc"] for m in seen]
+
+
+def test_key_follows_what_the_features_depend_on(data, weights, tmp_path):
+    base = features.feature_key(_cfg(data, weights))
+    assert features.feature_key(_cfg(data, weights, adapter={"molre": {"experts": 3}})) == base  # top only
+    assert features.feature_key(_cfg(data, None)) != base
+    assert features.feature_key(_cfg(data, weights, data={"num_slices": 4})) != base
+    assert features.feature_key(_cfg(data, weights, backbone={"image_size": 32})) != base
+
+
+def test_configs_that_adapt_the_backbone_are_refused(data, weights, tmp_path):
+    with pytest.raises(ConfigError, match="backbone.finetune=frozen"):
+        features.build_feature_cache(_cfg(data, weights, backbone={"finetune": "lora"}), str(tmp_path))
+    blocks = _cfg(data, weights, adapter={"molre": {"placement": "blocks"}})
+    with pytest.raises(ConfigError, match="placement=features"):
+        features.build_feature_cache(blocks, str(tmp_path))
