@@ -48,7 +48,7 @@ class EpochStamps(UserCallback):
 
 def write_bench_dataset(root: str, grid=(8, 64, 64), spacing=(4.0, 4.0, 4.0), counts=None, seed=0) -> str:
     """Shards of random head-like int16 volumes with ~10% positive labels (throughput only; nothing to learn)."""
-    from molre.data import shards, storage
+    from molre.data import shards
     from molre.findings import NUM_FINDINGS
 
     counts = counts or {"train": 48, "val": 8}
@@ -56,7 +56,7 @@ def write_bench_dataset(root: str, grid=(8, 64, 64), spacing=(4.0, 4.0, 4.0), co
     d, h, w = grid
     yy, xx = np.meshgrid(np.arange(h) - h / 2, np.arange(w) - w / 2, indexing="ij")
     head = (yy**2 + xx**2) < (0.4 * min(h, w)) ** 2
-    infos = []
+    rows_by_split = {}
     for split, n in counts.items():
         rows = []
         for i in range(n):
@@ -64,12 +64,8 @@ def write_bench_dataset(root: str, grid=(8, 64, 64), spacing=(4.0, 4.0, 4.0), co
             labels = (rng.random(NUM_FINDINGS) < 0.1).astype(np.uint8)
             rows.append(shards.make_row(f"{split}{i:05d}", f"p{split}{i}", split, vol.astype(np.int16), spacing,
                                         labels, np.ones(NUM_FINDINGS, np.uint8)))  # fmt: skip
-        path = f"{split}/shard-00000.parquet"
-        sha, size = shards.write_shard(storage.join(root, path), rows)
-        infos.append(shards.ShardInfo(path=path, split=split, rows=n, sha256=sha, bytes=size))
-    manifest = shards.Manifest(config={"grid": list(grid), "spacing": list(spacing)}, counts=dict(counts),
-                               shards=infos, salt_fingerprint="bench")  # fmt: skip
-    storage.write_bytes(storage.join(root, shards.MANIFEST), manifest.to_json().encode())
+        rows_by_split[split] = rows
+    shards.write_dataset(root, rows_by_split, {"grid": list(grid), "spacing": list(spacing)}, "bench")
     return root
 
 

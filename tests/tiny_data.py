@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from molre.data import shards, storage
+from molre.data import shards
 from molre.findings import NUM_FINDINGS
 
 GRID = (8, 64, 64)
@@ -31,7 +31,7 @@ def tiny_volume(rng: np.random.Generator, labels: np.ndarray) -> np.ndarray:
 def write_tiny_dataset(root: str, counts=None, seed: int = 0) -> str:
     counts = counts or {"train": 48, "val": 24, "test": 12}
     rng = np.random.default_rng(seed)
-    infos = []
+    rows_by_split = {}
     for split, n in counts.items():
         rows = []
         for i in range(n):
@@ -40,10 +40,6 @@ def write_tiny_dataset(root: str, counts=None, seed: int = 0) -> str:
             known = np.ones(NUM_FINDINGS, np.uint8)
             rows.append(shards.make_row(f"{split}{i:04d}", f"p{split}{i}", split, tiny_volume(rng, labels),
                                         SPACING, labels, known))  # fmt: skip
-        path = f"{split}/shard-00000.parquet"
-        sha, size = shards.write_shard(storage.join(root, path), rows)
-        infos.append(shards.ShardInfo(path=path, split=split, rows=n, sha256=sha, bytes=size))
-    manifest = shards.Manifest(config={"grid": list(GRID), "spacing": list(SPACING)}, counts=dict(counts),
-                               shards=infos, salt_fingerprint="test")  # fmt: skip
-    storage.write_bytes(storage.join(root, shards.MANIFEST), manifest.to_json().encode())
+        rows_by_split[split] = rows
+    shards.write_dataset(root, rows_by_split, {"grid": list(GRID), "spacing": list(SPACING)}, "test")
     return root

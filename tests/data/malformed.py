@@ -813,20 +813,16 @@ def write_shard_dataset(root: str, splits: dict[str, int] | None = None, overlap
     previous split (a patient leak)."""
     from molre.data import shards, storage
 
-    infos, uris, first = [], [], 0
+    rows_by_split, first = {}, 0
     for split, n in (splits or {"train": 2, "val": 1}).items():
-        if n:
-            rel = f"{split}/shard-0.parquet"
-            rows = _shard_rows(n, split=split, first=first)
-            if first:
-                for row in rows[:overlap]:
-                    row["patient_hash"] = f"p{int(row['patient_hash'][1:]) - overlap:015d}"
-            sha, size = shards.write_shard(storage.join(root, rel), rows)
-            infos.append(shards.ShardInfo(rel, split, n, sha, size))
-            uris.append(storage.join(root, rel))
-            first += n
-    manifest = shards.Manifest({"grid": [2, 4, 4]}, {}, infos, "fingerprint")
-    storage.write_bytes(storage.join(root, shards.MANIFEST), manifest.to_json().encode())
+        rows = _shard_rows(n, split=split, first=first) if n else []
+        if first:
+            for row in rows[:overlap]:
+                row["patient_hash"] = f"p{int(row['patient_hash'][1:]) - overlap:015d}"
+        rows_by_split[split] = rows
+        first += n
+    manifest = shards.write_dataset(root, rows_by_split, {"grid": [2, 4, 4]}, "fingerprint")
+    uris = [storage.join(root, info.path) for info in manifest.shards]
     return uris
 
 

@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from molre.data import shards, storage
-from molre.data.shards import Manifest, ShardInfo
+from molre.data.shards import Manifest
 from molre.errors import DataError
 from molre.findings import NUM_FINDINGS
 
@@ -27,14 +27,7 @@ def rows(n=3, shape=(4, 8, 8), split="train", seed=0):
 
 def write_dataset(root, split_rows):
     """Shards + a manifest listing them; returns the manifest."""
-    infos = []
-    for split, rs in split_rows.items():
-        rel = f"{split}/shard-0.parquet"
-        sha, size = shards.write_shard(storage.join(root, rel), rs)
-        infos.append(ShardInfo(rel, split, len(rs), sha, size))
-    manifest = Manifest(config={"grid": [4, 8, 8]}, counts={}, shards=infos, salt_fingerprint="f")
-    storage.write_bytes(storage.join(root, shards.MANIFEST), manifest.to_json().encode())
-    return manifest
+    return shards.write_dataset(root, split_rows, {"grid": [4, 8, 8]}, "f")
 
 
 @pytest.fixture(params=["local", "s3"])

@@ -79,7 +79,7 @@ def test_bad_inputs_name_what_is_wrong(tiny_dataset, tmp_path):
         prepare(_cfg(tiny_dataset, tmp_path, "x", backbone={"preset": "tiny-vit3d"}, data={"num_slices": 6}))
     bad = tmp_path / "bad-schema"
     _copy_with_broken_schema(tiny_dataset, bad)
-    with pytest.raises(DataError, match=r"train/shard-00000.parquet: missing column 'known'"):
+    with pytest.raises(DataError, match=r"train/shard-0.parquet: missing column 'known'"):
         prepare(_cfg(str(bad), tmp_path, "x"))
     empty = tmp_path / "empty-val"
     _copy_without_split(tiny_dataset, empty, "val")

@@ -257,6 +257,23 @@ def write_shard(uri: str, rows: Sequence[dict]) -> tuple[str, int]:
     return storage.sha256_bytes(data), len(data)
 
 
+def write_dataset(
+    root: str, rows_by_split: dict[str, Sequence[dict]], config: dict, salt_fingerprint: str
+) -> Manifest:
+    """One shard per non-empty split (``<split>/shard-0.parquet``) plus the manifest, written last.
+
+    For small datasets built in code (tests, benchmarks); ``preprocess`` writes real ones batch by batch."""
+    infos = []
+    for split, rows in rows_by_split.items():
+        if rows:
+            rel = f"{split}/shard-0{SHARD_SUFFIX}"
+            sha, size = write_shard(storage.join(root, rel), rows)
+            infos.append(ShardInfo(rel, split, len(rows), sha, size))
+    manifest = Manifest(config=dict(config), counts={}, shards=infos, salt_fingerprint=salt_fingerprint)
+    storage.write_bytes(storage.join(root, MANIFEST), manifest.to_json().encode())
+    return manifest
+
+
 # ---------------------------------------------------------------------------------------------------- reading
 
 
