@@ -8,9 +8,10 @@ rejected for. Reused by the ingest, preprocess and reliability tests.
   slices it refers to under ``folder/images``) and returns the label file's path.
 - ``write_corpus(root)`` writes every volume case plus good series under ``root/series`` and a generic
   ``root/labels.csv`` that labels every study except ``study_without_labels``.
-- ``READ_CASES`` (``CONFIG_CASES``, ``SHARD_CASES``, ``CHECKPOINT_CASES``): ``case.write(folder)`` builds one bad
-  run config, shard/manifest or checkpoint and returns ``(item, read)``: ``read()`` must raise ``case.error``
-  with ``case.reason`` in its message, which also names ``item`` (a path, or the dotted key / override at fault).
+- ``READ_CASES`` (``CONFIG_CASES``, ``SHARD_CASES``, ``CHECKPOINT_CASES``, ``SWEEP_CASES``): ``case.write(folder)``
+  builds one bad run config, shard/manifest, checkpoint or search-space file and returns ``(item, read)``: ``read()``
+  must raise ``case.error`` with ``case.reason`` in its message, which also names ``item`` (a path, or the dotted
+  key / override at fault).
   ``case.known_leak`` says where a case still escapes as a raw exception (code this package may not edit).
 
 Every DICOM carries the planted PHI strings in ``PHI_STRINGS`` (patient name and id, institution, accession,
@@ -659,7 +660,7 @@ def write_corpus(root: Path) -> Corpus:
 @dataclass(frozen=True)
 class ReadCase:
     name: str
-    kind: str  # config | shard | checkpoint
+    kind: str  # config | shard | checkpoint | search space
     error: type[MolreError]  # the error ``read()`` must raise
     reason: str  # substring of its message
     write: Callable[[Path], tuple[str, Callable[[], object]]]  # folder -> (item the message names, read)
@@ -1209,4 +1210,138 @@ CHECKPOINT_CASES: tuple[ReadCase, ...] = (
     ),
 )
 
-READ_CASES: tuple[ReadCase, ...] = CONFIG_CASES + SHARD_CASES + CHECKPOINT_CASES
+
+# ---- search-space files (molre.tune.space.load_sweep)
+
+
+def _space_file(
+    text: str, overrides: tuple[str, ...] = ()
+) -> Callable[[Path], tuple[str, Callable[[], object]]]:
+    def write(folder: Path):
+        from molre.tune.space import load_sweep
+
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / "space.yaml"
+        path.write_text(text)
+        return str(path), lambda: load_sweep(path, list(overrides))
+
+    return write
+
+
+def _space(dimensions: str, search: str = "") -> str:
+    """A search-space file named ``t`` whose ``space:`` holds ``dimensions`` (one ``key: {...}`` per line)."""
+    lines = "".join(f"  {line}\n" for line in dimensions.splitlines())
+    return f"name: t\nspace:\n{lines}" + (f"search: {search}\n" if search else "")
+
+
+def _sweep(name: str, reason: str, text: str, overrides: tuple[str, ...] = ()) -> ReadCase:
+    return ReadCase(name, "search space", ConfigError, reason, _space_file(text, overrides))
+
+
+SWEEP_CASES: tuple[ReadCase, ...] = (
+    _sweep("sweep_unknown_key", "spaces: unknown key", "name: t\nspaces: {}\n"),
+    _sweep("sweep_missing_name", "name: Field required", "space: {loss.gamma: {float: [0, 1]}}\n"),
+    _sweep("sweep_name_not_a_path_component", "name: String should match pattern", "name: ../escape\n"),
+    _sweep(
+        "sweep_wrong_type",
+        "search.num_samples: Input should be a valid integer",
+        "name: t\nsearch: {num_samples: many}\n",
+    ),
+    _sweep(
+        "sweep_dimension_not_a_mapping",
+        "space.adapter.kind: Input should be a valid dictionary",
+        "name: t\nspace:\n  adapter.kind: [none]\n",
+    ),
+    _sweep("sweep_empty_choice", "empty choice", "name: t\nspace:\n  loss.gamma: {choice: []}\n"),
+    _sweep(
+        "sweep_unknown_distribution",
+        "space.loss.gamma.normal: unknown key",
+        "name: t\nspace:\n  loss.gamma: {normal: [0, 1]}\n",
+    ),
+    _sweep(
+        "sweep_two_distributions",
+        "give exactly one of",
+        "name: t\nspace:\n  loss.gamma: {float: [0, 1], choice: [1]}\n",
+    ),
+    _sweep(
+        "sweep_low_above_high",
+        "low 3.0 > high 1.0",
+        "name: t\nspace:\n  loss.gamma: {float: [3.0, 1.0]}\n",
+    ),
+    _sweep(
+        "sweep_infinite_bounds",
+        "bounds must be finite numbers",
+        "name: t\nspace:\n  loss.gamma: {float: [-.inf, .inf]}\n",
+    ),
+    _sweep(
+        "sweep_logfloat_from_zero",
+        "logfloat needs a positive low",
+        "name: t\nspace:\n  optim.lr_adapter: {logfloat: [0.0, 1.0e-3]}\n",
+    ),
+    _sweep(
+        "sweep_three_bounds",
+        "Tuple should have at most 2 items",
+        "name: t\nspace:\n  adapter.molre.rank: {int: [4, 8, 16]}\n",
+    ),
+    _sweep(
+        "sweep_key_not_in_run_config",
+        "space key 'adapter.molre.expert' is not a run-config key",
+        "name: t\nspace:\n  adapter.molre.expert: {choice: [2]}\n",
+    ),
+    _sweep(
+        "sweep_point_out_of_range",
+        "adapter.molre.experts: Input should be greater than 0",
+        "name: t\nspace:\n  adapter.molre.experts: {choice: [0, 2]}\n",
+    ),
+    _sweep(
+        "sweep_unknown_base_key",
+        "train.batchsize: unknown key",
+        "name: t\nbase: {train: {batchsize: 2}}\n",
+    ),
+    _sweep("sweep_override_of_unknown_key", "train.epochs: unknown key", "name: t\n", ("train.epochs=3",)),
+    _sweep(
+        "sweep_condition_on_undefined_key",
+        "condition on 'adapter.kind', which the space does not define",
+        "name: t\nspace:\n  adapter.molre.experts: {choice: [2], when: {adapter.kind: molre}}\n",
+    ),
+    _sweep(
+        "sweep_bad_mode",
+        "Input should be 'max' or 'min' (got 'up')",
+        "name: t\nsearch: {objectives: [[val/best_mean_auc, up]]}\n",
+    ),
+    _sweep(
+        "sweep_metric_not_a_name",
+        "search.objectives.0.0: Input should be a valid string",
+        "name: t\nsearch: {objectives: [[[val, auc], max]]}\n",
+    ),
+    _sweep(
+        "sweep_no_objective",
+        "search.objectives: List should have at least 1",
+        "name: t\nsearch: {objectives: []}\n",
+    ),
+    _sweep("sweep_no_seeds", "search.seeds: List should have at least 1", "name: t\nsearch: {seeds: []}\n"),
+    _sweep(
+        "sweep_grid_over_floats",
+        "loss.gamma: a grid needs choice or int",
+        "name: t\nspace:\n  loss.gamma: {float: [0, 1]}\nsearch: {algorithm: grid}\n",
+    ),
+    _sweep(
+        "sweep_grid_too_large",
+        "has more than 10000 grid values",
+        "name: t\nspace:\n  adapter.molre.rank: {int: [1, 1000000000]}\nsearch: {algorithm: grid}\n",
+    ),
+    _sweep(
+        "sweep_unknown_algorithm",
+        "search.algorithm: Input should be 'optuna'",
+        "name: t\nsearch: {algorithm: random}\n",
+    ),
+    _sweep("sweep_bad_yaml", "is not valid YAML", "name: t\nspace: {loss.gamma: {float: [0, 1]\n"),
+    _sweep(
+        "sweep_nested_too_deeply",
+        "nested too deeply",
+        "name: t\nbase: " + "[" * 5000 + "\n",
+    ),
+    _sweep("sweep_not_a_mapping", "top level must be a mapping", "- name: t\n"),
+)
+
+READ_CASES: tuple[ReadCase, ...] = CONFIG_CASES + SHARD_CASES + CHECKPOINT_CASES + SWEEP_CASES

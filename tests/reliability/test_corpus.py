@@ -1,6 +1,7 @@
-"""Bad input, end to end: every case of the malformed-input corpus (tests/data/malformed.py) ends in one of
-molre's own errors naming the item and the reason, or in a quarantine entry; good items beside bad ones are
-processed; counts reconcile (in = processed + quarantined), with Ray workers doing the work."""
+"""Bad input, end to end: every case of the malformed-input corpus (tests/data/malformed.py: volumes, label files,
+run configs, search spaces, shards, checkpoints) ends in one of molre's own errors naming the item and the reason,
+or in a quarantine entry; good items beside bad ones are processed; counts reconcile (in = processed +
+quarantined), with Ray workers doing the work."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from tests.data.malformed import (
     PHI_STRINGS,
     READ_CASES,
     SHARD_CASES,
+    SWEEP_CASES,
     UNLABELLED,
     VOLUME_CASES,
     cq500_row,
@@ -60,11 +62,15 @@ def test_corpus_covers_every_input_kind():
         "checkpoint",
     ):
         assert counts[kind] >= 3, (kind, counts)
+    assert counts["search space"] >= 10, counts
     for needed in ("config_unknown_key", "config_wrong_type", "config_bad_yaml", "config_not_a_mapping",
                    "override_without_value", "shard_column_of_wrong_type", "shard_truncated",
                    "shard_checksum_mismatch", "manifest_missing", "manifest_corrupt_json",
                    "manifest_wrong_schema_version", "split_empty", "checkpoint_without_config",
-                   "checkpoint_corrupt_safetensors", "checkpoint_weights_of_another_shape"):  # fmt: skip
+                   "checkpoint_corrupt_safetensors", "checkpoint_weights_of_another_shape",
+                   "sweep_unknown_key", "sweep_wrong_type", "sweep_empty_choice", "sweep_low_above_high",
+                   "sweep_infinite_bounds", "sweep_key_not_in_run_config", "sweep_bad_mode", "sweep_bad_yaml",
+                   "sweep_not_a_mapping"):  # fmt: skip
         assert needed in names
 
 
@@ -98,6 +104,7 @@ def test_read_case_kinds_are_declared():
     assert {c.kind for c in CONFIG_CASES} == {"config"}
     assert {c.kind for c in SHARD_CASES} == {"shard"}
     assert {c.kind for c in CHECKPOINT_CASES} == {"checkpoint"}
+    assert {c.kind for c in SWEEP_CASES} == {"search space"}
 
 
 # ---------------------------------------------------------------------------------------------------- batches

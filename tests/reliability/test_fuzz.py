@@ -13,8 +13,10 @@ Runs are derandomized (the same examples every CI run); ``MOLRE_FUZZ_RANDOM=1`` 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import warnings
@@ -336,3 +338,89 @@ def test_fuzz_inputs_are_valid_before_corruption(dicom_series, shard_files, tmp_
         shards.decode_volume(r) for r in pq.read_table(pa.BufferReader(shard_files["plain"])).to_pylist()
     ]
     assert [v.shape for v in volumes] == [(2, 4, 4)] * 2 and all(v.dtype == np.int16 for v in volumes)
+
+
+# ---------------------------------------------------------------------------------------------------- search spaces
+
+SPACE_FILES = sorted((Path(__file__).resolve().parents[2] / "search_spaces").glob("*.yaml"))
+# YAML that parses into something else: other types, special floats, huge numbers, empty collections, anchors,
+# tags, nesting, indentation and flow characters; and extremes put in place of a number (a bound, a choice)
+YAML_TOKENS = [
+    "~", "null", "true", "[]", "{}", "[1, 2, 3]", "{a: 1}", "[", "]", "{", "}", ":", ": ", "- ", ",", "'", '"',
+    "#", "&a ", "*a", "!!str ", "!!python/object:os.system ", "\t", "\n", "\n  ", "    ", "int", "float",
+    "logfloat", "choice", "when", "grid", "optuna", "max", "min", "adapter.kind", "\xff", "\x00",
+]  # fmt: skip
+NUMBER_TOKENS = [
+    ".inf", "-.inf", ".nan", "1.0e+308", "-1.0e+308", "99999999999999999999", "999999999", "-1", "0", "0.0",
+    "1", "2.5", "1e-400", "[]", "~",
+]  # fmt: skip
+# a scalar of the file (a number, a word, a dotted key) between YAML's separators; a number
+_SCALAR = re.compile(rb"(?<=[\[\s,:{])[-+\w./]+(?=[\]},:\s])")
+_NUMBER = re.compile(rb"(?<=[\[\s,:{])[-+]?\d[\d.e+-]*(?=[\]},\s])")
+
+
+@st.composite
+def yaml_edits(draw, max_ops: int = 4):
+    """Byte corruptions; YAML tokens inserted at a random place, written over it, or put in place of one of the
+    file's scalars; extreme values put in place of one of its numbers (a bound or a choice)."""
+    where = st.floats(0, 1, exclude_max=True)
+
+    def tokens(values):
+        return st.sampled_from(values).map(lambda t: t.encode("utf-8", "surrogateescape"))
+
+    op = st.one_of(
+        corruptions(max_ops=1).map(lambda edits: edits[0]),
+        st.tuples(st.sampled_from(["insert", "overwrite", "scalar"]), where, tokens(YAML_TOKENS)),
+        st.tuples(st.just("number"), where, tokens(NUMBER_TOKENS)),
+    )
+    return draw(st.lists(op, min_size=1, max_size=max_ops))
+
+
+def corrupt_text(data: bytes, edits) -> bytes:
+    out = data
+    for kind, frac, *rest in edits:
+        if kind == "overwrite":
+            at = int(frac * len(out))
+            out = out[:at] + rest[0] + out[at + len(rest[0]) :]
+        elif kind in ("scalar", "number"):
+            found = list((_SCALAR if kind == "scalar" else _NUMBER).finditer(out))
+            if found:
+                hit = found[int(frac * len(found))]
+                out = out[: hit.start()] + rest[0] + out[hit.end() :]
+        else:
+            out = corrupt(out, [(kind, frac, *rest)])
+    return out
+
+
+def _load_and_sample(path: Path):
+    """load_sweep, then what a sweep does with an accepted space: enumerate or sample points and build their run
+    configs (a point outside the validated sample may still be an invalid config: a ConfigError, never worse)."""
+    from molre.tune.space import grid_points, load_sweep, random_point, run_config_for
+
+    spec = load_sweep(path)
+    rng = np.random.default_rng(1)
+    points = (
+        grid_points(spec) if spec.search.algorithm == "grid" else [random_point(spec, rng) for _ in range(4)]
+    )
+    for point in points[:4]:
+        with contextlib.suppress(MolreError):
+            run_config_for(spec, point, spec.search.seeds[0])
+    return spec
+
+
+@pytest.mark.slow
+@settings(FUZZ, max_examples=EXAMPLES or 300)
+@given(source=st.sampled_from(SPACE_FILES), edits=yaml_edits())
+def test_corrupted_search_space_never_escapes_as_a_raw_exception(source, edits):
+    """A shipped search-space file damaged: load_sweep accepts it (and its points build or fail as ConfigError)
+    or raises one of molre's errors naming the file; nothing else, and no hang."""
+    folder = Path(tempfile.mkdtemp(prefix="fuzz-space-"))
+    try:
+        path = folder / source.name
+        path.write_bytes(corrupt_text(source.read_bytes(), edits))
+        try:
+            bounded(lambda: _load_and_sample(path))
+        except MolreError as err:
+            assert str(path) in str(err), f"the message does not name the file: {err}"
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

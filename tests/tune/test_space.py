@@ -79,13 +79,24 @@ def test_conditional_keys_only_where_the_condition_holds(tmp_path):
             "name: t\nsearch: {algorithm: grid}\nspace:\n  loss.gamma: {float: [0, 1]}\n",
             "cannot be enumerated",
         ),
+        # found by fuzzing (tests/reliability/test_fuzz.py): these escaped as numpy errors or hung
+        ("name: t\nspace:\n  loss.gamma: {float: [0.0, .inf]}\n", "bounds must be finite numbers"),
+        ("name: t\nspace:\n  loss.gamma: {float: [.nan, 1.0]}\n", "bounds must be finite numbers"),
+        ("name: t\nspace:\n  adapter.molre.rank: {int: [4, 99999999999999999999]}\n", "int bounds must lie"),
+        (
+            "name: t\nsearch: {algorithm: grid}\nspace:\n  adapter.molre.rank: {int: [1, 999999999]}\n",
+            "has more than 10000 grid values",
+        ),
+        ("name: t\nsearch: {seeds: []}\n", "search.seeds: List should have at least 1 item"),
+        ("name: t\nbase: " + "[" * 3000 + "\n", "nested too deeply"),
     ],
 )
 def test_bad_space_fails_before_any_trial_naming_the_problem(tmp_path, body, message):
     path = tmp_path / "bad.yaml"
     path.write_text(body)
-    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")) as info:
         load_sweep(path)
+    assert str(path) in str(info.value)
 
 
 def test_overrides_apply_to_the_base(tmp_path):

@@ -32,6 +32,8 @@ from molre.config import RunConfig, _format_error, build_config, read_yaml
 from molre.errors import ConfigError
 
 KINDS = ("choice", "int", "float", "logfloat")
+MAX_INT = 2**53  # int bounds beyond this are typos (and overflow numpy's int64 sampling)
+MAX_GRID_POINTS = 10_000  # each point is a training run: a bigger grid is a mistake, not an experiment
 
 
 class _Strict(BaseModel):
@@ -58,6 +60,10 @@ class Dimension(_Strict):
             raise ValueError("empty choice")
         if kind != "choice":
             lo, hi = getattr(self, kind)
+            if kind == "int" and max(abs(lo), abs(hi)) > MAX_INT:
+                raise ValueError(f"int bounds must lie within +-2**53, got [{lo}, {hi}]")
+            if kind != "int" and not math.isfinite(hi - lo):  # inf, nan, or a range wider than a float
+                raise ValueError(f"bounds must be finite numbers, got [{lo}, {hi}]")
             if lo > hi:
                 raise ValueError(f"low {lo} > high {hi}")
             if kind == "logfloat" and lo <= 0:
@@ -72,6 +78,8 @@ class Dimension(_Strict):
         if self.kind == "choice":
             return list(self.choice)
         if self.kind == "int":
+            if self.int[1] - self.int[0] >= MAX_GRID_POINTS:
+                raise ConfigError(f"int range {list(self.int)} has more than {MAX_GRID_POINTS} grid values")
             return list(range(self.int[0], self.int[1] + 1))
         raise ConfigError(f"a grid needs choice or int dimensions; {self.kind} cannot be enumerated")
 
@@ -87,8 +95,8 @@ class SearchConfig(_Strict):
     algorithm: Literal["optuna", "grid"] = "optuna"
     num_samples: int = Field(8, gt=0)  # optuna: configurations to try (each repeated over the seeds)
     limit: int | None = Field(None, gt=0)  # grid: only the first N points (smoke runs)
-    seeds: list[int] = [0]
-    objectives: list[tuple[str, Literal["max", "min"]]] = [("val/best_mean_auc", "max")]
+    seeds: list[int] = Field([0], min_length=1)
+    objectives: list[tuple[str, Literal["max", "min"]]] = Field([("val/best_mean_auc", "max")], min_length=1)
 
     @property
     def metric(self) -> str:
@@ -164,9 +172,17 @@ def grid_points(spec: SweepSpec) -> list[dict[str, Any]]:
         expanded: list[dict[str, Any]] = []
         for point in points:
             if dim.holds(point):
-                expanded.extend({**point, key: value} for value in dim.grid_values())
+                try:
+                    values = dim.grid_values()
+                except ConfigError as err:
+                    raise ConfigError(f"space.{key}: {err}") from None
+                expanded.extend({**point, key: value} for value in values)
             else:
                 expanded.append(point)
+            if len(expanded) > MAX_GRID_POINTS:
+                raise ConfigError(
+                    f"the grid has more than {MAX_GRID_POINTS} points: narrow the space or use optuna"
+                )
         points = expanded
     return points[: spec.search.limit] if spec.search.limit else points
 
@@ -205,7 +221,10 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> SweepSpe
     """Parse and fully validate a search-space file; ``overrides`` (``key=value``) apply to its ``base``."""
     from molre.config import parse_overrides, set_dotted
 
-    raw = read_yaml(path)
+    try:
+        raw = read_yaml(path)
+    except RecursionError:  # PyYAML recurses once per nesting level
+        raise ConfigError(f"config file {path} is not valid YAML: nested too deeply") from None
     try:
         spec = SweepSpec.model_validate(raw)
     except ValidationError as err:
@@ -225,7 +244,10 @@ def validate_points(spec: SweepSpec, source: str, samples: int = 16) -> None:
     if unknown:
         raise ConfigError(f"{source}: space key {unknown[0]!r} is not a run-config key")
     if spec.search.algorithm == "grid":
-        points = grid_points(spec)
+        try:
+            points = grid_points(spec)
+        except ConfigError as err:
+            raise ConfigError(f"{source}: {err}") from None
     else:
         rng = np.random.default_rng(0)
         points = [random_point(spec, rng) for _ in range(samples)]
