@@ -73,3 +73,26 @@ def test_bad_inputs_say_what_was_expected():
         model(torch.rand(1, 3, 8, 32, 32))
     with pytest.raises(ModelError, match="not divisible by the patch size"):
         _model(backbone={"preset": "tiny-vit3d"}, data={"num_slices": 6})
+
+
+@pytest.mark.parametrize("preset", ["tiny-vit", "tiny-davit"])
+def test_blocks_placement_routes_each_slice_once_by_default(preset):
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 3, 64, 64)
+    for route_by, per_module in (("slice", (6, 6)), ("token", None)):
+        model = _model(
+            backbone={"preset": preset}, adapter={"molre": {"placement": "blocks", "route_by": route_by}}
+        )
+        model.eval()
+        with torch.no_grad():
+            for m in model.molre_modules():
+                m.B.normal_(0, 0.1)
+            out = model(x)
+            shapes = {tuple(m.last_router_weights.shape) for m in model.molre_modules()}
+            if per_module:  # one gate per slice (B*S = 6) in every adapted linear, DaViT's windowed ones too
+                assert shapes == {per_module}
+                assert all(m.route_items is None for m in model.molre_modules())  # reset after the forward
+            else:
+                assert all(len(s) == 3 and s[0] >= 6 for s in shapes)  # [rows, tokens, K]
+            # slices stay independent items: volume 1 alone gives the same logits
+            torch.testing.assert_close(model(x[1:])[0], out[1], rtol=1e-4, atol=1e-5)

@@ -31,3 +31,19 @@ def test_params_cli_json(capsys):
     assert main(["params", "--all"]) == 0
     table = capsys.readouterr().out
     assert all(p in table for p in PAPER_PRESETS)
+
+
+def test_blocks_placement_counts_do_not_depend_on_routing_granularity():
+    from molre.config import build_config
+    from molre.models import molre_param_count
+    from molre.models.params import count_config_params
+
+    counts = [count_config_params(build_config({"backbone": {"preset": "dinov3-base"},
+                                                "adapter": {"molre": {"placement": "blocks", "route_by": r}}}))
+              for r in ("slice", "token")]  # fmt: skip
+    assert counts[0] == counts[1]
+    # one MoLRE per qkv (768 -> 2304) and proj (768 -> 768) of 12 blocks; the router is d -> 256 -> K either way
+    per_block = molre_param_count(768, d_out=2304) + molre_param_count(768)
+    assert (
+        counts[0]["molre"] == 12 * per_block == 7_415_952
+    )  # (147,456 + 198,406) + (73,728 + 198,406) per block

@@ -76,3 +76,18 @@ def test_predict_one_dicom_series(checkpoint, tmp_path, capsys):
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(WeightsError, match="is not a molre checkpoint"):
         load_checkpoint_model(str(tmp_path))
+
+
+def test_blocks_checkpoints_from_before_route_by_keep_token_routing(tmp_path):
+    import yaml
+
+    from molre.config import config_to_dict
+    from molre.train.checkpoint import read_config
+
+    raw = config_to_dict(build_config({"adapter": {"molre": {"placement": "blocks"}}}))
+    assert raw["adapter"]["molre"].pop("route_by") == "slice"  # today's default
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(raw))
+    assert read_config(tmp_path).adapter.molre.route_by == "token"  # what that run trained with
+    raw["adapter"]["molre"]["route_by"] = "slice"
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(raw))
+    assert read_config(tmp_path).adapter.molre.route_by == "slice"

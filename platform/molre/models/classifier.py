@@ -28,6 +28,10 @@ class MoLREClassifier(nn.Module):
         self.molre = molre  # features placement only; blocks placement lives inside the backbone
         self.pool = AttentionPooling(d, device=device) if backbone.dims == 2 else None
         self.head = nn.Linear(d, num_classes, device=device)
+        # blocks placement with route_by=slice: told how many slices (2D) / volumes (3D) each forward holds
+        self._slice_routed = tuple(
+            m for m in backbone.modules() if isinstance(m, MoLRE) and m.route_by == "slice"
+        )
 
     def check_input(self, x: torch.Tensor) -> None:
         item = self.backbone.expected_input()  # (3, H, W) or (3, D, H, W)
@@ -45,15 +49,23 @@ class MoLREClassifier(nn.Module):
                 f"{item[1:]}, got {spatial} (input shape {tuple(x.shape)}); resample the volume grid first"
             )
 
+    def _backbone(self, x: torch.Tensor) -> torch.Tensor:
+        for m in self._slice_routed:
+            m.route_items = x.shape[0]  # one routing item per backbone item (slice, or volume in 3D)
+        feats = self.backbone(x)
+        for m in self._slice_routed:
+            m.route_items = None
+        return feats
+
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Volume embeddings ``[B, d]`` before the classifier."""
         self.check_input(x)
         if self.backbone.dims == 3:
-            feats = self.backbone(x)  # [B, d]
+            feats = self._backbone(x)  # [B, d]
             return self.molre(feats) if self.molre is not None else feats
         b, m, s, h, w = x.shape
         slices = x.transpose(1, 2).reshape(b * s, m, h, w)  # [B*S, M, H, W]
-        feats = self.backbone(slices)  # [B*S, d]
+        feats = self._backbone(slices)  # [B*S, d]
         if self.molre is not None:
             feats = self.molre(feats)  # slice-level routing
         return self.pool(feats.reshape(b, s, -1))  # [B, d]
@@ -140,6 +152,7 @@ def _molre_linear(lin: nn.Linear, m, lora_alpha: float) -> MoLRE:
     return MoLRE(
         lin.in_features, lin.out_features, experts=m.experts, rank=m.rank, router_hidden=m.router_hidden,
         base_layer=lin, top_k=m.top_k, scale=lora_alpha / m.rank, dropout=m.dropout, device=lin.weight.device,
+        route_by=m.route_by,
     )  # fmt: skip
 
 

@@ -105,7 +105,11 @@ def read_config(directory: str | Path) -> RunConfig:
     path = Path(directory) / "config.yaml"
     if not path.exists():
         raise WeightsError(f"{directory} is not a molre checkpoint (no config.yaml)")
-    return build_config(read_yaml(path), source=str(path))
+    raw = read_yaml(path)
+    molre = (raw.get("adapter") or {}).get("molre")
+    if isinstance(molre, dict) and molre.get("placement") == "blocks" and "route_by" not in molre:
+        molre["route_by"] = "token"  # written before route_by existed: blocks placement routed every token
+    return build_config(raw, source=str(path))
 
 
 def read_setup(directory: str | Path) -> dict:
