@@ -13,8 +13,9 @@ cache. Fidelity differences vs the end-to-end trial: no augmentation (features c
 and fp32 / bf16 autocast as on the device. ``FeatureHead`` keeps the classifier's module names (``molre.``,
 ``pool.``, ``head.``), so its weights move to and from a ``MoLREClassifier`` unchanged.
 
-Sweep use (the lead wires it): ``build_feature_cache(cfg, root)`` once per backbone configuration before the
-trials, then per trial ``cached_trial(cfg, root, on_epoch=tune.report)``; the best candidates are re-run end to end.
+Sweep use (``molre.tune.multifidelity``): ``build_feature_cache(cfg, root)`` once per backbone configuration
+before the trials, then per trial ``cached_trial(cfg, root, on_epoch=tune.report)``; the best candidates are
+re-run end to end.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from torch import nn
 from molre.config import RunConfig
 from molre.data import shards, storage
 from molre.errors import ConfigError, DataError
-from molre.findings import NUM_FINDINGS
+from molre.findings import FINDING_IDS, NUM_FINDINGS
 from molre.models.molre import MoLRE
 from molre.models.pooling import AttentionPooling
 
@@ -347,7 +348,8 @@ def train_on_features(
             scores = torch.sigmoid(model(x_val)).cpu().numpy()
         aucs = per_finding_auc(scores, val.labels.numpy(), val.known.numpy())
         metrics = {"train/loss": total / max(len(order), 1), "train/volumes": len(order),
-                   **summarize(aucs).as_dict("val/"), "val/volumes": len(val)}  # fmt: skip
+                   **summarize(aucs).as_dict("val/"), "val/volumes": len(val),
+                   **{f"val/auc/{fid}": float(a) for fid, a in zip(FINDING_IDS, aucs, strict=True)}}  # fmt: skip
         if state.record(epoch, metrics, METRIC):
             best = trainable_state(model)
         metrics.update(

@@ -13,6 +13,7 @@
     scheduler: {asha: {grace_period: 2, reduction_factor: 2}}    # or null
     budget: {time_s: 3600}
     resources: {num_workers: 1, gpus_per_worker: 0.25, cpus_per_worker: 1, max_concurrent_trials: null}
+    multi_fidelity: {confirm_top: 2, cache: null}   # optional: screen on cached features, confirm the best
 
 Everything is validated before any trial starts (``load_sweep``): unknown keys, empty choices, low > high, a
 condition on a key the space does not define, and every sampled point must build a valid run config.
@@ -127,6 +128,14 @@ class ResourcesConfig(_Strict):
     max_concurrent_trials: int | None = Field(None, gt=0)  # None: as many as the cluster's resources allow
 
 
+class MultiFidelityConfig(_Strict):
+    """Screen every point on cached frozen-backbone features (``molre.tune.features``), then re-run the
+    ``confirm_top`` best points end to end over all seeds (``molre.tune.multifidelity``)."""
+
+    confirm_top: int = Field(2, gt=0)
+    cache: str | None = None  # feature cache root (local or s3://); default: <storage>/features
+
+
 class SweepSpec(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     base: dict = {}
@@ -135,6 +144,7 @@ class SweepSpec(_Strict):
     scheduler: SchedulerConfig = SchedulerConfig()
     budget: BudgetConfig = BudgetConfig()
     resources: ResourcesConfig = ResourcesConfig()
+    multi_fidelity: MultiFidelityConfig | None = None
 
     @model_validator(mode="after")
     def _conditions_name_space_keys(self):
@@ -253,9 +263,23 @@ def validate_points(spec: SweepSpec, source: str, samples: int = 16) -> None:
         points = [random_point(spec, rng) for _ in range(samples)]
     for point, seed in itertools.product(points, spec.search.seeds[:1]):
         try:
-            run_config_for(spec, point, seed)
+            cfg = run_config_for(spec, point, seed)
         except ConfigError as err:
             raise ConfigError(f"{source}: the space reaches an invalid run config:\n{err}") from None
+        if spec.multi_fidelity is not None:
+            _check_screenable(cfg, point, source)
+    if spec.multi_fidelity is not None and len(spec.search.objectives) > 1:
+        raise ConfigError(f"{source}: multi_fidelity ranks the screen by one metric; give one objective")
+
+
+def _check_screenable(cfg: RunConfig, point: dict, source: str) -> None:
+    """Every point of a multi-fidelity sweep must be trainable on cached features (frozen backbone)."""
+    from molre.tune.features import check_cacheable
+
+    try:
+        check_cacheable(cfg)
+    except ConfigError as err:
+        raise ConfigError(f"{source}: multi_fidelity: point {point}: {err}") from None
 
 
 def _is_config_key(key: str) -> bool:

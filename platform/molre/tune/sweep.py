@@ -131,6 +131,7 @@ def trial_row(trial_id: str, status: str, config: dict, metrics: dict, spec: Swe
     row["stopped_early"] = status == "TERMINATED" and not final
     row["epochs"] = metrics.get("epochs", (metrics.get("epoch", -1) + 1) if "epoch" in metrics else 0)
     row["checkpoint"] = metrics.get("checkpoint_path")
+    row["seconds"] = metrics.get("time_total_s", math.nan)  # the trial's wall time (compute accounting)
     for key, value in metrics.items():
         if key.startswith(("val/", "auc/", "params/", "router/")) and isinstance(value, int | float):
             row[key] = value
@@ -223,8 +224,11 @@ def sweep_data_uri(spec: SweepSpec, storage_root: str, synthetic: dict | None = 
 
 
 def run_sweep(spec: SweepSpec, storage_root: str, resume: bool = False, synthetic: dict | None = None):
-    """Run (or resume) the sweep; returns the trials table (also written with the leaderboard)."""
-    from molre.data.dataset import arrow_filesystem, split_files
+    """Run (or resume) the sweep; returns the trials table (also written with the leaderboard) and its paths.
+
+    With ``multi_fidelity`` in the spec the points are screened on cached features first and only the best are
+    trained end to end (``molre.tune.multifidelity``); the returned table is then the end-to-end one.
+    """
     from molre.train.run import ensure_ray
 
     ensure_ray()
@@ -232,40 +236,74 @@ def run_sweep(spec: SweepSpec, storage_root: str, resume: bool = False, syntheti
         storage_root = os.path.abspath(storage_root)
     experiment_uri = storage.join(storage_root, spec.name)
     print(f"molre sweep {spec.name}: results in {experiment_uri}", flush=True)
+    data_uri = checked_data_uri(spec, storage_root, synthetic)
+    if spec.multi_fidelity is not None:
+        from molre.tune.multifidelity import run_multi_fidelity
+
+        return run_multi_fidelity(spec, storage_root, data_uri, resume)
+    results = fit_experiment(spec, end_to_end_trainable(spec, data_uri, experiment_uri), storage_root, resume)
+    table = table_from_results(results, spec)
+    return table, write_results(table, experiment_uri, spec)
+
+
+def checked_data_uri(spec: SweepSpec, storage_root: str, synthetic: dict | None = None) -> str:
+    """The sweep's data, with every shard's checksum verified once per sweep (trials then skip it)."""
+    from molre.data.dataset import split_files
+
     data_uri = sweep_data_uri(spec, storage_root, synthetic)
     for split in ("train", "val"):
-        split_files(data_uri, split, verify=True)  # checksums once per sweep, not once per trial
-    fs, path = arrow_filesystem(storage_root)
-    trainable = ray.tune.with_resources(
+        split_files(data_uri, split, verify=True)
+    return data_uri
+
+
+def end_to_end_trainable(spec: SweepSpec, data_uri: str, experiment_uri: str):
+    """``run_trial`` bound to the sweep; the trial driver sits on the head, its Train workers hold the devices."""
+    return ray.tune.with_resources(
         ray.tune.with_parameters(run_trial, spec=spec.model_dump(mode="json"), data_uri=data_uri,
                                  experiment_uri=experiment_uri),
         {"CPU": 0, "node:__internal_head__": 0.01},  # trial drivers live on the head (CPU:0 on clusters); workers hold the real resources
     )  # fmt: skip
+
+
+def fit_experiment(
+    spec: SweepSpec, trainable, storage_root: str, resume: bool, points: list[dict] | None = None
+):
+    """Fit (or restore and finish) the Tune experiment ``spec.name`` under ``storage_root``; the ResultGrid.
+
+    ``points``: run exactly these points (each over all seeds, no early stopping) instead of the spec's search.
+    """
+    from molre.data.dataset import arrow_filesystem
+
+    fs, path = arrow_filesystem(storage_root)
     experiment_path = f"{path}/{spec.name}"
     if ray.tune.Tuner.can_restore(experiment_path, storage_filesystem=fs):
         if not resume:
-            raise ConfigError(f"experiment {spec.name} already exists at {experiment_uri}; pass --resume to finish "
-                              "it, or change the name")  # fmt: skip
+            raise ConfigError(f"experiment {spec.name} already exists at {storage.join(storage_root, spec.name)}; "
+                              "pass --resume to finish it, or change the name")  # fmt: skip
         tuner = ray.tune.Tuner.restore(experiment_path, trainable, resume_errored=True, storage_filesystem=fs)
     else:
-        tuner = _new_tuner(spec, trainable, storage_root, experiment_uri, fs, path)
-    results = tuner.fit()
-    table = _table_from_results(results, spec)
-    paths = write_results(table, experiment_uri, spec)
-    return table, paths
+        tuner = _new_tuner(spec, trainable, storage.join(storage_root, spec.name), fs, path, points)
+    return tuner.fit()
 
 
-def _new_tuner(spec: SweepSpec, trainable, storage_root: str, experiment_uri: str, fs, path: str):
+def _param_space(spec: SweepSpec, points: list[dict] | None):
+    """(param_space, search_alg, num_samples, scheduler) of a fresh experiment."""
     max_epochs = run_config_for(spec, {}).train.max_epochs
+    if points is not None:
+        grid = {"point": ray.tune.grid_search(points), "seed": ray.tune.grid_search(spec.search.seeds)}
+        return grid, None, 1, None
     if spec.search.algorithm == "grid":
-        param_space = {
+        grid = {
             "point": ray.tune.grid_search(grid_points(spec)),
             "seed": ray.tune.grid_search(spec.search.seeds),
         }
-        search_alg, num_samples = None, 1
-    else:
-        param_space, search_alg = {}, _searcher(spec)
-        num_samples = spec.search.num_samples * len(spec.search.seeds)
+        return grid, None, 1, _scheduler(spec, max_epochs)
+    num_samples = spec.search.num_samples * len(spec.search.seeds)
+    return {}, _searcher(spec), num_samples, _scheduler(spec, max_epochs)
+
+
+def _new_tuner(spec: SweepSpec, trainable, experiment_uri: str, fs, path: str, points: list[dict] | None):
+    param_space, search_alg, num_samples, scheduler = _param_space(spec, points)
     multi = len(spec.search.objectives) > 1
     return ray.tune.Tuner(
         trainable,
@@ -274,7 +312,7 @@ def _new_tuner(spec: SweepSpec, trainable, storage_root: str, experiment_uri: st
             metric=None if multi else spec.search.metric,
             mode=None if multi else spec.search.mode,
             search_alg=search_alg,
-            scheduler=_scheduler(spec, max_epochs),
+            scheduler=scheduler,
             num_samples=num_samples,
             max_concurrent_trials=max_concurrent(spec),
             time_budget_s=spec.budget.time_s,
@@ -290,7 +328,7 @@ def _new_tuner(spec: SweepSpec, trainable, storage_root: str, experiment_uri: st
     )
 
 
-def _table_from_results(results, spec: SweepSpec) -> pd.DataFrame:
+def table_from_results(results, spec: SweepSpec) -> pd.DataFrame:
     rows = []
     for i, result in enumerate(results):
         trial_id = (result.metrics or {}).get("trial_id") or f"trial_{i:05d}"

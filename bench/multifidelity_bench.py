@@ -1,0 +1,122 @@
+"""Multi-fidelity sweep vs the exhaustive end-to-end grid: compute spent and the best configuration reached.
+
+    python bench/multifidelity_bench.py [--config search_spaces/multi_fidelity.yaml] [--storage DIR]
+                                        [--out bench/results/multi_fidelity.json]
+
+Runs the spec twice on the same data in one local Ray: (1) its grid, every point end to end (the spec without
+``multi_fidelity``, experiment ``<name>-grid``); (2) the multi-fidelity sweep (cache features once, screen every
+point on them, confirm the ``confirm_top`` best end to end). Compute = trial wall time x devices held, summed
+(``molre.tune.multifidelity``); the feature cache build counts toward the multi-fidelity side. Prints one JSON
+line: both sides' device-seconds and their ratio, the grid's best point and metric (mean over seeds), the best
+confirmed point and metric, the gap, and how well the screen's ranking agrees with the end-to-end one (Spearman
+over the grid's points). Targets (issue 8): ratio <= 0.25 with a gap <= 0.005 mean AUC.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import loadavg, machine  # noqa: E402
+
+
+def point_scores(table: pd.DataFrame, metric: str) -> pd.Series:
+    """Mean ``metric`` over seeds per point (JSON of the searched keys), finished trials only."""
+    done = table[table["status"] == "TERMINATED"]
+    return done.groupby("point")[metric].mean()
+
+
+def with_points(table: pd.DataFrame, spec) -> pd.DataFrame:
+    """The searched keys of each trial (from its ``config/`` columns) as the JSON the screen ranks by."""
+    keys = [k for k in spec.space]
+
+    def point(row) -> str:
+        values = {k: row[f"config/{k}"] for k in keys if spec.space[k].holds(_known(row, keys))}
+        return json.dumps({k: _plain(v) for k, v in values.items()}, default=str)
+
+    return table.assign(point=table.apply(point, axis=1))
+
+
+def _known(row, keys) -> dict:
+    return {k: _plain(row[f"config/{k}"]) for k in keys}
+
+
+def _plain(value):
+    return value.item() if hasattr(value, "item") else value
+
+
+def compare(spec, grid: pd.DataFrame, mf: pd.DataFrame, screen: pd.DataFrame, summary: dict) -> dict:
+    from molre.tune.multifidelity import device_seconds
+
+    metric = spec.search.metric
+    grid_scores = point_scores(with_points(grid, spec), metric)
+    mf_scores = point_scores(with_points(mf, spec), metric)
+    screen_scores = point_scores(with_points(screen, spec), metric)
+    best_grid, best_mf = grid_scores.idxmax(), mf_scores.idxmax()
+    both = pd.concat([grid_scores.rename("e2e"), screen_scores.rename("cached")], axis=1).dropna()
+    grid_s = device_seconds(grid, spec.resources.num_workers)
+    return {
+        "grid_points": int(len(grid_scores)),
+        "grid_device_s": round(grid_s, 1),
+        "mf_device_s": round(summary["device_seconds"], 1),
+        "mf_screen_device_s": round(summary["screen"]["device_seconds"], 1),
+        "mf_cache_build_s": round(summary["screen"]["cache"]["seconds"], 1),
+        "mf_confirm_device_s": round(summary["confirm"]["device_seconds"], 1),
+        "compute_ratio": round(summary["device_seconds"] / grid_s, 3),
+        "grid_best_point": json.loads(best_grid),
+        "grid_best": round(float(grid_scores[best_grid]), 4),
+        "mf_best_point": json.loads(best_mf),
+        "mf_best": round(float(mf_scores[best_mf]), 4),
+        "gap": round(float(grid_scores[best_grid] - mf_scores[best_mf]), 4),
+        "same_point": best_grid == best_mf,
+        "grid_best_screen_rank": int(screen_scores.rank(ascending=False)[best_grid]) if best_grid in screen_scores else None,
+        "spearman_screen_vs_e2e": round(float(both["cached"].corr(both["e2e"], method="spearman")), 3),
+        "screen_vs_e2e": {p: [round(float(r.cached), 4), round(float(r.e2e), 4)] for p, r in both.iterrows()},
+    }  # fmt: skip
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default=str(ROOT / "search_spaces" / "multi_fidelity.yaml"))
+    parser.add_argument("--storage", default=None, help="results root (default: a fresh temporary folder)")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "multi_fidelity.json"))
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from molre.tune.multifidelity import SUMMARY_FILE
+    from molre.tune.space import load_sweep
+    from molre.tune.sweep import run_sweep
+
+    spec = load_sweep(args.config)
+    grid_spec = spec.model_copy(deep=True, update={"name": f"{spec.name}-grid", "multi_fidelity": None})
+    storage_root = args.storage or tempfile.mkdtemp(prefix="molre-bench-mf-")
+    started = time.time()
+    grid, _ = run_sweep(grid_spec, storage_root)
+    grid_wall = time.time() - started
+    started = time.time()
+    mf, paths = run_sweep(spec, storage_root)
+    mf_wall = time.time() - started
+    summary = json.loads(Path(paths["multi_fidelity"]).read_text())
+    screen = pd.read_parquet(os.path.join(storage_root, f"{spec.name}-screen", "trials.parquet"))
+    assert Path(paths["multi_fidelity"]).name == SUMMARY_FILE
+    row = {"case": "multi_fidelity", "config": os.path.relpath(args.config, ROOT), **compare(spec, grid, mf, screen, summary),
+           "grid_wall_s": round(grid_wall, 1), "mf_wall_s": round(mf_wall, 1), "loadavg": loadavg(),
+           **machine(torch.device("cpu")), "storage": storage_root}  # fmt: skip
+    print(json.dumps(row), flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(row, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
