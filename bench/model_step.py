@@ -4,16 +4,23 @@ One step = ``zero_grad -> forward (bf16 autocast on GPU, fp32 on CPU) -> focal l
 1.0 -> AdamW step``, the worker loop's step without data and augmentation. Input ``[B, 3, S, H, W]``.
 
 - molre: ``molre.models.build_model`` of a run config (LoRA r=8 alpha=16 in the attention linears + MoLRE K=6
-  r=8 on the slice features, attention pooling, linear head), optimizer ``molre.train.loop.make_optimizer``.
+  r=8 on the slice features, attention pooling, linear head) with the worker loop's device settings
+  (``molre.models.runtime.prepare_runtime``: frozen weights stored in bf16 under bf16 autocast, TF32 on CUDA) and
+  optimizer (``molre.train.loop.make_optimizer``: fused AdamW on CUDA).
 - peer: the same timm architecture with peft's LoRA (``inject_adapter_in_model``, r=8, alpha=16) on the attention
   linears, then attention pooling + linear head written out here (no MoLRE; no molre code in its forward).
   ``target_modules`` are the suffixes ``attn.qkv`` / ``attn.proj``: peft matches a bare ``"proj"`` against
   *every* module named ``proj``, which in timm's ViT includes the patch-embedding Conv2d ``patch_embed.proj``.
 
+Modes, for both sides: ``eager``; ``compiled`` = ``torch.compile`` of the whole model; ``regional`` = each
+transformer block compiled in place (``molre.models.runtime.compile_regions``; what ``train.compile=auto`` runs on
+a GPU). Ablations (``ablations=True``, eager, molre only) switch one fast path off to measure what it gives:
+``molre-fp32-frozen`` (frozen weights kept fp32 and re-cast by autocast every step; only under bf16) and
+``molre-foreach-adamw`` / ``molre-fused-adamw`` (the other AdamW implementation than the device's default).
+
 FLOPs are counted by ``torch.utils.flop_counter.FlopCounterMode`` over one eager forward + backward (the
 optimizer's elementwise work is not counted); achieved FLOP/s = counted FLOPs per step / median step time.
-Variants (eager and ``torch.compile``d, for both sides) are timed in interleaved rounds in one process, so a
-change in the machine's load hits all of them alike.
+Variants are timed in interleaved rounds in one process, so a change in the machine's load hits all of them alike.
 """
 
 from __future__ import annotations
@@ -29,6 +36,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 NUM_CLASSES = 75
 PEER_TARGETS = ["attn.qkv", "attn.proj"]
+# Regionally compiled models of one architecture share their block's code object, and Dynamo keeps at most
+# recompile_limit (8) graphs per code object before running it eager: one process here compiles the blocks of up
+# to 7 models (molre, peer, LoRA, blocks by slice / token; two ViT presets), so raise it.
+torch._dynamo.config.recompile_limit = 64
 
 
 @dataclass(frozen=True)
@@ -51,9 +62,12 @@ class StepShape:
 class Variant:
     name: str  # e.g. "molre/eager"
     impl: str  # molre | peer | lora | molre-blocks | ...
-    mode: str  # eager | compiled
-    model: nn.Module
+    mode: str  # eager | compiled | regional
+    model: nn.Module  # for regional: compiled in place
     optimizer: torch.optim.Optimizer
+    bf16: bool = False  # bf16 autocast
+    flop_model: nn.Module | None = None  # an eager twin to count FLOPs on (default: model)
+    compile_kwargs: dict = field(default_factory=dict)  # torch.compile options (tests: backend="aot_eager")
     step: object = None
     flops: int = 0
     times: list[float] = field(default_factory=list)
@@ -62,24 +76,40 @@ class Variant:
 
 
 def run_config(
-    shape: StepShape, kind: str = "molre", placement: str = "features", finetune: str | None = None
-):
+    shape: StepShape, kind: str = "molre", placement: str = "features", finetune: str | None = None,
+    route_by: str = "slice", precision: str = "auto",
+):  # fmt: skip
     from molre.config import build_config
 
     return build_config({
         "backbone": {"preset": shape.preset, "image_size": shape.image_size, "finetune": finetune},
-        "adapter": {"kind": kind, "molre": {"placement": placement}},
+        "adapter": {"kind": kind, "molre": {"placement": placement, "route_by": route_by}},
         "data": {"num_slices": shape.slices},
+        "train": {"precision": precision},
     })  # fmt: skip
 
 
-def molre_model(cfg, device: torch.device):
-    """The molre classifier of ``cfg`` and its optimizer (the worker loop's two learning rates)."""
+def molre_model(
+    cfg, device: torch.device, compile: str = "off", cast_frozen: bool = True, fused: bool | None = None,
+    **compile_kwargs,
+):  # fmt: skip
+    """The molre classifier of ``cfg`` on ``device`` with the worker loop's device settings and optimizer.
+
+    ``compile="regional"`` compiles its blocks in place; ``cast_frozen`` / ``fused`` are the ablation switches.
+    """
     from molre.models import build_model
+    from molre.models.runtime import prepare_runtime
     from molre.train.loop import make_optimizer
 
     model = build_model(cfg).to(device)
-    return model, make_optimizer(model, cfg)
+    prepare_runtime(model, cfg, device, compile=compile, cast_frozen=cast_frozen, **compile_kwargs)
+    return model, make_optimizer(model, cfg, fused=fused)
+
+
+def uses_bf16(cfg, device: torch.device) -> bool:
+    from molre.models.runtime import uses_bf16 as _uses_bf16
+
+    return _uses_bf16(cfg.train.precision, device)
 
 
 class PeerClassifier(nn.Module):
@@ -122,8 +152,13 @@ class PeerClassifier(nn.Module):
         )
 
 
-def peer_model(shape: StepShape, device: torch.device):
+def peer_model(shape: StepShape, device: torch.device, regional: bool = False, **compile_kwargs):
+    """The peer and its AdamW; ``regional``: its attention blocks compiled in place, as molre's."""
+    from molre.models.runtime import compile_regions
+
     model = PeerClassifier(shape.preset, shape.side()).to(device)
+    if regional:
+        compile_regions(model.net, PEER_TARGETS, **compile_kwargs)
     return model, model.optimizer()
 
 
@@ -136,21 +171,23 @@ def make_batch(shape: StepShape, device: torch.device, seed: int = 0):
     return x.to(device), labels.to(device), known.to(device)
 
 
-def _autocast(device: torch.device):
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+def _autocast(device: torch.device, bf16: bool):
+    if bf16:
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
 def make_step(variant: Variant, batch, loss_fn, device: torch.device):
     x, labels, known = batch
-    forward = torch.compile(variant.model) if variant.mode == "compiled" else variant.model
+    forward = variant.model
+    if variant.mode == "compiled":
+        forward = torch.compile(variant.model, **variant.compile_kwargs)
     params = [p for p in variant.model.parameters() if p.requires_grad]
     optimizer = variant.optimizer
 
     def step():
         optimizer.zero_grad(set_to_none=True)
-        with _autocast(device):
+        with _autocast(device, variant.bf16):
             logits = forward(x)
         loss = loss_fn(logits.float(), labels, known)
         loss.backward()
@@ -161,11 +198,11 @@ def make_step(variant: Variant, batch, loss_fn, device: torch.device):
     return step
 
 
-def count_flops(model: nn.Module, batch, loss_fn, device: torch.device) -> int:
+def count_flops(model: nn.Module, batch, loss_fn, device: torch.device, bf16: bool = False) -> int:
     """FLOPs of one eager forward + backward, counted op by op (matmul, conv, attention)."""
     x, labels, known = batch
     with FlopCounterMode(display=False) as counter:
-        with _autocast(device):
+        with _autocast(device, bf16):
             logits = model(x)
         loss_fn(logits.float(), labels, known).backward()
     model.zero_grad(set_to_none=True)
@@ -180,12 +217,13 @@ def measure(
 
     loss_fn = FocalLoss(2.0, 0.25)
     flops_of: dict[int, int] = {}
-    for v in variants:  # FLOPs once per model (the eager graph; compile does not change the math)
-        if id(v.model) not in flops_of:
-            flops_of[id(v.model)] = count_flops(v.model, batch, loss_fn, device)
-        v.flops = flops_of[id(v.model)]
+    for v in variants:  # FLOPs once per eager model (compile does not change the math)
+        counted = v.flop_model or v.model
+        if id(counted) not in flops_of:
+            flops_of[id(counted)] = count_flops(counted, batch, loss_fn, device, v.bf16)
+        v.flops = flops_of[id(counted)]
         v.step = make_step(v, batch, loss_fn, device)
-        for _ in range(warmup + (2 if v.mode == "compiled" else 0)):
+        for _ in range(warmup + (0 if v.mode == "eager" else 2)):
             v.step()
     for r in range(rounds):
         for v in variants:
@@ -228,97 +266,139 @@ def variant_row(case: str, v: Variant, shape: StepShape, device: torch.device, c
     }
 
 
+def _ratios(summary: dict, rows: list[dict], num: tuple, den: tuple, key: str) -> None:
+    """``summary[key]`` = throughput of variant ``num`` over ``den`` ((impl, mode) pairs), from the median wall
+    step, and ``key_from_min`` / ``key_from_cpu`` from the fastest step / CPU time per step."""
+    by = {(r["impl"], r["mode"]): r for r in rows}
+    a, b = by[num], by[den]
+    summary[key] = round(a["slices_per_s"] / b["slices_per_s"], 3)
+    summary[f"{key}_from_min"] = round(b["step_ms_min"] / a["step_ms_min"], 3)
+    summary[f"{key}_from_cpu"] = round(b["cpu_ms_per_step"] / a["cpu_ms_per_step"], 3)
+
+
 def model_step_case(
     shape: StepShape, device: torch.device, modes=("eager", "compiled"), rounds=3, repeats=5, warmup=2,
-    common: dict | None = None,
+    common: dict | None = None, ablations: bool = False, precision: str = "auto",
+    compile_kwargs: dict | None = None,
 ) -> list[dict]:  # fmt: skip
-    """molre vs peer, each in ``modes``; one JSON row per variant and one summary row with the ratios."""
-    common = common or {}
+    """molre vs peer, each in ``modes``; one JSON row per variant and one summary row with the ratios.
+
+    ``ablations``: also molre eager with each fast path switched off (see the module docstring).
+    ``precision``: the molre config's (``auto`` = bf16 on CUDA); the peer runs under the same autocast.
+    """
+    common, ck = common or {}, compile_kwargs or {}
     torch.manual_seed(0)
-    m_model, m_opt = molre_model(run_config(shape), device)
+    cfg = run_config(shape, precision=precision)
+    bf16 = uses_bf16(cfg, device)
+    m_model, m_opt = molre_model(cfg, device)
     p_model, p_opt = peer_model(shape, device)
     variants = []
     for mode in modes:
-        variants.append(
-            Variant(f"molre/{mode}", "molre", mode, m_model, m_opt if mode == "eager" else _clone_opt(m_opt))
+        if mode == "regional":  # compiled in place: own instances (same seed, same weights)
+            torch.manual_seed(0)
+            rm, rm_opt = molre_model(cfg, device, compile="regional", **ck)
+            rp, rp_opt = peer_model(shape, device, regional=True, **ck)
+            variants += [Variant("molre/regional", "molre", mode, rm, rm_opt, bf16, m_model, ck),
+                         Variant("peer/regional", "peer", mode, rp, rp_opt, bf16, p_model, ck)]  # fmt: skip
+            continue
+        opts = (m_opt, p_opt) if mode == "eager" else (_clone_opt(m_opt), _clone_opt(p_opt))
+        variants += [Variant(f"molre/{mode}", "molre", mode, m_model, opts[0], bf16, compile_kwargs=ck),
+                     Variant(f"peer/{mode}", "peer", mode, p_model, opts[1], bf16, compile_kwargs=ck)]  # fmt: skip
+    ablated = []
+    if ablations:
+        if bf16:  # frozen weights left fp32: autocast re-casts them at every step
+            torch.manual_seed(0)
+            fm, fm_opt = molre_model(cfg, device, cast_frozen=False)
+            ablated.append(Variant("molre-fp32-frozen/eager", "molre-fp32-frozen", "eager", fm, fm_opt, bf16))
+        other = "foreach" if m_opt.defaults.get("fused") else "fused"  # the other AdamW than the default
+        opt = make_optimizer_like(m_model, cfg, fused=other == "fused")
+        ablated.append(
+            Variant(f"molre-{other}-adamw/eager", f"molre-{other}-adamw", "eager", m_model, opt, bf16)
         )
-        variants.append(
-            Variant(f"peer/{mode}", "peer", mode, p_model, p_opt if mode == "eager" else _clone_opt(p_opt))
-        )
+    variants += ablated
     batch = make_batch(shape, device)
     measure(variants, batch, device, rounds, repeats, warmup)
     rows = [emit(variant_row("model_step", v, shape, device, common)) for v in variants]
-    by = {(r["impl"], r["mode"]): r["slices_per_s"] for r in rows}
-    best_step = {(r["impl"], r["mode"]): r["step_ms_min"] for r in rows}
-    cpu_step = {(r["impl"], r["mode"]): r["cpu_ms_per_step"] for r in rows}
     summary = {
         "case": "model_step_ratio",
         "preset": shape.preset,
         "input": shape.label(),
         "device": str(device),
+        "bf16": bf16,
     }
     for mode in modes:
-        summary[f"molre_over_peer_{mode}"] = round(by["molre", mode] / by["peer", mode], 3)
-        summary[f"molre_over_peer_{mode}_from_min"] = round(
-            best_step["peer", mode] / best_step["molre", mode], 3
-        )
-        summary[f"molre_over_peer_{mode}_from_cpu"] = round(
-            cpu_step["peer", mode] / cpu_step["molre", mode], 3
-        )
+        _ratios(summary, rows, ("molre", mode), ("peer", mode), f"molre_over_peer_{mode}")
+    by = {(r["impl"], r["mode"]): r["slices_per_s"] for r in rows}
     best_m = max(v for (impl, _), v in by.items() if impl == "molre")
     best_p = max(v for (impl, _), v in by.items() if impl == "peer")
     summary["best_molre_over_best_peer"] = round(best_m / best_p, 3)
+    if "eager" in modes:  # what each fast path gives: molre eager over molre eager without it
+        for v in ablated:
+            name = v.impl.removeprefix("molre-")
+            _ratios(summary, rows, ("molre", "eager"), (v.impl, "eager"), f"speedup_vs_{name}")
     summary.update({"loadavg": loadavg(), **common})
     rows.append(emit(summary))
     del variants, m_model, p_model
     return rows
 
 
+def make_optimizer_like(model: nn.Module, cfg, fused: bool) -> torch.optim.Optimizer:
+    from molre.train.loop import make_optimizer
+
+    return make_optimizer(model, cfg, fused=fused)
+
+
 def blocks_overhead_case(
-    shape: StepShape, device: torch.device, modes=("eager",), rounds=3, repeats=5, warmup=2, common: dict | None = None
+    shape: StepShape, device: torch.device, modes=("eager",), rounds=3, repeats=5, warmup=2,
+    common: dict | None = None, precision: str = "auto", compile_kwargs: dict | None = None,
 ) -> list[dict]:  # fmt: skip
-    """Step time of MoLRE inside the attention linears (``placement=blocks``) vs LoRA alone (``kind=none``)."""
-    common = common or {}
-    torch.manual_seed(0)
-    lora_model, lora_opt = molre_model(run_config(shape, kind="none"), device)
-    blocks_model, blocks_opt = molre_model(run_config(shape, placement="blocks"), device)
+    """Step time of MoLRE inside the attention linears (``placement=blocks``), routed by slice (the default) and
+    by token, vs LoRA alone (``kind=none``); one summary row per mode with both overheads and the counted FLOPs."""
+    common, ck = common or {}, compile_kwargs or {}
+    configs = {
+        "lora": run_config(shape, kind="none", precision=precision),
+        "blocks-slice": run_config(shape, placement="blocks", route_by="slice", precision=precision),
+        "blocks-token": run_config(shape, placement="blocks", route_by="token", precision=precision),
+    }
+    bf16 = uses_bf16(configs["lora"], device)
     variants = []
-    for mode in modes:
-        variants.append(
-            Variant(
-                f"lora/{mode}",
-                "lora",
-                mode,
-                lora_model,
-                lora_opt if mode == "eager" else _clone_opt(lora_opt),
-            )
-        )
-        variants.append(Variant(f"molre-blocks/{mode}", "molre-blocks", mode, blocks_model,
-                                blocks_opt if mode == "eager" else _clone_opt(blocks_opt)))  # fmt: skip
+    for impl, cfg in configs.items():
+        torch.manual_seed(0)
+        model, opt = molre_model(cfg, device)
+        for mode in modes:
+            if mode == "regional":
+                torch.manual_seed(0)
+                rm, r_opt = molre_model(cfg, device, compile="regional", **ck)
+                variants.append(Variant(f"{impl}/{mode}", impl, mode, rm, r_opt, bf16, model, ck))
+            else:
+                o = opt if mode == "eager" else _clone_opt(opt)
+                variants.append(Variant(f"{impl}/{mode}", impl, mode, model, o, bf16, compile_kwargs=ck))
     batch = make_batch(shape, device)
     measure(variants, batch, device, rounds, repeats, warmup)
     rows = [emit(variant_row("blocks_step", v, shape, device, common)) for v in variants]
-    by = {(r["impl"], r["mode"]): r["step_ms"] for r in rows}
-    best_step = {(r["impl"], r["mode"]): r["step_ms_min"] for r in rows}
-    cpu_step = {(r["impl"], r["mode"]): r["cpu_ms_per_step"] for r in rows}
-    summary = {
-        "case": "blocks_overhead",
-        "preset": shape.preset,
-        "input": shape.label(),
-        "device": str(device),
-    }
+    by = {(r["impl"], r["mode"]): r for r in rows}
     for mode in modes:
-        summary[f"lora_step_ms_{mode}"] = by["lora", mode]
-        summary[f"blocks_step_ms_{mode}"] = by["molre-blocks", mode]
-        summary[f"overhead_pct_{mode}"] = round((by["molre-blocks", mode] / by["lora", mode] - 1) * 100, 1)
-        summary[f"overhead_pct_{mode}_from_min"] = round(
-            (best_step["molre-blocks", mode] / best_step["lora", mode] - 1) * 100, 1
-        )
-        summary[f"overhead_pct_{mode}_from_cpu"] = round(
-            (cpu_step["molre-blocks", mode] / cpu_step["lora", mode] - 1) * 100, 1
-        )
-    summary.update({"loadavg": loadavg(), **common})
-    rows.append(emit(summary))
+        summary = {"case": "blocks_overhead", "preset": shape.preset, "input": shape.label(),
+                   "device": str(device), "mode": mode, "bf16": bf16}  # fmt: skip
+        lora = by["lora", mode]
+        summary["lora_step_ms"] = lora["step_ms"]
+        summary["lora_gflop_per_slice_step"] = lora["gflop_per_slice_step"]
+        for route in ("slice", "token"):
+            r = by[f"blocks-{route}", mode]
+            summary[f"{route}_step_ms"] = r["step_ms"]
+            summary[f"{route}_overhead_pct"] = round((r["step_ms"] / lora["step_ms"] - 1) * 100, 1)
+            summary[f"{route}_overhead_pct_from_min"] = round(
+                (r["step_ms_min"] / lora["step_ms_min"] - 1) * 100, 1
+            )
+            summary[f"{route}_overhead_pct_from_cpu"] = round(
+                (r["cpu_ms_per_step"] / lora["cpu_ms_per_step"] - 1) * 100, 1
+            )
+            summary[f"{route}_gflop_per_slice_step"] = r["gflop_per_slice_step"]
+            summary[f"{route}_flop_overhead_pct"] = round(
+                (r["gflop_per_slice_step"] / lora["gflop_per_slice_step"] - 1) * 100, 2
+            )
+        summary.update({"loadavg": loadavg(), **common})
+        rows.append(emit(summary))
     return rows
 
 
@@ -331,7 +411,8 @@ def _clone_opt(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
 def flops_case(
     shapes: list[StepShape], limit_tflops: float = 800.0, common: dict | None = None
 ) -> list[dict]:
-    """FLOPs per slice-step of molre, the peer, LoRA alone and MoLRE ``blocks``, counted on the meta device.
+    """FLOPs per slice-step of molre, the peer, LoRA alone and MoLRE ``blocks`` (by slice, by token), counted on
+    the meta device.
 
     Gives the GPU suite's denominators on any machine: ``slices_per_s_at_limit`` = the step rate a device
     sustaining ``limit_tflops`` (the issue's ~800 TFLOP/s bf16 for an H100) would reach.
@@ -347,7 +428,8 @@ def flops_case(
                 "molre": molre_model(run_config(shape), meta)[0],
                 "peer": PeerClassifier(shape.preset, side),
                 "lora": molre_model(run_config(shape, kind="none"), meta)[0],
-                "blocks": molre_model(run_config(shape, placement="blocks"), meta)[0],
+                "blocks": molre_model(run_config(shape, placement="blocks", route_by="slice"), meta)[0],
+                "blocks_token": molre_model(run_config(shape, placement="blocks", route_by="token"), meta)[0],
             }
             x = torch.empty(shape.volumes, 3, shape.slices, side, side)
             labels = torch.empty(shape.volumes, NUM_CLASSES)
@@ -357,9 +439,12 @@ def flops_case(
             row[f"{name}_gflop_per_slice_step"] = round(flops / n / 1e9, 3)
             row[f"{name}_trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
             row[f"{name}_slices_per_s_at_limit"] = round(limit_tflops * 1e12 / (flops / n), 1)
-        row["blocks_flop_overhead_pct"] = round(
-            (row["blocks_gflop_per_slice_step"] / row["lora_gflop_per_slice_step"] - 1) * 100, 1
-        )
+            row[f"_{name}_flops"] = flops
+        for name in ("blocks", "blocks_token"):  # from the exact counts (the rounded GFLOP hide tiny presets)
+            row[f"{name}_flop_overhead_pct"] = round(
+                (row[f"_{name}_flops"] / row["_lora_flops"] - 1) * 100, 2
+            )
+        row = {k: v for k, v in row.items() if not k.startswith("_")}
         row.update({"limit_tflops": limit_tflops, "loadavg": loadavg(), **(common or {})})
         rows.append(emit(row))
     return rows

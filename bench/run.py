@@ -6,12 +6,12 @@
     python bench/run.py --suite cpu --quick --md /tmp/B.md --write   # toy sizes (the test runs this)
 
 Cases (``--cases`` picks a subset): ``flops`` (FLOPs per slice-step of the GPU shapes and the suite's own,
-counted on the meta device, so any machine gives them), ``model_step`` (molre vs the timm + peft peer, eager and compiled:
-slices/s, FLOPs counted by FlopCounterMode, peak memory; see model_step.py), ``blocks`` (MoLRE ``blocks``
-placement vs LoRA), ``train_epoch`` (full Ray Train epoch vs the pure step; train_epoch.py), ``augment``
-(on-device augmentation vs MONAI's CPU path; augment_case.py), ``features`` (a cached-feature trial vs the
-end-to-end trial it stands in for; features_case.py). The first line is the machine; every row carries
-``os.getloadavg()``. A failing case prints ``{"case": ..., "error": ...}``, the others still run, exit code 1.
+counted on the meta device, so any machine gives them), ``model_step`` (molre vs the timm + peft peer, eager,
+compiled and regionally compiled: slices/s, FLOPs counted by FlopCounterMode, peak memory, and what each fast path
+gives; see model_step.py), ``blocks`` (MoLRE ``blocks`` placement routed by slice and by token vs LoRA),
+``train_epoch`` (full Ray Train epoch vs the pure step; train_epoch.py), ``augment`` (on-device augmentation vs
+MONAI's CPU path; augment_case.py), ``features`` (a cached-feature trial vs the end-to-end trial it stands in for;
+features_case.py). The first line is the machine; every row carries ``os.getloadavg()``. A failing case prints ``{"case": ..., "error": ...}``, the others still run, exit code 1.
 
 ``--quick`` shrinks every case to toy sizes and does not touch BENCHMARKS.md unless ``--write`` is given.
 The full suites rewrite only their own block (between ``<!-- bench/run.py <suite>: begin/end -->``) of the
@@ -48,7 +48,8 @@ class Suite:
 
     steps: list[StepShape]
     blocks: list[StepShape]
-    modes: tuple[str, ...] = ("eager", "compiled")
+    modes: tuple[str, ...] = ("eager", "compiled", "regional")
+    ablations: bool = False  # model_step: molre eager with each fast path switched off (model_step.py)
     rounds: int = 3
     repeats: int = 5
     warmup: int = 2
@@ -62,13 +63,15 @@ def suite_config(name: str, quick: bool) -> Suite:
         return Suite(
             steps=[StepShape("tiny-vit", 2, 8), StepShape("tiny-vit", 4, 32), StepShape("tiny-davit", 2, 8)],
             blocks=[StepShape("tiny-vit", 2, 8), StepShape("tiny-vit", 4, 32)],
+            ablations=True,
             epoch={
                 "preset": "tiny-vit",
                 "grid": (8, 64, 64),
                 "counts": {"train": 48, "val": 8},
                 "batch_size": 2,
                 "workers": (1, 2),
-                "epochs": 4,
+                "epochs": 5,
+                "fast_poll_s": 0.25,
             },  # fmt: skip
             augment={"batch": 4, "shape": (32, 128, 128), "repeats": 3},
             features={
@@ -92,10 +95,11 @@ def suite_config(name: str, quick: bool) -> Suite:
     if name == "gpu" and not quick:
         return Suite(
             steps=[StepShape("dinov3-base", 8, 32), StepShape("dinov3-large", 4, 32), StepShape("medgemma", 1, 8)],
-            blocks=[StepShape("dinov3-base", 8, 32)],
+            blocks=[StepShape("dinov3-base", 8, 32)], ablations=True,
             rounds=3, repeats=10, warmup=3,
             epoch={"preset": "dinov3-base", "grid": (32, 224, 224), "spacing": (4.0, 1.0, 1.0),
-                   "counts": {"train": 64, "val": 8}, "batch_size": 8, "workers": (1,), "epochs": 3},
+                   "counts": {"train": 64, "val": 8}, "batch_size": 8, "workers": (1,), "epochs": 4,
+                   "fast_poll_s": 0.25},
             augment={"batch": 8, "shape": (32, 224, 224), "repeats": 5},
             features={"preset": "dinov3-base", "grid": (32, 224, 224), "spacing": (4.0, 1.0, 1.0),
                       "counts": {"train": 64, "val": 16}, "epochs": 3, "batch_size": 8},
@@ -155,7 +159,8 @@ def run_case(case: str, suite: Suite, device: torch.device, args, common: dict) 
     if case == "model_step":
         from model_step import model_step_case
 
-        return [r for s in suite.steps for r in model_step_case(s, device, modes=suite.modes, **timing)]
+        return [r for s in suite.steps
+                for r in model_step_case(s, device, modes=suite.modes, ablations=suite.ablations, **timing)]  # fmt: skip
     if case == "blocks":
         from model_step import blocks_overhead_case
 
@@ -245,20 +250,34 @@ def render_block(suite: str, results: dict[str, dict]) -> str:
                 out.append(
                     f"| {r['preset']} | {r['input']} | {cells} | {r['best_molre_over_best_peer']:.2f}x |"
                 )
+        ablated = [r for r in ratios if any(k.startswith("speedup_vs_") for k in r)]
+        if ablated:
+            out += ["", "What each fast path gives (molre eager / molre eager without it; from the median wall "
+                    "step, the fastest step, CPU time per step): `fp32-frozen` = frozen weights kept fp32 and "
+                    "re-cast by bf16 autocast every step; `foreach-adamw` / `fused-adamw` = the other AdamW "
+                    "than the device's default (fused on CUDA, foreach on CPU).", "",
+                    "| preset | input | fast path off | molre / ablation |", "|---|---|---|---|"]  # fmt: skip
+            for r in ablated:
+                for key in [k for k in r if k.startswith("speedup_vs_") and not k.endswith(("_min", "_cpu"))]:
+                    out.append(f"| {r['preset']} | {r['input']} | {key.removeprefix('speedup_vs_')} | "
+                               f"{r[key]:.3f}x ({r[key + '_from_min']:.3f}x; {r[key + '_from_cpu']:.3f}x) |")  # fmt: skip
         out.append("")
     flops = [r for r in rows if r["case"] == "flops"]
     if flops:
         limit = flops[0]["limit_tflops"]
         out += [f"**FLOPs per slice-step** (forward + backward, counted by FlopCounterMode on the meta device; "
-                f"step-rate bound at {limit:.0f} TFLOP/s; `blocks` = MoLRE in the attention linears)", "",
-                "| preset | input | molre GFLOP | peer GFLOP | LoRA GFLOP | blocks GFLOP (vs LoRA) | molre trainable "
-                f"| peer trainable | molre slices/s at {limit:.0f} TFLOP/s |",
-                "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+                f"step-rate bound at {limit:.0f} TFLOP/s; `blocks` = MoLRE in the attention linears, routed once "
+                "per slice (`adapter.molre.route_by=slice`, the default) or per token)", "",
+                "| preset | input | molre GFLOP | peer GFLOP | LoRA GFLOP | blocks by slice GFLOP (vs LoRA) | "
+                f"blocks by token GFLOP (vs LoRA) | molre trainable | peer trainable | molre slices/s at "
+                f"{limit:.0f} TFLOP/s |", "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for r in flops:
+            token = (f"{r['blocks_token_gflop_per_slice_step']:.4g} ({r['blocks_token_flop_overhead_pct']:+.1f}%)"
+                     if "blocks_token_gflop_per_slice_step" in r else "-")  # fmt: skip
             out.append(
                 f"| {r['preset']} | {r['input']} | {r['molre_gflop_per_slice_step']:.4g} | "
                 f"{r['peer_gflop_per_slice_step']:.4g} | {r['lora_gflop_per_slice_step']:.4g} | "
-                f"{r['blocks_gflop_per_slice_step']:.4g} ({r['blocks_flop_overhead_pct']:+.1f}%) | "
+                f"{r['blocks_gflop_per_slice_step']:.4g} ({r['blocks_flop_overhead_pct']:+.1f}%) | {token} | "
                 f"{r['molre_trainable_params']:,} | {r['peer_trainable_params']:,} | "
                 f"{r['molre_slices_per_s_at_limit']:,.0f} |"
             )
@@ -266,33 +285,42 @@ def render_block(suite: str, results: dict[str, dict]) -> str:
     epochs = [r for r in rows if r["case"] == "train_epoch"]
     if epochs:
         out += ["**Full Ray Train epoch vs the pure step** (volumes/s for the whole machine; epoch = steady-state "
-                "median over epochs >= 1)", "",
-                "| preset | input | workers x CPUs | batch/worker | epoch vol/s | pure step vol/s | step + augment "
-                "vol/s | epoch / step | epoch / (step + augment) | load 1m |",
-                "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+                "median over epochs >= 1, between the controller's report stamps; in-worker = the worker's own "
+                "train pass + validation; poll = Ray Train's controller poll interval, which bounds an epoch from "
+                "below)", "",
+                "| preset | input | workers x CPUs | batch/worker | poll s | train rows cached | epoch vol/s | "
+                "in-worker vol/s | pure step vol/s | step + augment vol/s | epoch / step | epoch / (step + augment) "
+                "| in-worker / (step + augment) | load 1m |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for r in epochs:
+            worker = f"{r['worker_volumes_per_s']:.2f}" if "worker_volumes_per_s" in r else "-"
+            worker_ratio = (f"{r['worker_over_step_augment'] * 100:.0f}%"
+                            if "worker_over_step_augment" in r else "-")  # fmt: skip
             out.append(
                 f"| {r['preset']} | {r['input']} | {r['workers']} x {r['cpus_per_worker']} | "
-                f"{r['batch_per_worker']} | {r['epoch_volumes_per_s']:.2f} | {r['step_volumes_per_s']:.2f} | "
-                f"{r['step_augment_volumes_per_s']:.2f} | {r['epoch_over_step'] * 100:.0f}% | "
-                f"{r['epoch_over_step_augment'] * 100:.0f}% | {r['loadavg'][0]:.1f} |"
+                f"{r['batch_per_worker']} | {r.get('controller_poll_s', 2.0):g} | "
+                f"{'yes' if r.get('train_cached') else 'no'} | {r['epoch_volumes_per_s']:.2f} | {worker} | "
+                f"{r['step_volumes_per_s']:.2f} | {r['step_augment_volumes_per_s']:.2f} | "
+                f"{r['epoch_over_step'] * 100:.0f}% | {r['epoch_over_step_augment'] * 100:.0f}% | {worker_ratio} | "
+                f"{r['loadavg'][0]:.1f} |"
             )
         out.append("")
-    blocks = [r for r in rows if r["case"] == "blocks_overhead"]
+    blocks = [r for r in rows if r["case"] == "blocks_overhead" and "slice_step_ms" in r]
     if blocks:
-        out += ["**MoLRE `blocks` placement vs LoRA** (`adapter.molre.placement=blocks` vs `adapter.kind=none`; "
-                "median wall step; overhead also from the fastest steps and from CPU time per step)", "",
-                "| preset | input | mode | LoRA step ms | blocks step ms | overhead (fastest; CPU time) | load 1m |",
-                "|---|---|---|---|---|---|---|"]  # fmt: skip
+        out += ["**MoLRE `blocks` placement vs LoRA** (`adapter.molre.placement=blocks`, routed once per slice "
+                "(`route_by=slice`, the default) or per token, vs `adapter.kind=none`; median wall step; overhead "
+                "also from the fastest steps and from CPU time per step; counted = FLOPs per slice-step)", "",
+                "| preset | input | mode | LoRA step ms | by slice: step ms | overhead (fastest; CPU time) | counted "
+                "| by token: step ms | overhead (fastest; CPU time) | counted | load 1m |",
+                "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for r in blocks:
-            modes = [k.removeprefix("overhead_pct_") for k in r if k.startswith("overhead_pct_")]
-            for m in [m for m in modes if not m.endswith(("_from_min", "_from_cpu"))]:
-                out.append(
-                    f"| {r['preset']} | {r['input']} | {m} | {r[f'lora_step_ms_{m}']:.1f} | "
-                    f"{r[f'blocks_step_ms_{m}']:.1f} | {r[f'overhead_pct_{m}']:+.1f}% "
-                    f"({r[f'overhead_pct_{m}_from_min']:+.1f}%; {r[f'overhead_pct_{m}_from_cpu']:+.1f}%) | "
-                    f"{r['loadavg'][0]:.1f} |"
-                )
+            cells = " | ".join(
+                f"{r[f'{k}_step_ms']:.1f} | {r[f'{k}_overhead_pct']:+.1f}% ({r[f'{k}_overhead_pct_from_min']:+.1f}%; "
+                f"{r[f'{k}_overhead_pct_from_cpu']:+.1f}%) | {r[f'{k}_flop_overhead_pct']:+.1f}%"
+                for k in ("slice", "token")
+            )
+            out.append(f"| {r['preset']} | {r['input']} | {r['mode']} | {r['lora_step_ms']:.1f} | {cells} | "
+                       f"{r['loadavg'][0]:.1f} |")  # fmt: skip
         out.append("")
     augs = [r for r in rows if r["case"] == "augment"]
     if augs:

@@ -5,12 +5,20 @@ The run goes through the same driver path as ``molre.train.run.train`` (``ensure
 controller. An epoch's interval (report k-1 -> report k, k >= 1; epoch 0 carries worker start-up and is left out)
 holds everything a real epoch costs: the Ray Data read of the shards, RFS, host->device copy, windowing +
 augmentation on the device, the steps, DDP all-reduce, validation over the (small) val split, checkpoint write and
-report. Epoch throughput = RFS train volumes of the epoch / interval.
+report. Epoch throughput = RFS train volumes of the epoch / interval. The worker's own time for the epoch (train
+pass + validation, the loop's ``time/train_s`` + ``time/val_s``) is given beside it: the difference is what Ray
+Train adds per report. Ray Train V2 caps that rate: a worker's result queue holds one report and the controller
+takes one per poll, at most every ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S`` (2 s by default), so an epoch shorter
+than the poll interval lasts the poll interval. ``fast_poll_s`` adds a run with the poll interval set (the
+variable is read by the driver at ``fit`` and handed to the controller) to show what a short epoch costs then.
 
 The pure step is the worker loop's step alone (``model_step.make_step``: forward, focal loss, backward, clip,
-AdamW) on a resident random batch of the same shape, in this process with all of its threads; "step + augment"
-adds ``augment_batch`` from int16 HU (the on-device part the epoch also pays). The ratio is epoch volumes/s over
-pure-step volumes/s for the machine as a whole (with 2 workers each worker gets half of the cores).
+AdamW) on a resident random batch of the same shape, with the loop's device settings (bf16 frozen weights and
+regional compile on a GPU, per ``train.precision`` / ``train.compile``), in this process with all of its
+threads; "step + augment" adds ``augment_batch`` from int16 HU (the on-device part the epoch also pays). The ratio
+is epoch volumes/s over pure-step volumes/s for the machine as a whole (with 2 workers each worker gets half of the
+cores). The loop reads the validation shard once per run and keeps the train shard's rows after epoch 0 when they
+fit ``train.cache_train_gb`` (``molre.train.loop.ShardCache``), so epochs >= 1 re-read nothing from storage.
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from harness import emit, loadavg, median, time_steps
-from model_step import StepShape, Variant, make_step, molre_model
+from model_step import StepShape, Variant, make_step, molre_model, uses_bf16
 
 try:
     from ray.train import UserCallback
@@ -34,14 +42,16 @@ except ImportError:  # pragma: no cover - Ray is a dependency of molre.train
 
 
 class EpochStamps(UserCallback):
-    """Appends ``{"t", "epoch", "volumes"}`` per report to a JSON-lines file (runs on the Train controller)."""
+    """Appends ``{"t", "epoch", "volumes", ...}`` per report to a JSON-lines file (runs on the Train controller)."""
 
     def __init__(self, path: str):
         self.path = path
 
     def after_report(self, run_context, metrics, checkpoint):
         first = metrics[0] if metrics else {}
-        row = {"t": time.time(), "epoch": first.get("epoch"), "volumes": first.get("train/volumes")}
+        row = {"t": time.time(), "epoch": first.get("epoch"), "volumes": first.get("train/volumes"),
+               "worker_s": first.get("time/train_s", 0.0) + first.get("time/val_s", 0.0),
+               "cached": first.get("data/train_cached")}  # fmt: skip
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
 
@@ -82,8 +92,16 @@ def start_ray(num_cpus: int | None = None) -> None:
     ensure_ray(num_cpus)
 
 
-def run_epochs(cfg, stamps_path: str, num_cpus: int | None = None) -> tuple[list[dict], dict]:
-    """Fit ``cfg`` like ``molre.train.run.train`` does, plus the epoch stamps; returns (stamps, setup)."""
+POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+
+
+def run_epochs(
+    cfg, stamps_path: str, num_cpus: int | None = None, poll_s: float | None = None
+) -> tuple[list[dict], dict]:
+    """Fit ``cfg`` like ``molre.train.run.train`` does, plus the epoch stamps; returns (stamps, setup).
+
+    ``poll_s``: the Train controller's poll interval for this fit (None: Ray's default or the environment's).
+    """
     import sys
 
     from ray import cloudpickle
@@ -95,7 +113,16 @@ def run_epochs(cfg, stamps_path: str, num_cpus: int | None = None) -> tuple[list
     cloudpickle.register_pickle_by_value(sys.modules[EpochStamps.__module__])
     cfg.train.storage = os.path.abspath(cfg.train.storage)
     setup = prepare(cfg)
-    result = build_trainer(cfg, setup, callbacks=[EpochStamps(stamps_path)]).fit()
+    before = os.environ.get(POLL_ENV)
+    if poll_s is not None:
+        os.environ[POLL_ENV] = str(poll_s)
+    try:
+        result = build_trainer(cfg, setup, callbacks=[EpochStamps(stamps_path)]).fit()
+    finally:
+        if poll_s is not None and before is None:
+            del os.environ[POLL_ENV]
+        elif poll_s is not None:
+            os.environ[POLL_ENV] = before
     if result.error:
         raise result.error
     return [json.loads(line) for line in Path(stamps_path).read_text().splitlines()], setup
@@ -108,10 +135,14 @@ def epoch_throughput(stamps: list[dict]) -> dict:
     if not steady:
         raise RuntimeError("need at least 2 epochs to time a steady-state epoch")
     rates = [vols / dt for dt, vols in steady]
+    worker_s = [s.get("worker_s") or float("nan") for s in stamps[1:]]
     return {
         "epoch_volumes_per_s": round(median(rates), 3),
         "epoch_volumes_per_s_max": round(max(rates), 3),
         "epoch_s": round(median(dt for dt, _ in steady), 3),
+        "worker_epoch_s": round(median(worker_s), 3),  # the worker's train pass + validation
+        "worker_volumes_per_s": round(median(v for _, v in steady) / median(worker_s), 3),
+        "train_cached": all(bool(s.get("cached")) for s in stamps[1:]),
         "train_volumes_per_epoch": int(median(v for _, v in steady)),
         "epochs_timed": len(steady),
     }
@@ -120,19 +151,21 @@ def epoch_throughput(stamps: list[dict]) -> dict:
 def pure_step(cfg, input_size, batch_size: int, device: torch.device, repeats: int, warmup: int = 2) -> dict:
     """volumes/s of the bare step and of step + on-device augmentation, for ``cfg``'s model at ``input_size``."""
     from molre.data.augment import augment_batch
+    from molre.models.runtime import compile_mode
     from molre.train.loss import FocalLoss
 
     depth, side, _ = input_size
     shape = StepShape(cfg.backbone.preset, batch_size, depth, side)
     torch.manual_seed(0)
-    model, opt = molre_model(cfg, device)
+    mode = compile_mode(cfg.train.compile, device)  # as the workers run it
+    model, opt = molre_model(cfg, device, compile="regional" if mode == "regional" else "off")
+    mode = {"off": "eager", "model": "compiled"}.get(mode, mode)  # make_step compiles the whole model itself
     g = torch.Generator().manual_seed(0)
     x = torch.rand(batch_size, 3, depth, side, side, generator=g).to(device)
     labels = (torch.rand(batch_size, 75, generator=g) < 0.1).float().to(device)
     batch = (x, labels, torch.ones_like(labels))
-    step = make_step(
-        Variant("molre/eager", "molre", "eager", model, opt), batch, FocalLoss(2.0, 0.25), device
-    )
+    variant = Variant(f"molre/{mode}", "molre", mode, model, opt, uses_bf16(cfg, device))
+    step = make_step(variant, batch, FocalLoss(2.0, 0.25), device)
     hu = torch.randint(-1000, 1500, (batch_size, *input_size), generator=g).to(torch.int16).to(device)
     gen = torch.Generator(device=device).manual_seed(0)
 
@@ -140,7 +173,7 @@ def pure_step(cfg, input_size, batch_size: int, device: torch.device, repeats: i
         batch[0].copy_(augment_batch(hu, cfg.data, gen, train=True, out_size=input_size))
         return step()
 
-    for _ in range(warmup):
+    for _ in range(warmup + (0 if mode == "eager" else 2)):
         step(), step_with_augment()
     bare, augmented = [], []
     for _ in range(3):  # interleaved rounds
@@ -151,6 +184,7 @@ def pure_step(cfg, input_size, batch_size: int, device: torch.device, repeats: i
         "step_augment_volumes_per_s": round(batch_size / median(augmented), 3),
         "step_ms": round(median(bare) * 1e3, 2),
         "step_ms_min": round(min(bare) * 1e3, 2),
+        "step_mode": mode,
         "shape": shape.label(),
     }
 
@@ -167,8 +201,10 @@ def train_epoch_case(
     repeats: int = 5,
     num_cpus: int | None = None,
     common: dict | None = None,
+    fast_poll_s: float | None = None,
 ) -> list[dict]:
-    """One JSON row per worker count: steady epoch volumes/s vs the pure step's, and their ratio."""
+    """One JSON row per worker count (and one more for ``workers[0]`` with the controller polled every
+    ``fast_poll_s``): steady epoch volumes/s vs the pure step's, measured right after the run, and their ratio."""
     from molre.config import build_config
 
     common = common or {}
@@ -180,23 +216,23 @@ def train_epoch_case(
     rows = []
     try:
         data = write_bench_dataset(os.path.join(root, "data"), grid, spacing, counts)
-        ref = None
-        for n in workers:
+        runs = [(n, None) for n in workers] + ([(workers[0], fast_poll_s)] if fast_poll_s else [])
+        for n, poll in runs:
             cpus = max(1, (os.cpu_count() or 1) // n) if not gpu else max(1, (os.cpu_count() or 1) // n - 1)
             cfg = build_config({
                 "backbone": {"preset": preset},
                 "data": {"uri": data},
                 "train": {"max_epochs": epochs, "min_epochs": 0, "batch_size": batch_size, "seed": 0,
-                          "run_name": f"bench-epoch-{preset}-{n}w", "storage": os.path.join(root, "runs")},
+                          "run_name": f"bench-epoch-{preset}-{n}w-{poll}", "storage": os.path.join(root, "runs")},
                 "scaling": {"num_workers": n, "cpus_per_worker": cpus, "use_gpu": gpu},
             })  # fmt: skip
-            stamps_path = os.path.join(root, f"stamps-{n}.jsonl")
+            stamps_path = os.path.join(root, f"stamps-{n}-{poll}.jsonl")
             t0 = time.perf_counter()
-            stamps, setup = run_epochs(cfg, stamps_path, num_cpus)
+            stamps, setup = run_epochs(cfg, stamps_path, num_cpus, poll)
             wall = time.perf_counter() - t0
             epoch = epoch_throughput(stamps)
-            if ref is None:  # the same model, batch and input size as the workers run
-                ref = pure_step(cfg, tuple(setup["input_size"]), batch_size, device, repeats)
+            # the same model, batch and input size as the workers run, right after (load drifts on shared hosts)
+            ref = pure_step(cfg, tuple(setup["input_size"]), batch_size, device, repeats)
             row = {
                 "case": "train_epoch",
                 "preset": preset,
@@ -205,6 +241,7 @@ def train_epoch_case(
                 "device": str(device),
                 "workers": n,
                 "cpus_per_worker": cpus,
+                "controller_poll_s": float(poll or os.environ.get(POLL_ENV, 2.0)),
                 "batch_per_worker": batch_size,
                 **epoch,
                 "run_wall_s": round(wall, 1),
@@ -213,6 +250,9 @@ def train_epoch_case(
                 "epoch_over_step": round(epoch["epoch_volumes_per_s"] / ref["step_volumes_per_s"], 3),
                 "epoch_over_step_augment": round(
                     epoch["epoch_volumes_per_s"] / ref["step_augment_volumes_per_s"], 3
+                ),
+                "worker_over_step_augment": round(
+                    epoch["worker_volumes_per_s"] / ref["step_augment_volumes_per_s"], 3
                 ),
                 "step_threads": threads,
                 "loadavg": loadavg(),

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from molre.errors import ConfigError
 
@@ -108,9 +108,21 @@ class TrainConfig(_Strict):
     batch_size: int = Field(2, gt=0)  # volumes per worker per step
     seed: int = 0
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto = bf16 autocast on GPU, fp32 on CPU
-    compile: bool = False
+    # torch.compile: regional = each transformer block (one block's compile time, reused by the others), model =
+    # the whole classifier, auto = regional on GPU and off on CPU; true/false mean regional/off
+    compile: Literal["auto", "off", "regional", "model"] = "auto"
+    tf32: bool = True  # TF32 tensor cores for the fp32 matmuls / convs left on a GPU (all of them with fp32)
+    # keep this worker's validation volumes (decoded int16, host RAM) from the first epoch on
+    cache_val: bool = True
+    # keep this worker's train rows (as read, host RAM) after the first epoch when every worker's fit; 0 = never
+    cache_train_gb: float = Field(4.0, ge=0)
     run_name: str = "molre"
     storage: str = "runs"  # local path or s3:// for checkpoints and results
+
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _compile_bool(cls, value):
+        return ("regional" if value else "off") if isinstance(value, bool) else value
 
 
 class ScalingConfig(_Strict):

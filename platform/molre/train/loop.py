@@ -4,6 +4,14 @@ Per epoch: stream this worker's train shard with Repeat Factor Sampling -> windo
 model (bf16 autocast on GPU) -> focal loss (+ balance loss) -> AdamW step; then score this worker's part of the
 validation split, gather every worker's predictions (each volume scored exactly once), compute per-finding AUC
 on every rank (so all ranks report the same numbers), checkpoint, early-stop.
+
+Speed (issue 8): the model gets its device settings from ``molre.models.runtime`` (bf16 frozen weights under bf16
+autocast, regional ``torch.compile`` on GPU, TF32) and AdamW is fused on CUDA. Ray Data re-executes a dataset on
+every pass over it (streaming executor start-up, read tasks, the split coordinator): seconds per dataset per
+epoch whatever its size, which for a short epoch is most of it. So each worker reads its validation shard once
+per run and keeps it decoded (int16, host RAM; ``train.cache_val``), and keeps its train shard's rows after the
+first epoch when every worker's fits ``train.cache_train_gb`` (the same rows, the same RFS draws, no re-read).
+The step does not wait on the device: the epoch's loss is summed on the device and read once at the end.
 """
 
 from __future__ import annotations
@@ -12,6 +20,8 @@ import contextlib
 import math
 import os
 import tempfile
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -21,11 +31,13 @@ import torch
 import torch.distributed as dist
 
 from molre.config import RunConfig, build_config
+from molre.data import shards
 from molre.data.augment import augment_batch
 from molre.data.dataset import rfs_batches, to_tensors
 from molre.errors import WeightsError
 from molre.findings import FINDING_IDS
 from molre.models import build_model, parameter_groups
+from molre.models.runtime import prepare_runtime, uses_bf16
 from molre.train.checkpoint import (
     TrainState,
     load_trainable_state,
@@ -41,18 +53,25 @@ from molre.train.metrics import per_finding_auc, summarize
 METRIC = "val/mean_auc"
 
 
-def make_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.AdamW:
-    """AdamW with the paper's two learning rates (head/pooling 1e-3, LoRA/MoLRE 1e-4) and one for full fine-tuning."""
+def make_optimizer(model: torch.nn.Module, cfg: RunConfig, fused: bool | None = None) -> torch.optim.AdamW:
+    """AdamW with the paper's two learning rates (head/pooling 1e-3, LoRA/MoLRE 1e-4) and one for full fine-tuning.
+
+    ``fused`` (None = when every trainable parameter is on CUDA): one kernel for the whole update instead of
+    torch's default multi-tensor (foreach) path, same math. Call it after the model is on its device.
+    """
     lrs = {"head": cfg.optim.lr_head, "adapter": cfg.optim.lr_adapter, "backbone": cfg.optim.lr_backbone}
     groups = [
         {"params": ps, "lr": lrs[name], "name": name} for name, ps in parameter_groups(model).items() if ps
     ]
-    return torch.optim.AdamW(groups, weight_decay=cfg.optim.weight_decay)
+    if fused is None:
+        fused = all(p.is_cuda for g in groups for p in g["params"]) and any(g["params"] for g in groups)
+    return torch.optim.AdamW(
+        groups, weight_decay=cfg.optim.weight_decay, **({"fused": True} if fused else {})
+    )
 
 
 def autocast(cfg: RunConfig, device: torch.device):
-    use_bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
-    if use_bf16:
+    if uses_bf16(cfg.train.precision, device):
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -97,7 +116,7 @@ def train_one_epoch(model, core, optimizer, loss_fn, cfg, shard, setup, epoch, d
         shard, np.asarray(setup["class_factors"]), epoch, cfg.train.seed, cfg.train.batch_size
     )
     join = _join(model)
-    total, count, steps = 0.0, 0, 0
+    total, count, steps = torch.zeros((), dtype=torch.float64, device=device), 0, 0  # summed on the device
     with join:
         for step, batch in enumerate(batches):
             _maybe_inject_failure(fault, epoch, step, rank)
@@ -118,8 +137,9 @@ def train_one_epoch(model, core, optimizer, loss_fn, cfg, shard, setup, epoch, d
                     [p for p in model.parameters() if p.requires_grad], cfg.optim.grad_clip
                 )
             optimizer.step()
-            total, count, steps = total + loss.item() * len(hu), count + len(hu), steps + 1
-    total, count = _all_reduce_sum([total, count], device)
+            total += loss.detach().double() * len(hu)
+            count, steps = count + len(hu), steps + 1
+    total, count = _all_reduce_sum([total.item(), count], device)  # the epoch's one read of the loss
     return {"train/loss": total / max(count, 1), "train/volumes": int(count), "train/steps_rank0": steps}
 
 
@@ -135,13 +155,15 @@ def _join(model):
 def score_shard(core, cfg, shard, setup, device) -> dict[str, np.ndarray]:
     """Scores of this worker's validation rows: probabilities, labels, known, mean routing weights, ids.
 
+    ``shard`` yields decoded batches (``decode_batch``), e.g. a ``ShardCache`` with that transform.
     Runs the unwrapped model: DDP's forward syncs with the other ranks, which hold a different number of rows.
     """
     core.eval()
     out = {"scores": [], "labels": [], "known": [], "router": [], "study_hash": []}
     gen = _generator(cfg.train.seed, 0, 0, 1)
     for batch in shard.iter_batches(batch_size=cfg.train.batch_size, batch_format="numpy"):
-        hu, labels, known = to_tensors(batch, device)
+        hu = torch.from_numpy(batch["hu"]).to(device)
+        labels, known = (torch.from_numpy(batch[k]).to(device) for k in ("labels", "known"))
         x = augment_batch(hu, cfg.data, gen, train=False, out_size=setup["input_size"])
         with autocast(cfg, device):
             probs = torch.sigmoid(core(x).float())
@@ -179,8 +201,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     torch.manual_seed(cfg.train.seed)  # every rank builds identical initial weights
     device = ray.train.torch.get_device()
     core = build_model(cfg)
-    if cfg.train.compile:  # in place: core keeps its methods (aux_loss, router_weights), forward is compiled
-        core.compile()
+    # bf16 frozen weights, TF32, compile (in place: core keeps its methods, e.g. aux_loss, router_weights)
+    prepare_runtime(core, cfg, device)
     model = ray.train.torch.prepare_model(core)
     optimizer = make_optimizer(core, cfg)
     loss_fn = FocalLoss(cfg.loss.gamma, _alpha(cfg, setup)).to(device)
@@ -193,14 +215,23 @@ def train_loop_per_worker(loop_config: dict) -> None:
         ray.train.report({**state.history[-1], "epoch": state.epoch, "best_epoch": state.best_epoch,
                           "val/best_mean_auc": state.best_metric, "resumed_finished": True})  # fmt: skip
         return
-    train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
+    train_shard = ShardCache(ray.train.get_dataset_shard("train"), int(cfg.train.cache_train_gb * 2**30))
+    val_shard = ShardCache(
+        ray.train.get_dataset_shard("val"), None if cfg.train.cache_val else 0, decode_batch
+    )
     writer = _tensorboard(cfg) if ray.train.get_context().get_world_rank() == 0 else None
     for epoch in range(state.epoch + 1, cfg.train.max_epochs):
+        start = time.perf_counter()
         metrics = train_one_epoch(
             model, core, optimizer, loss_fn, cfg, train_shard, setup, epoch, device, fault
         )
+        train_shard.settle(device)
+        trained = time.perf_counter()
         val_metrics, outputs = evaluate_all(core, cfg, val_shard, setup, device)
+        val_shard.settle(device)
         metrics.update(val_metrics)
+        metrics.update({"time/train_s": trained - start, "time/val_s": time.perf_counter() - trained,
+                        "data/train_cached": int(train_shard.state == "cached")})  # fmt: skip
         if state.record(epoch, _scalars(metrics), METRIC):
             best_weights, best_outputs = trainable_state(core), outputs
         state.finished = state.should_stop(cfg.train.min_epochs, cfg.train.patience, cfg.train.max_epochs)
@@ -215,6 +246,82 @@ def train_loop_per_worker(loop_config: dict) -> None:
             break
     if writer is not None:
         writer.close()
+
+
+class ShardCache:
+    """A worker's dataset shard that is read from Ray Data once and replayed from host memory afterwards.
+
+    The first pass streams the shard (``iter_batches`` as Ray Data's) and keeps its batches, after ``transform``,
+    while they fit ``budget_bytes`` (None = no limit, 0 = never keep). ``settle`` after that pass decides for all
+    workers at once, since a streaming split's next pass needs every worker to start it: the cache is used only
+    if every worker's pass fitted, else all of them stream every pass. Batches are replayed in the order read;
+    a pass with another ``batch_size`` than the first streams again.
+    """
+
+    def __init__(self, shard, budget_bytes: int | None, transform: Callable[[dict], dict] | None = None):
+        self.shard, self.budget, self.transform = shard, budget_bytes, transform
+        self.state = (
+            "stream" if budget_bytes == 0 else "collect"
+        )  # -> "cached" or "stream" at the first settle
+        self.batches: list[dict] = []
+        self.nbytes, self.batch_size, self._fits = 0, None, False
+
+    def iter_batches(self, *, batch_size: int, batch_format: str = "numpy") -> Iterator[dict]:
+        if self.state == "cached" and batch_size == self.batch_size:
+            yield from self.batches
+            return
+        collect = self.state == "collect" and self.batch_size is None  # the first pass
+        if collect:
+            self.batches, self.nbytes, fits = [], 0, True
+        for batch in self.shard.iter_batches(batch_size=batch_size, batch_format=batch_format):
+            if self.transform is not None:
+                batch = self.transform(batch)
+            if collect and fits:
+                self.nbytes += batch_nbytes(batch)
+                fits = self.budget is None or self.nbytes <= self.budget
+                if fits:  # own copies: Ray Data's arrays may be views of object-store blocks
+                    self.batches.append({k: np.array(v, copy=True) for k, v in batch.items()})
+                else:
+                    self.batches.clear()
+            yield batch
+        if collect:  # reached only when the pass ran to its end
+            self.batch_size, self._fits = batch_size, fits
+
+    def settle(self, device: torch.device) -> None:
+        """Call on every worker after each pass: the first one decides (all workers fitted: cache, else stream)."""
+        if self.state != "collect":
+            return
+        misses = _all_reduce_sum([0.0 if self._fits else 1.0], device)[0]
+        self.state = "cached" if misses == 0 else "stream"
+        if self.state == "stream":
+            self.batches.clear()
+
+
+def batch_nbytes(batch: dict) -> int:
+    """Host bytes of a numpy batch (object columns: the bytes / arrays they hold)."""
+    total = 0
+    for value in batch.values():
+        value = np.asarray(value)
+        if value.dtype == object:
+            total += sum(
+                len(v) if isinstance(v, bytes | bytearray) else np.asarray(v).nbytes for v in value.flat
+            )
+        else:
+            total += value.nbytes
+    return total
+
+
+def decode_batch(batch: dict) -> dict[str, np.ndarray]:
+    """A shard batch decoded for scoring: ``hu`` int16 ``[B, D, H, W]``, ``labels`` / ``known`` float32 ``[B, 75]``,
+    ``study_hash`` str ``[B]`` (what the validation pass keeps for the whole run)."""
+    return {
+        "hu": np.stack(
+            [shards.decode_volume(v, s) for v, s in zip(batch["volume"], batch["shape"], strict=True)]
+        ),
+        "labels": np.stack(list(batch["labels"])).astype(np.float32),
+        "known": np.stack(list(batch["known"])).astype(np.float32),
+        "study_hash": np.asarray(batch["study_hash"]).astype(str),
+    }
 
 
 def _alpha(cfg: RunConfig, setup: dict):

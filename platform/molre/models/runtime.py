@@ -1,0 +1,140 @@
+"""How a built classifier runs on its device: bf16 frozen weights, regional ``torch.compile``, TF32.
+
+Each is what the worker loop applies (``molre.train.loop``) and what ``bench/model_step.py`` measures:
+
+- **bf16 frozen weights** (when the run trains under bf16 autocast). Autocast casts an fp32 weight to bf16 at
+  every use (its cast cache lives for one autocast region and holds only leaves that require grad), so a frozen
+  backbone pays one cast kernel per weight per step and keeps the bf16 copies alive for the backward: ViT-B's
+  86M frozen weights mean 344 MB read + 172 MB written per step, and 344 MB fp32 + 172 MB bf16 resident. Stored
+  in bf16 they are used as they are (172 MB). Same bits: autocast would have run these ops in bf16 on the same
+  rounded weights. Only frozen
+  ``nn.Linear`` / ``nn.Conv*`` parameters are cast; LoRA, MoLRE, pooling and the head keep fp32 master weights
+  (AdamW updates of ~1e-4 relative size would vanish in bf16's 8-bit mantissa), as do norms and layer scales.
+- **regional compile**: ``torch.compile`` of each transformer block (the modules holding the attention linears),
+  not of the whole model. Blocks of one backbone share their code, so Dynamo traces and Inductor compiles one
+  block's graph and reuses it for the others (PyTorch's regional compilation recipe): compile time of about one
+  block instead of the whole depth, at close to the whole-model step time. The rest (patch embedding, final norm,
+  MoLRE on the features, pooling, head) is < 1% of the FLOPs and stays eager.
+- **TF32** for the fp32 matmuls that remain on CUDA (everything with ``precision=fp32``; under bf16 autocast only
+  the few ops autocast keeps in fp32).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from molre.errors import ModelError
+
+COMPILE_MODES = ("off", "regional", "model")
+_WEIGHT_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def uses_bf16(precision: str, device: torch.device | str) -> bool:
+    """Whether a run trains under bf16 autocast: ``bf16``, or ``auto`` on CUDA."""
+    return precision == "bf16" or (precision == "auto" and torch.device(device).type == "cuda")
+
+
+def compile_mode(setting: str, device: torch.device | str) -> str:
+    """``train.compile`` resolved for a device: ``auto`` = regional on CUDA, off elsewhere."""
+    if setting == "auto":
+        return "regional" if torch.device(device).type == "cuda" else "off"
+    if setting not in COMPILE_MODES:
+        raise ModelError(f"compile mode {setting!r}: expected auto or one of {COMPILE_MODES}")
+    return setting
+
+
+def cast_frozen_weights(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> int:
+    """Store the frozen weights of linears and convolutions in ``dtype``, in place; returns how many were cast.
+
+    Trainable parameters (and every parameter of other module types) are left alone. The ``Parameter`` objects
+    stay the same, so optimizers, DDP and ``named_parameters`` see no change.
+    """
+    cast = 0
+    for module in model.modules():
+        if not isinstance(module, _WEIGHT_MODULES):
+            continue
+        for param in module.parameters(recurse=False):
+            if not param.requires_grad and param.is_floating_point() and param.dtype != dtype:
+                param.data = param.data.to(dtype)
+                cast += 1
+    return cast
+
+
+def attention_blocks(net: nn.Module, targets) -> list[str]:
+    """Names of the modules that hold an attention linear named ``<block>.<target>`` (any wrapper type).
+
+    timm ViT / Eva: ``blocks.3``; DaViT: ``stages.2.blocks.4.0`` (spatial) and ``...4.1`` (channel); MONAI ViT:
+    ``blocks.1``. The adapter wrapping the linear (LoRA, MoLRE, peft) does not matter.
+    """
+    names = [name for name, _ in net.named_modules()]
+    blocks = []
+    for name in names:
+        for target in targets:
+            if name.endswith("." + target):
+                blocks.append(name[: -len(target) - 1])
+    blocks = list(dict.fromkeys(blocks))
+    return [b for b in blocks if not any(b.startswith(o + ".") for o in blocks)]  # outermost only
+
+
+def compile_regions(net: nn.Module, targets, **compile_kwargs) -> list[str]:
+    """``torch.compile`` each attention block of ``net`` in place (``Module.compile``); returns their names.
+
+    A net without attention blocks (a CNN) is compiled whole. ``compile_kwargs`` go to ``torch.compile``
+    (tests pass ``backend="aot_eager"`` to check the wiring without a C++ toolchain).
+    """
+    blocks = attention_blocks(net, targets)
+    if not blocks:
+        net.compile(**compile_kwargs)
+        return [""]
+    for name in blocks:
+        net.get_submodule(name).compile(**compile_kwargs)
+    return blocks
+
+
+def compile_classifier(model: nn.Module, mode: str, targets=None, **compile_kwargs) -> list[str]:
+    """Compile a ``MoLREClassifier`` in place: ``regional`` (its backbone's blocks), ``model`` (all), ``off``.
+
+    In place, so the model keeps its methods (``aux_loss``, ``router_weights``) and parameter names.
+    """
+    if mode == "off":
+        return []
+    if mode == "model":
+        model.compile(**compile_kwargs)
+        return [""]
+    if mode != "regional":
+        raise ModelError(f"compile mode {mode!r}: expected one of {COMPILE_MODES}")
+    net = model.backbone.net
+    return compile_regions(net, targets or model.backbone.preset.lora_targets, **compile_kwargs)
+
+
+def set_tf32(enabled: bool) -> None:
+    """TF32 tensor cores for fp32 matmuls and convolutions on CUDA (process-wide; no effect on CPU)."""
+    precision = "tf32" if enabled else "ieee"
+    torch.backends.cuda.matmul.fp32_precision = precision
+    torch.backends.cudnn.conv.fp32_precision = precision
+
+
+def prepare_runtime(
+    model: nn.Module, cfg, device: torch.device | str, compile: str | None = None, cast_frozen: bool = True,
+    **compile_kwargs,
+) -> dict:  # fmt: skip
+    """A freshly built classifier's device settings from its run config, in place (before DDP wraps it).
+
+    TF32 per ``train.tf32`` (CUDA only), frozen weights in bf16 when the run trains under bf16 autocast
+    (``cast_frozen=False`` keeps them fp32: the benchmark's ablation), compile per ``train.compile`` or the
+    ``compile`` mode given. Returns what was done.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        set_tf32(cfg.train.tf32)
+    bf16 = uses_bf16(cfg.train.precision, device)
+    cast = cast_frozen_weights(model, torch.bfloat16) if bf16 and cast_frozen else 0
+    mode = compile_mode(compile or cfg.train.compile, device)
+    regions = compile_classifier(model, mode, cfg.adapter.lora.targets, **compile_kwargs)
+    return {
+        "bf16_autocast": bf16,
+        "bf16_frozen_tensors": cast,
+        "compile": mode,
+        "compiled_regions": len(regions),
+    }

@@ -1,0 +1,94 @@
+"""Device settings of a built classifier (molre.models.runtime): bf16 frozen weights, regional compile, TF32."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from molre.config import build_config
+from molre.models import build_model
+from molre.models.runtime import (
+    attention_blocks,
+    cast_frozen_weights,
+    compile_classifier,
+    compile_mode,
+    prepare_runtime,
+    set_tf32,
+)
+
+
+def _model(**adapter):
+    torch.manual_seed(0)
+    model = build_model(build_config({"backbone": {"preset": "tiny-vit"}, "adapter": adapter}))
+    for m in model.molre_modules():
+        torch.nn.init.normal_(m.B, std=0.1)  # trained-looking experts, so their path is visible in the output
+    return model
+
+
+@pytest.mark.parametrize("placement", ["features", "blocks"])
+def test_bf16_frozen_weights_give_the_same_bits_as_autocast_casting_them(placement):
+    fp32 = _model(molre={"placement": placement})
+    bf16 = copy.deepcopy(fp32)
+    assert cast_frozen_weights(bf16) > 0
+    for name, p in bf16.named_parameters():
+        frozen_weight = not p.requires_grad and ("qkv" in name or "proj" in name or "fc" in name)
+        assert p.dtype == (torch.bfloat16 if frozen_weight else torch.float32), name  # norms, adapters: fp32
+    x = torch.rand(2, 3, 4, 64, 64)
+    outs, grads = [], []
+    for model in (fp32, bf16):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+        out.float().sum().backward()
+        outs.append(out)
+        grads.append([p.grad for p in model.parameters() if p.requires_grad])
+    assert torch.equal(outs[0], outs[1])
+    assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))
+
+
+def test_regional_compile_compiles_each_attention_block_and_keeps_the_math():
+    eager = _model(molre={"placement": "blocks"})
+    compiled = copy.deepcopy(eager)
+    regions = compile_classifier(compiled, "regional", backend="aot_eager")  # no C++ toolchain needed
+    assert regions == ["blocks.0", "blocks.1"]
+    x = torch.rand(2, 3, 4, 64, 64)
+    torch.testing.assert_close(compiled(x), eager(x), rtol=1e-5, atol=1e-5)
+    compiled(x).sum().backward()
+    assert all(p.grad is not None for p in compiled.parameters() if p.requires_grad)
+    assert (
+        compiled.aux_loss() is not None
+    )  # the MoLRE modules inside compiled blocks still record their routing
+
+
+def test_attention_blocks_find_wrapped_linears_of_every_architecture():
+    davit = build_model(build_config({"backbone": {"preset": "tiny-davit"}}))
+    blocks = attention_blocks(davit.backbone.net, ("attn.qkv", "attn.proj"))
+    assert (
+        blocks[:2] == ["stages.0.blocks.0.0", "stages.0.blocks.0.1"] and len(blocks) == 8
+    )  # spatial, channel
+    vit3d = build_model(build_config({"backbone": {"preset": "tiny-vit3d"}}))
+    assert attention_blocks(vit3d.backbone.net, ("attn.qkv", "attn.out_proj")) == ["blocks.0", "blocks.1"]
+
+
+def test_prepare_runtime_follows_the_config_and_the_device():
+    assert compile_mode("auto", "cuda") == "regional" and compile_mode("auto", "cpu") == "off"
+    model = _model()
+    done = prepare_runtime(model, build_config({}), "cpu")  # auto: fp32, eager on CPU
+    assert done == {"bf16_autocast": False, "bf16_frozen_tensors": 0, "compile": "off", "compiled_regions": 0}
+    done = prepare_runtime(model, build_config({"train": {"precision": "bf16"}}), "cpu")
+    assert (
+        done["bf16_autocast"] and done["bf16_frozen_tensors"] == 16
+    )  # 2 blocks x 6 linears + patch conv + bias
+    assert build_config({"train": {"compile": True}}).train.compile == "regional"
+
+
+def test_set_tf32_switches_matmul_and_conv_precision():
+    before = torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision
+    try:
+        set_tf32(True)
+        assert torch.backends.cuda.matmul.fp32_precision == "tf32"
+        set_tf32(False)
+        assert torch.backends.cudnn.conv.fp32_precision == "ieee"
+    finally:
+        torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = before
