@@ -927,6 +927,14 @@ def _empty_split(folder: Path):
     return str(folder / "val"), lambda: dataset.split_files(str(folder), "val")
 
 
+def _missing_shard(folder: Path):
+    from molre.data import dataset
+
+    (uri, _) = write_shard_dataset(str(folder))
+    Path(uri).unlink()
+    return uri, lambda: dataset.split_files(str(folder), "train")
+
+
 def _raw_volume(folder: Path):
     from molre.data import shards
 
@@ -1030,6 +1038,9 @@ SHARD_CASES: tuple[ReadCase, ...] = (
     ),
     ReadCase("shard_not_in_manifest", "shard", DataError, "not listed in the manifest", _unlisted_shard),
     ReadCase("split_empty", "shard", DataError, "split 'val' is empty", _empty_split),
+    ReadCase(
+        "shard_listed_but_missing", "shard", DataError, "listed in the manifest is missing", _missing_shard
+    ),
     ReadCase("volume_bytes_do_not_fit_shape", "shard", DataError, "do not hold an int16 volume", _raw_volume),
     ReadCase("manifest_missing", "shard", DataError, "no manifest", _bad_manifest(None)),
     ReadCase(

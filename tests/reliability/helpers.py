@@ -9,7 +9,7 @@ import socket
 import threading
 import uuid
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -169,6 +169,10 @@ class StoppableS3:
     connections served by their handler threads: no outage for a client with a pooled connection), ``start()``
     listens again on the same port. Buckets live in moto's in-process backend and survive, as a real server's
     disks would.
+
+    The relay reads the request heads of what it forwards (``requests``: ``(method, path)`` in arrival order, from
+    every process that uses the endpoint), and ``stop_on_request`` takes the server down just before a chosen
+    request would be relayed: an outage at a deterministic point of a run whose reads happen in Ray workers.
     """
 
     def __init__(self):
@@ -183,6 +187,8 @@ class StoppableS3:
         self._lock = threading.Lock()
         self._listener: socket.socket | None = None
         self._open: set[socket.socket] = set()
+        self.requests: list[tuple[str, str]] = []
+        self._trigger: tuple[Callable[[str, str], bool], int, float | None, threading.Event] | None = None
 
     @property
     def running(self) -> bool:
@@ -213,8 +219,42 @@ class StoppableS3:
             sock.close()
 
     def close(self) -> None:
+        self._trigger = None
         self.stop()
         self._moto.stop()
+
+    def count(self, match: Callable[[str, str], bool]) -> int:
+        """How many relayed requests ``match(method, path)`` accepts (path without the query string)."""
+        with self._lock:
+            return sum(1 for method, path in self.requests if match(method, path))
+
+    def stop_on_request(
+        self, match: Callable[[str, str], bool], nth: int = 1, restart_after: float | None = None
+    ) -> threading.Event:
+        """From now on, count the requests ``match(method, path)`` accepts; instead of relaying the ``nth`` one,
+        stop the server (that request's connection is cut with the others: the client sees the outage on it) and
+        start it again ``restart_after`` seconds later (None: it stays down). The event is set at the stop."""
+        fired = threading.Event()
+        with self._lock:
+            self._trigger = (match, nth, restart_after, fired)
+        return fired
+
+    def _on_request(self, method: str, path: str) -> bool:
+        """Record one request head; True when it must not be relayed (the trigger stopped the server)."""
+        with self._lock:
+            self.requests.append((method, path))
+            trigger = self._trigger
+            if trigger is None or not trigger[0](method, path):
+                return False
+            match, nth, restart_after, fired = trigger
+            self._trigger = (match, nth - 1, restart_after, fired) if nth > 1 else None
+        if nth > 1:
+            return False
+        self.stop()
+        fired.set()
+        if restart_after is not None:
+            threading.Timer(restart_after, self.start).start()
+        return True
 
     def _accept(self, listener: socket.socket) -> None:
         while True:
@@ -233,12 +273,16 @@ class StoppableS3:
                     server.close()
                     return
                 self._open |= {client, server}
-            for a, b in ((client, server), (server, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True, name="s3-relay-pump").start()
+            for a, b, heads in ((client, server, RequestHeads()), (server, client, None)):
+                threading.Thread(
+                    target=self._pump, args=(a, b, heads), daemon=True, name="s3-relay-pump"
+                ).start()
 
-    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+    def _pump(self, source: socket.socket, sink: socket.socket, heads: RequestHeads | None = None) -> None:
         try:
             while data := source.recv(1 << 16):
+                if heads is not None and any(self._on_request(*head) for head in heads.feed(data)):
+                    return  # the server was stopped instead of receiving this request
                 sink.sendall(data)
         except OSError:
             pass
@@ -266,3 +310,58 @@ class StoppableS3:
             if found is not None:
                 return {k: v.value for k, v in found.keys.items() if k.startswith(prefix)}
         raise KeyError(bucket)
+
+
+class RequestHeads:
+    """The request heads in one connection's client -> server byte stream (HTTP/1.1: a head, then a body of
+    Content-Length bytes or in chunks), fed as the bytes arrive. A stream it cannot follow stops being parsed."""
+
+    def __init__(self):
+        self._buffer = b""
+        self._skip = 0  # body bytes still to pass over
+        self._state = "head"  # head | chunk-size | trailers | lost
+
+    def feed(self, data: bytes) -> list[tuple[str, str]]:
+        if self._state == "lost":
+            return []
+        self._buffer += data
+        found: list[tuple[str, str]] = []
+        try:
+            while self._step(found):
+                pass
+        except (ValueError, IndexError):
+            self._state, self._buffer = "lost", b""
+        return found
+
+    def _step(self, found: list[tuple[str, str]]) -> bool:
+        """Consume one unit (body bytes, a chunk-size line, a trailer line, a head); False when more bytes are
+        needed."""
+        if self._skip:
+            taken = min(self._skip, len(self._buffer))
+            self._buffer, self._skip = self._buffer[taken:], self._skip - taken
+            return bool(self._buffer) and not self._skip
+        if self._state in ("chunk-size", "trailers"):
+            end = self._buffer.find(b"\r\n")
+            if end < 0:
+                return False
+            line, self._buffer = self._buffer[:end], self._buffer[end + 2 :]
+            if self._state == "trailers":
+                self._state = "trailers" if line else "head"
+            elif (size := int(line.split(b";")[0], 16)) == 0:
+                self._state = "trailers"
+            else:
+                self._skip = size + 2  # the chunk and its CRLF
+            return True
+        end = self._buffer.find(b"\r\n\r\n")
+        if end < 0:
+            return False
+        head, self._buffer = self._buffer[:end].decode("latin-1"), self._buffer[end + 4 :]
+        request, *lines = head.split("\r\n")
+        method, target, _ = request.split(" ", 2)
+        headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
+        found.append((method, target.split("?", 1)[0]))
+        if "chunked" in headers.get("transfer-encoding", "").lower():
+            self._state = "chunk-size"
+        else:
+            self._skip = int(headers.get("content-length") or 0)
+        return True

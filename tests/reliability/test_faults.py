@@ -22,7 +22,6 @@ import pytest
 
 from molre.data import preprocess, shards, storage
 from molre.errors import DataError
-from tests.conftest import s3_env_vars
 from tests.data.malformed import write_shard_dataset
 from tests.reliability.helpers import SETTINGS, StoppableS3, write_cohort
 
@@ -35,16 +34,6 @@ SHORT_BUDGET = storage.RetryPolicy(attempts=3, base_delay=0.05, max_delay=0.1)
 # to 1 s), well inside LONG_BUDGET.
 OUTAGE_S = 2.0
 REAL_WITH_RETRIES = storage.with_retries
-
-
-@pytest.fixture
-def s3(monkeypatch):
-    server = StoppableS3()
-    for key, value in s3_env_vars(server.endpoint).items():
-        monkeypatch.setenv(key, value)
-    server.start()
-    yield server
-    server.close()
 
 
 @pytest.fixture

@@ -1,19 +1,26 @@
 """Ray Data input: preprocessed Parquet shards (local or s3://) -> per-split datasets -> per-worker batches.
 
-The driver opens ``<root>/<split>/*.parquet`` as ``ray.data`` datasets (schema and checksums checked against
-the manifest first); Ray Train splits them across workers. On a worker, ``rfs_batches`` streams its train shard
-once per epoch and applies Repeat Factor Sampling in the stream: each volume is repeated floor(r) or floor(r)+1
-times, drawn from a generator seeded by (seed, epoch, study hash), so the draw does not depend on which worker
-got the volume. Repeats go through a small shuffle buffer; storage is read once per epoch.
+The driver checks the shards of a split against the manifest once (schema from each footer, sha256 when asked)
+and turns them into a ``ray.data`` dataset with one read task per shard (``ShardDatasource``), in URI order. Each
+task reads its shard through molre's storage layer (``shards.read_shard``: retries with backoff, page CRCs, then
+a ``StorageError`` or ``DataError`` naming the shard), so an object-store outage during training is retried like
+one during preprocessing. Ray Train splits the datasets across workers. On a worker, ``rfs_batches`` streams its
+train shard once per epoch and applies Repeat Factor Sampling in the stream: each volume is repeated floor(r) or
+floor(r)+1 times, drawn from a generator seeded by (seed, epoch, study hash), so the draw does not depend on
+which worker got the volume. Repeats go through a small shuffle buffer; storage is read once per epoch.
 """
 
 from __future__ import annotations
 
+import math
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from typing import NamedTuple
 
 import numpy as np
 import torch
+from ray.data import Datasource, ReadTask
+from ray.data.block import BlockMetadata
 from ray.train import DataConfig
 
 from molre.data import shards, storage
@@ -31,43 +38,107 @@ def arrow_filesystem(uri: str):
     return PyFileSystem(FSSpecHandler(fs)), path
 
 
-def split_files(root: str, split: str, verify: bool = True) -> list[str]:
-    """The shard URIs of one split, checked against the manifest: schema always, checksums when ``verify``."""
-    manifest = shards.read_manifest(root)
-    entries = manifest.shards_of(split)
+class Shard(NamedTuple):
+    """One checked shard of a split: its URI, row count and estimated in-memory size (from the manifest)."""
+
+    uri: str
+    rows: int
+    size_bytes: int
+
+
+def checked_shards(
+    root: str, split: str, verify: bool = True, manifest: shards.Manifest | None = None
+) -> list[Shard]:
+    """The shards of one split (sorted by URI), checked against the manifest: schema always (one footer read per
+    shard), checksums when ``verify`` (the schema then comes from the bytes already fetched)."""
+    manifest = manifest or shards.read_manifest(root)
+    entries = sorted(manifest.shards_of(split), key=lambda s: s.path)
     if sum(s.rows for s in entries) == 0:
         raise DataError(
             storage.join(root, split), f"split '{split}' is empty: no volumes to train or validate on"
         )
-    uris = shards.list_shards(root, split, manifest)
-    for uri in uris:
-        if verify:
-            shards.verify_shard(uri, manifest)
-        check_shard_schema(uri)
-    return uris
+    grid = manifest.config.get("grid")
+    row_bytes = 2 * math.prod(grid) + 1024 if grid else None  # int16 volume + ids, labels, known
+    out = []
+    for info in entries:
+        uri = storage.join(root, info.path)
+        try:
+            shards.check_footer(uri, shards.verify_shard(uri, manifest) if verify else None)
+        except FileNotFoundError:
+            raise DataError(uri, "shard listed in the manifest is missing") from None
+        out.append(Shard(uri, info.rows, info.rows * row_bytes if row_bytes else info.bytes))
+    return out
+
+
+def split_files(
+    root: str, split: str, verify: bool = True, manifest: shards.Manifest | None = None
+) -> list[str]:
+    """The shard URIs of one split, checked against the manifest: schema always, checksums when ``verify``."""
+    return [s.uri for s in checked_shards(root, split, verify, manifest)]
 
 
 def check_shard_schema(uri: str) -> None:
     """Read only the Parquet footer and check the schema (a wrong schema is a DataError naming the shard)."""
-    import pyarrow.parquet as pq
+    shards.check_footer(uri)
 
-    fs, path = storage.filesystem(uri)
-    with fs.open(path, "rb") as handle:
+
+class ShardDatasource(Datasource):
+    """Ray Data source over checked shards: one read task per shard, in the given order, each reading its
+    ``columns`` with ``shards.read_shard`` (storage retries, page CRCs; a ``StorageError`` / ``DataError`` naming
+    the shard once the retry budget is spent). Nothing is read on the driver."""
+
+    def __init__(self, checked: list[Shard], columns: list[str]):
+        super().__init__()
+        self.shards = [Shard(*s) for s in checked]
+        self.columns = list(columns)
+
+    def get_name(self) -> str:
+        return "MolreShards"
+
+    def estimate_inmemory_data_size(self) -> int:
+        return sum(s.size_bytes for s in self.shards)
+
+    def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None, data_context=None):
+        import pyarrow as pa
+
+        schema = pa.schema([shards.SCHEMA.field(c) for c in self.columns], metadata=shards.SCHEMA.metadata)
+        return [
+            ReadTask(
+                _shard_reader(shard.uri, self.columns),
+                BlockMetadata(
+                    num_rows=shard.rows, size_bytes=shard.size_bytes, exec_stats=None, input_files=[shard.uri]
+                ),
+                schema=schema,
+                per_task_row_limit=per_task_row_limit,
+            )
+            for shard in self.shards
+        ]
+
+
+def _shard_reader(uri: str, columns: list[str]):
+    def read() -> Iterable:
         try:
-            schema = pq.ParquetFile(handle).schema_arrow
-        except Exception as err:
-            raise DataError(uri, f"not a readable Parquet shard ({type(err).__name__}: {err})") from None
-    shards.check_schema(schema, uri)
+            return [shards.read_shard(uri, columns)]
+        except FileNotFoundError:
+            raise DataError(uri, "shard listed in the manifest is missing") from None
+
+    return read
 
 
-def read_split(root: str, split: str, verify: bool = True):
-    """A ``ray.data.Dataset`` of one split (only the columns training needs)."""
+def read_split(
+    root: str,
+    split: str,
+    verify: bool = True,
+    checked: list[Shard] | None = None,
+    runtime_env: dict | None = None,
+):
+    """A ``ray.data.Dataset`` of one split (only the columns training needs), one read task per shard in URI
+    order. ``checked``: the split's shards as ``checked_shards`` returned them (else they are listed and checked
+    here). ``runtime_env``: for the read tasks (e.g. the storage variables, when the workers may lack them)."""
     import ray.data
 
-    uris = split_files(root, split, verify)
-    fs, _ = arrow_filesystem(root)
-    paths = [storage.filesystem(u)[1] for u in uris]
-    return ray.data.read_parquet(paths, filesystem=fs, columns=READ_COLUMNS, shuffle=None)
+    checked = checked if checked is not None else checked_shards(root, split, verify)
+    return ray.data.read_datasource(ShardDatasource(checked, READ_COLUMNS), runtime_env=runtime_env or None)
 
 
 class ExactSplitDataConfig(DataConfig):
@@ -85,21 +156,24 @@ class ExactSplitDataConfig(DataConfig):
         return output
 
 
-def label_matrix(root: str, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """``(labels, known)`` ``[N, 75]`` of a split, reading only those two columns (for RFS and focal alpha)."""
+def label_matrix(root: str, split: str, uris: list[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``(labels, known)`` ``[N, 75]`` of a split, reading only those two columns (for RFS and focal alpha).
+
+    ``uris``: the split's shards, already checked (else they are listed and checked here)."""
     labels, known = [], []
-    for uri in split_files(root, split, verify=False):
+    for uri in uris if uris is not None else split_files(root, split, verify=False):
         table = shards.read_shard(uri, ["labels", "known"])
         labels.append(np.asarray(table["labels"].to_pylist(), dtype=np.uint8).reshape(len(table), -1))
         known.append(np.asarray(table["known"].to_pylist(), dtype=np.uint8).reshape(len(table), -1))
     return np.concatenate(labels), np.concatenate(known)
 
 
-def training_statistics(root: str, rfs_threshold: float, alpha_clip) -> dict:
-    """Train-split facts every worker needs: RFS class factors and prevalence-based focal alpha."""
+def training_statistics(root: str, rfs_threshold: float, alpha_clip, uris: list[str] | None = None) -> dict:
+    """Train-split facts every worker needs: RFS class factors and prevalence-based focal alpha (``uris``: the
+    train shards, already checked)."""
     from molre.train.loss import prevalence_alpha
 
-    labels, known = label_matrix(root, "train")
+    labels, known = label_matrix(root, "train", uris)
     return {
         "class_factors": class_repeat_factors(labels, rfs_threshold, known).tolist(),
         "alpha": prevalence_alpha(labels, known, clip=tuple(alpha_clip)).tolist(),

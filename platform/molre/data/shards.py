@@ -334,11 +334,27 @@ def read_shard(uri: str, columns: Sequence[str] | None = None, *, verify: bool =
     return table
 
 
-def _read_parquet(uri: str, source, columns: Sequence[str] | None) -> pa.Table:
+def check_footer(uri: str, data: bytes | None = None) -> None:
+    """Read only the shard's Parquet footer (or parse ``data``, its bytes, when given) and check the schema: a
+    ``DataError`` naming the shard when it is not a readable shard of ``SCHEMA``; storage errors are retried."""
+    if data is not None:
+        _read_parquet(uri, lambda: pa.BufferReader(data), None, footer_only=True)
+        return
+    fs, path = storage.filesystem(uri)
+    storage.with_retries(
+        "read", uri, lambda: _read_parquet(uri, lambda: fs.open(path, "rb"), None, footer_only=True)
+    )
+
+
+def _read_parquet(
+    uri: str, source, columns: Sequence[str] | None, footer_only: bool = False
+) -> pa.Table | None:
     try:
         with source() as handle:
             parquet = pq.ParquetFile(handle, page_checksum_verification=True)
             check_schema(parquet.schema_arrow, uri)
+            if footer_only:
+                return None
             table = parquet.read(columns=list(columns) if columns else None)
             table.validate(full=True)  # offsets in bounds, strings UTF-8: what to_pylist() and Ray rely on
             return table

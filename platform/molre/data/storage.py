@@ -5,14 +5,18 @@
 - ``write_bytes`` is atomic: the data goes to ``<name>.tmp-<uuid>`` first and is renamed (local) or copied and
   deleted (S3) to the final name, so a half-written object is never visible under the final name.
 - Every operation retries transient errors (connection resets, timeouts, throttling) with bounded exponential
-  backoff; after the budget a ``StorageError`` names the URI and the operation.
+  backoff; after the budget a ``StorageError`` names the URI and the operation. The budget is ``DEFAULT_RETRY``
+  unless ``MOLRE_STORAGE_RETRY`` (``attempts[,base_delay_s[,max_delay_s]]``) says otherwise; it is read at each
+  operation, in whatever process runs it, so the variable must reach Ray workers (``forwarded_env``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
+import math
 import os
 import random
 import time
@@ -21,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from molre.errors import MolreError
+from molre.errors import ConfigError, MolreError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -42,9 +46,55 @@ class RetryPolicy:
 
 
 DEFAULT_RETRY = RetryPolicy()
+RETRY_ENV = "MOLRE_STORAGE_RETRY"  # "attempts[,base_delay_s[,max_delay_s]]", e.g. "8,0.5,10"
+# what a Ray worker needs to reach the same storage the same way as the driver (forwarded when it may lack them)
+FORWARDED_ENV = (
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+    "AWS_PROFILE",
+    "AWS_CONFIG_FILE",
+    "AWS_SHARED_CREDENTIALS_FILE",
+    "AWS_EC2_METADATA_DISABLED",
+    RETRY_ENV,
+)
 
 # Errors that say "this object/path is not there or not allowed": retrying cannot help.
 _PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
+
+
+def retry_policy() -> RetryPolicy:
+    """The retry budget of this process: ``MOLRE_STORAGE_RETRY`` when set, else ``DEFAULT_RETRY``."""
+    text = os.environ.get(RETRY_ENV, "").strip()
+    return _parse_policy(text) if text else DEFAULT_RETRY
+
+
+@functools.lru_cache(maxsize=8)
+def _parse_policy(text: str) -> RetryPolicy:
+    parts = [p.strip() for p in text.split(",")]
+    try:
+        if len(parts) > 3:
+            raise ValueError("too many values")
+        policy = RetryPolicy(int(parts[0]), *(float(p) for p in parts[1:]))
+        if policy.attempts < 1 or not all(
+            math.isfinite(d) and d >= 0 for d in (policy.base_delay, policy.max_delay)
+        ):
+            raise ValueError("out of range")
+    except ValueError:
+        raise ConfigError(
+            f"{RETRY_ENV}={text!r}: expected attempts[,base_delay_s[,max_delay_s]] with attempts >= 1 and "
+            "delays >= 0, e.g. '8,0.5,10'"
+        ) from None
+    return policy
+
+
+def forwarded_env() -> dict[str, str]:
+    """The storage variables (``FORWARDED_ENV``) set in this process, for the runtime env of Ray workers."""
+    return {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
 
 
 def is_s3(uri: str) -> bool:
@@ -112,7 +162,7 @@ def with_retries(op: str, uri: str, fn: Callable[[], T], policy: RetryPolicy | N
     """Run ``fn()``; retry transient errors with exponential backoff; a permanent error or an exhausted
     budget raises ``StorageError`` naming ``op`` and ``uri`` (FileNotFoundError and molre's own errors pass
     through unchanged)."""
-    policy = policy or DEFAULT_RETRY
+    policy = policy or retry_policy()
     delay = policy.base_delay
     for attempt in range(1, policy.attempts + 1):
         try:

@@ -8,13 +8,14 @@ resumes from the latest checkpoint (Ray Train V2 restores the run's snapshot); a
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
 
 from molre.config import RunConfig, config_to_dict, load_config
 from molre.data import dataset, shards, storage
-from molre.errors import ModelError
+from molre.errors import ModelError, MolreError
 from molre.models import build_model
 from molre.train.loop import METRIC, train_loop_per_worker
 
@@ -67,20 +68,28 @@ def check_model_fits(cfg: RunConfig, input_size: tuple[int, int, int]) -> None:
         ) from None
 
 
+SHARDS_KEY = "shards"  # prepare() -> build_trainer(): the checked shards of each split (not sent to workers)
+
+
 def prepare(cfg: RunConfig, verify: bool = True) -> dict:
-    """Driver-side facts for the workers (grid, spacing, input size, RFS factors, focal alpha); validates data."""
+    """Driver-side facts for the workers (grid, spacing, input size, RFS factors, focal alpha); validates data.
+
+    The manifest is read once and each shard checked once (footer schema; sha256 when ``verify``); the checked
+    shards travel under ``setup["shards"]`` to ``build_trainer``, which takes them out before the setup goes to
+    the workers."""
     if not cfg.data.uri:
         from molre.data.default import ensure_default_dataset
 
         cfg.data.uri = ensure_default_dataset()
     manifest = shards.read_manifest(cfg.data.uri)
     grid, spacing = tuple(manifest.config["grid"]), tuple(manifest.config["spacing"])
-    for split in ("train", "val"):
-        dataset.split_files(cfg.data.uri, split, verify=verify)
+    checked = {s: dataset.checked_shards(cfg.data.uri, s, verify, manifest) for s in ("train", "val")}
     input_size = model_input_size(cfg, grid)
     check_model_fits(cfg, input_size)
-    stats = dataset.training_statistics(cfg.data.uri, cfg.data.rfs_threshold, cfg.loss.alpha_clip)
-    return {**stats, "grid": list(grid), "spacing": list(spacing), "input_size": list(input_size)}
+    train_uris = [s.uri for s in checked["train"]]
+    stats = dataset.training_statistics(cfg.data.uri, cfg.data.rfs_threshold, cfg.loss.alpha_clip, train_uris)
+    return {**stats, "grid": list(grid), "spacing": list(spacing), "input_size": list(input_size),
+            SHARDS_KEY: checked}  # fmt: skip
 
 
 def use_gpu(cfg: RunConfig) -> bool:
@@ -91,7 +100,16 @@ def use_gpu(cfg: RunConfig) -> bool:
     return ray.cluster_resources().get("GPU", 0) > 0
 
 
-def build_trainer(cfg: RunConfig, setup: dict, fault: dict | None = None, callbacks: list | None = None):
+def build_trainer(
+    cfg: RunConfig,
+    setup: dict,
+    fault: dict | None = None,
+    callbacks: list | None = None,
+    storage_env: dict[str, str] | None = None,
+):
+    """The TorchTrainer of one run. ``setup``: from ``prepare`` (its checked shards are used, not re-listed).
+    ``storage_env``: variables for the Train workers and the data read tasks (``storage.forwarded_env()``, when
+    they may not have inherited them)."""
     import ray.train
     from ray.data import DataContext, ExecutionOptions
     from ray.train.torch import TorchTrainer
@@ -100,6 +118,9 @@ def build_trainer(cfg: RunConfig, setup: dict, fault: dict | None = None, callba
         False  # Tune / the run report progress; keep logs readable
     )
 
+    setup = dict(setup)
+    checked = setup.pop(SHARDS_KEY, None) or {}
+    env = {"env_vars": dict(storage_env)} if storage_env else None
     gpu = use_gpu(cfg)
     resources = {"CPU": cfg.scaling.cpus_per_worker, **({"GPU": cfg.scaling.gpus_per_worker} if gpu else {})}
     fs, path = dataset.arrow_filesystem(cfg.train.storage)
@@ -116,10 +137,13 @@ def build_trainer(cfg: RunConfig, setup: dict, fault: dict | None = None, callba
             failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             callbacks=callbacks,
+            worker_runtime_env=env,
         ),
         datasets={
-            "train": dataset.read_split(cfg.data.uri, "train", verify=False),
-            "val": dataset.read_split(cfg.data.uri, "val", verify=False),
+            split: dataset.read_split(
+                cfg.data.uri, split, verify=False, checked=checked.get(split), runtime_env=env
+            )
+            for split in ("train", "val")
         },
         dataset_config=dataset.ExactSplitDataConfig(
             execution_options=ExecutionOptions(
@@ -131,17 +155,55 @@ def build_trainer(cfg: RunConfig, setup: dict, fault: dict | None = None, callba
 
 def train(cfg: RunConfig, fault: dict | None = None, num_cpus: int | None = None) -> TrainResult:
     """Run (or resume) one training run to its end and return its result."""
+    ray = sys.modules.get("ray")
+    # a Ray started elsewhere (`ray start`, RAY_ADDRESS, a test's) has workers that may lack the storage variables
+    foreign = bool(os.environ.get("RAY_ADDRESS")) or (ray is not None and ray.is_initialized())
     ensure_ray(num_cpus)
     if not storage.is_s3(cfg.train.storage):
         cfg.train.storage = os.path.abspath(cfg.train.storage)
     setup = prepare(cfg)
-    result = build_trainer(cfg, setup, fault).fit()
-    if result.error:
-        raise result.error
+    trainer = build_trainer(cfg, setup, fault, storage_env=worker_storage_env(cfg) if foreign else None)
+    try:
+        result = trainer.fit()
+        if result.error:
+            raise result.error
+    except Exception as err:  # say what failed (a shard that cannot be read ...), not only that a worker died
+        cause = molre_cause(err)
+        if cause is None:
+            raise
+        raise cause from err
     checkpoint = result.checkpoint.path if result.checkpoint else None
     metrics = result.metrics or {}
     return TrainResult(metrics, float(metrics.get("val/best_mean_auc", metrics.get(METRIC, float("nan")))),
                        checkpoint, result.path)  # fmt: skip
+
+
+def worker_storage_env(cfg: RunConfig) -> dict[str, str]:
+    """The storage variables to forward to workers: the AWS ones only when the run touches s3:// (data, storage,
+    backbone weights), ``MOLRE_STORAGE_RETRY`` whenever it is set."""
+    env = storage.forwarded_env()
+    if not any(storage.is_s3(u or "") for u in (cfg.data.uri, cfg.train.storage, cfg.backbone.weights)):
+        env = {k: v for k, v in env.items() if k == storage.RETRY_ENV}
+    return env
+
+
+def molre_cause(error: BaseException) -> MolreError | None:
+    """The first of molre's own errors behind a Ray Train failure (raised in a worker, or in a Ray Data read task
+    feeding it), or None."""
+    todo, seen = [error], set()
+    while todo:
+        err = todo.pop(0)
+        if err is None or id(err) in seen:
+            continue
+        seen.add(id(err))
+        cause = getattr(err, "cause", None)  # RayTaskError: the exception the task raised
+        if isinstance(cause, MolreError):
+            return cause
+        if isinstance(err, MolreError):
+            return err
+        todo += [*getattr(err, "worker_failures", {}).values(), getattr(err, "controller_failure", None), cause,
+                 err.__cause__, err.__context__]  # fmt: skip
+    return None
 
 
 # ---- CLI ------------------------------------------------------------------------------------------------
