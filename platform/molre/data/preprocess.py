@@ -61,20 +61,6 @@ DEFAULT_SALT_FILE = Path("~/.molre/salt")
 HASH_HEX = 16  # 64-bit ids: collision odds ~ n^2 / 2^65 (3e-8 for a million studies)
 DEFAULT_SHARD_SIZE = 16  # studies per shard (~16-40 MB at the default grid)
 RUN_FILE = "run.json"
-# forwarded to Ray workers when Ray was started by someone else (they may not have inherited them)
-STORAGE_ENV = (
-    "AWS_ENDPOINT_URL",
-    "AWS_ENDPOINT_URL_S3",
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
-    "AWS_DEFAULT_REGION",
-    "AWS_REGION",
-    "AWS_PROFILE",
-    "AWS_CONFIG_FILE",
-    "AWS_SHARED_CREDENTIALS_FILE",
-    "AWS_EC2_METADATA_DISABLED",
-)
 _UID = re.compile(r"\b\d+(?:\.\d+){3,}\b")  # DICOM UIDs (StudyInstanceUID, SOPInstanceUID ...)
 SERIES_NOT_USED = "another series of the same study was used"
 
@@ -439,7 +425,7 @@ def _run_ray(batches: list[Batch], ctx: BatchContext, workers: int, progress) ->
             ray.init(**sizing, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True)
     try:
         options: dict = {"num_cpus": 1}
-        env = {k: os.environ[k] for k in STORAGE_ENV if k in os.environ}
+        env = storage.forwarded_env()  # the AWS variables and MOLRE_STORAGE_RETRY
         if (joined or not started) and env and storage.is_s3(ctx.output_uri):
             options["runtime_env"] = {"env_vars": env}  # workers we did not start may lack the endpoint
         task = ray.remote(process_batch).options(**options)

@@ -163,19 +163,26 @@ def train(cfg: RunConfig, fault: dict | None = None, num_cpus: int | None = None
         cfg.train.storage = os.path.abspath(cfg.train.storage)
     setup = prepare(cfg)
     trainer = build_trainer(cfg, setup, fault, storage_env=worker_storage_env(cfg) if foreign else None)
-    try:
-        result = trainer.fit()
-        if result.error:
-            raise result.error
-    except Exception as err:  # say what failed (a shard that cannot be read ...), not only that a worker died
-        cause = molre_cause(err)
-        if cause is None:
-            raise
-        raise cause from err
+    result = fit(trainer)
     checkpoint = result.checkpoint.path if result.checkpoint else None
     metrics = result.metrics or {}
     return TrainResult(metrics, float(metrics.get("val/best_mean_auc", metrics.get(METRIC, float("nan")))),
                        checkpoint, result.path)  # fmt: skip
+
+
+def fit(trainer):
+    """``trainer.fit()``; a failure raises molre's own error behind it (a shard that cannot be read ...), not only
+    Ray's word that a worker died."""
+    try:
+        result = trainer.fit()
+        if result.error:
+            raise result.error
+    except Exception as err:
+        cause = molre_cause(err)
+        if cause is None:
+            raise
+        raise cause from err
+    return result
 
 
 def worker_storage_env(cfg: RunConfig) -> dict[str, str]:

@@ -57,15 +57,13 @@ def run_trial(config: dict, spec: dict, data_uri: str, experiment_uri: str) -> N
     """Tune trial: build and fit a TorchTrainer, then report the best epoch's full metrics."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from molre.train.run import build_trainer, prepare
+    from molre.train.run import build_trainer, fit, prepare
 
     sweep = SweepSpec.model_validate(spec)
     trial_id = ray.tune.get_context().get_trial_id()
     cfg, point = trial_run_config(config, sweep, data_uri, experiment_uri, trial_id)
     setup = prepare(cfg, verify=False)  # the driver verified the shards' checksums once for the sweep
-    result = build_trainer(cfg, setup, callbacks=[TuneReportCallback()]).fit()
-    if result.error:
-        raise result.error
+    result = fit(build_trainer(cfg, setup, callbacks=[TuneReportCallback()]))
     with result.checkpoint.as_directory() as directory:
         final = final_metrics(directory, cfg)
     ray.tune.report(
