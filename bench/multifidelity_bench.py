@@ -1,7 +1,7 @@
 """Multi-fidelity sweep vs the exhaustive end-to-end grid: compute spent and the best configuration reached.
 
     python bench/multifidelity_bench.py [--config search_spaces/multi_fidelity.yaml] [--storage DIR]
-                                        [--data phantoms|planted] [--out FILE.json] [key=value ...]
+                                        [--data phantoms|planted] [--seed N] [--out FILE.json] [key=value ...]
 
 Runs the spec twice on the same data in one local Ray: (1) its grid, every point end to end (the spec without
 ``multi_fidelity``, experiment ``<name>-grid``); (2) the multi-fidelity sweep (cache features once, screen every
@@ -14,7 +14,8 @@ over the grid's points). Targets (issue 8): ratio <= 0.25 with a gap <= 0.005 me
 Data: ``phantoms`` = the spec's data (the embedded synthetic phantom benchmark when it names none); ``planted`` =
 a small learnable set written here (``write_planted_dataset``: eight findings planted as discs of graded contrast
 and size), for a benchmark on which configurations differ by more than noise. ``key=value`` overrides apply to
-the spec's base run config (e.g. ``data.num_slices=8``).
+the spec's base run config (e.g. ``data.num_slices=8``); ``--seed`` replaces the spec's seeds (run it twice to see
+how far the end-to-end grid's own ranking moves between seeds: the noise floor any fidelity is judged against).
 """
 
 from __future__ import annotations
@@ -137,7 +138,10 @@ def main(argv=None) -> int:
     parser.add_argument("--config", default=str(ROOT / "search_spaces" / "multi_fidelity.yaml"))
     parser.add_argument("--storage", default=None, help="results root (default: a fresh temporary folder)")
     parser.add_argument("--data", choices=("phantoms", "planted"), default="phantoms")
-    parser.add_argument("--out", default=None, help="default: bench/results/multi_fidelity-<data>.json")
+    parser.add_argument("--seed", type=int, default=None, help="run every trial with this seed only")
+    parser.add_argument(
+        "--out", default=None, help="default: bench/results/multi_fidelity-<data>[-seed<N>].json"
+    )
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the spec's base run config")
     args = parser.parse_args(argv)
 
@@ -152,6 +156,8 @@ def main(argv=None) -> int:
     if args.data == "planted":
         overrides.append(f"data.uri={write_planted_dataset(os.path.join(storage_root, 'planted'))}")
     spec = load_sweep(args.config, overrides)
+    if args.seed is not None:
+        spec.search.seeds = [args.seed]
     grid_spec = spec.model_copy(deep=True, update={"name": f"{spec.name}-grid", "multi_fidelity": None})
     started = time.time()
     grid, _ = run_sweep(grid_spec, storage_root)
@@ -163,11 +169,12 @@ def main(argv=None) -> int:
     screen = pd.read_parquet(os.path.join(storage_root, f"{spec.name}-screen", "trials.parquet"))
     assert Path(paths["multi_fidelity"]).name == SUMMARY_FILE
     row = {"case": "multi_fidelity", "config": os.path.relpath(args.config, ROOT), "data": args.data,
-           "overrides": overrides, **compare(spec, grid, mf, screen, summary),
+           "overrides": overrides, "seeds": spec.search.seeds, **compare(spec, grid, mf, screen, summary),
            "grid_wall_s": round(grid_wall, 1), "mf_wall_s": round(mf_wall, 1), "loadavg": loadavg(),
            **machine(torch.device("cpu")), "storage": storage_root}  # fmt: skip
     print(json.dumps(row), flush=True)
-    out = Path(args.out or ROOT / "bench" / "results" / f"multi_fidelity-{args.data}.json")
+    suffix = f"-seed{args.seed}" if args.seed is not None else ""
+    out = Path(args.out or ROOT / "bench" / "results" / f"multi_fidelity-{args.data}{suffix}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(row, indent=1) + "\n")
     return 0
