@@ -48,5 +48,8 @@ def test_bad_files(tmp_path):
     (tmp_path / "bad.yaml").write_text("a: [1, 2\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(tmp_path / "bad.yaml")
+    (tmp_path / "deep.yaml").write_text("a: " + "[" * 5000 + "]" * 5000 + "\n")  # PyYAML recurses per level
+    with pytest.raises(ConfigError, match="deep.yaml is not valid YAML: nested too deeply"):
+        load_config(tmp_path / "deep.yaml")
     with pytest.raises(ConfigError, match="backbone.presets: unknown key"):
         build_config({"backbone": {"presets": "x"}}, source="x.yaml")

@@ -213,6 +213,8 @@ def read_yaml(path: str | Path) -> dict:
         raise ConfigError(f"config file {path} is not UTF-8 text") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+    except RecursionError:  # PyYAML recurses once per nesting level
+        raise ConfigError(f"config file {path} is not valid YAML: nested too deeply") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

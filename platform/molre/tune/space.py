@@ -231,10 +231,7 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> SweepSpe
     """Parse and fully validate a search-space file; ``overrides`` (``key=value``) apply to its ``base``."""
     from molre.config import parse_overrides, set_dotted
 
-    try:
-        raw = read_yaml(path)
-    except RecursionError:  # PyYAML recurses once per nesting level
-        raise ConfigError(f"config file {path} is not valid YAML: nested too deeply") from None
+    raw = read_yaml(path)
     try:
         spec = SweepSpec.model_validate(raw)
     except ValidationError as err:
