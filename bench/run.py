@@ -72,6 +72,7 @@ def suite_config(name: str, quick: bool) -> Suite:
                 "workers": (1, 2),
                 "epochs": 5,
                 "fast_poll_s": 0.25,
+                "repeats": 20,
             },  # fmt: skip
             augment={"batch": 4, "shape": (32, 128, 128), "repeats": 3},
             features={
@@ -252,11 +253,12 @@ def render_block(suite: str, results: dict[str, dict]) -> str:
                 )
         ablated = [r for r in ratios if any(k.startswith("speedup_vs_") for k in r)]
         if ablated:
-            out += ["", "What each fast path gives (molre eager / molre eager without it; from the median wall "
-                    "step, the fastest step, CPU time per step): `fp32-frozen` = frozen weights kept fp32 and "
-                    "re-cast by bf16 autocast every step; `foreach-adamw` / `fused-adamw` = the other AdamW "
-                    "than the device's default (fused on CUDA, foreach on CPU).", "",
-                    "| preset | input | fast path off | molre / ablation |", "|---|---|---|---|"]  # fmt: skip
+            out += ["", "What each fast path gives: molre eager (the device's defaults) / molre eager with one "
+                    "setting changed, from the median wall step (the fastest step; CPU time per step); > 1 = the "
+                    "default is faster. `fp32-frozen` = frozen weights kept fp32 and re-cast by bf16 autocast "
+                    "every step (GPU); `foreach-adamw` / `fused-adamw` = the other AdamW than the device's "
+                    "default (fused on CUDA, foreach on CPU).", "",
+                    "| preset | input | changed | default / changed |", "|---|---|---|---|"]  # fmt: skip
             for r in ablated:
                 for key in [k for k in r if k.startswith("speedup_vs_") and not k.endswith(("_min", "_cpu"))]:
                     out.append(f"| {r['preset']} | {r['input']} | {key.removeprefix('speedup_vs_')} | "
@@ -402,19 +404,30 @@ def main(argv: list[str] | None = None) -> int:
     if (args.write or not args.quick) and not args.no_write:
         argv_text = " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
         results_path = args.results or args.md.parent / "bench" / "results" / f"{args.suite}.json"
-        results = merge_results(results_path, rows, f"python bench/run.py {argv_text}")
+        results = merge_results(results_path, rows, f"python bench/run.py {argv_text}", bool(args.shape))
         update_markdown(args.md, args.suite, render_block(args.suite, results))
     return 1 if any("error" in r for r in rows) else 0
 
 
-def merge_results(path: Path, rows: list[dict], command: str) -> dict[str, dict]:
-    """Replace the cases this run measured in the suite's results file (other cases are kept); returns all."""
+def merge_results(path: Path, rows: list[dict], command: str, keep_shapes: bool = False) -> dict[str, dict]:
+    """Replace the cases this run measured in the suite's results file (other cases are kept); returns all.
+
+    ``keep_shapes`` (a run given ``--shape``): a case keeps its rows of the shapes this run did not measure, so
+    the GPU suite's model_step can be run one shape per call.
+    """
     results = json.loads(path.read_text()) if path.exists() else {}
     info = next(r for r in rows if r["case"] == "machine")
     for case in CASES:
-        mine = [r for r in rows if _case_of(r) == case]
+        mine, cmd = [r for r in rows if _case_of(r) == case], command
         if mine:
-            results[case] = {"rows": mine, "command": command, "date": datetime.date.today().isoformat(),
+            if keep_shapes and case in results:
+                shapes = {(r.get("preset"), r.get("input")) for r in mine}
+                kept = [r for r in results[case]["rows"]
+                        if "error" not in r and (r.get("preset"), r.get("input")) not in shapes]  # fmt: skip
+                if kept:
+                    mine = kept + mine
+                    cmd = "; ".join(dict.fromkeys([*results[case]["command"].split("; "), command]))
+            results[case] = {"rows": mine, "command": cmd, "date": datetime.date.today().isoformat(),
                              "machine": info}  # fmt: skip
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=1) + "\n")

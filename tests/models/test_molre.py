@@ -107,23 +107,29 @@ def test_route_by_slice_gates_every_token_of_a_slice_from_its_mean_token():
     base = torch.nn.Linear(16, 20)
     m = MoLRE(16, 20, experts=3, rank=2, router_hidden=8, base_layer=base, scale=2.0, route_by="slice")
     _randomise(m)
+    direct = m(torch.randn(4, 5, 16))  # called directly, before the classifier said anything: a slice per row
+    assert m.last_router_weights.shape == (4, 3) and direct.shape == (4, 5, 20)
     x = torch.randn(6, 5, 16)  # 3 slices, each split over 2 leading rows (DaViT windows), 5 tokens per row
     m.route_items = 3
     out = m(x)
+    assert m.rows_per_item == 2  # kept: later forwards (any batch) need no slice count
     g = m.route(x.reshape(3, 10, 16).mean(dim=1))  # [3, K]: one gate per slice
     for row in range(6):
         delta = sum(g[row // 2, i] * (x[row] @ m.A[i].t() @ m.B[i].t()) for i in range(3))
         torch.testing.assert_close(out[row], base(x[row]) + 2.0 * delta, rtol=1e-5, atol=1e-5)
     assert m.last_router_weights.shape == (3, 3)
-    m.route_items = None  # called directly: one item per leading index
-    torch.testing.assert_close(m(x), base(x) + 2.0 * m.expert_delta(x, m.route(x.mean(1)).unsqueeze(1)))
+    m.route_items = None
+    torch.testing.assert_close(m(x[:4]), out[:4])  # 2 slices of the same layer, grouped as before
     flat = torch.randn(4, 16)  # slice features [N, d]: every row is a slice, as with route_by=token
     m.route_by = "token"
     by_token = m(flat)
     m.route_by = "slice"
     torch.testing.assert_close(m(flat), by_token)
-    m.route_items = 4
+    with pytest.raises(ModelError, match="groups of 2 rows, but its input has 5 rows"):
+        m(x[:5])
+    fresh = MoLRE(16, 20, experts=3, rank=2, router_hidden=8, base_layer=base, route_by="slice")
+    fresh.route_items = 4
     with pytest.raises(ModelError, match="4 slices, but its input has 6 rows"):
-        m(x)
+        fresh(x)
     with pytest.raises(ModelError, match="route_by"):
         MoLRE(16, route_by="volume")

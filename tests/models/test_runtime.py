@@ -14,6 +14,7 @@ from molre.models.runtime import (
     cast_frozen_weights,
     compile_classifier,
     compile_mode,
+    compile_regions,
     prepare_runtime,
     set_tf32,
 )
@@ -69,6 +70,14 @@ def test_attention_blocks_find_wrapped_linears_of_every_architecture():
     )  # spatial, channel
     vit3d = build_model(build_config({"backbone": {"preset": "tiny-vit3d"}}))
     assert attention_blocks(vit3d.backbone.net, ("attn.qkv", "attn.out_proj")) == ["blocks.0", "blocks.1"]
+    # DaViT's stages differ in shape: static graphs, one per stage, under a raised recompile limit
+    limit = torch._dynamo.config.recompile_limit
+    try:
+        torch._dynamo.config.recompile_limit = 8
+        assert compile_regions(davit.backbone.net, ("attn.qkv", "attn.proj"), backend="aot_eager") == blocks
+        assert torch._dynamo.config.recompile_limit == 64
+    finally:
+        torch._dynamo.config.recompile_limit = limit
 
 
 def test_prepare_runtime_follows_the_config_and_the_device():

@@ -125,13 +125,18 @@ def build_model(cfg: RunConfig, load_weights: bool = True) -> MoLREClassifier:
         targets = acfg.lora.targets or preset.lora_targets
         if blocks_molre:  # MoLRE in place of LoRA inside the attention linears (beyond the paper)
             m = acfg.molre
-            wrap_linears(
+            names = wrap_linears(
                 backbone.net,
                 targets,
                 acfg.lora.blocks,
                 lambda lin: _molre_linear(lin, m, acfg.lora.alpha),
                 "MoLRE",
             )
+            # route_by=slice: an attention over whole slices sees one row per slice (windowed ones learn their
+            # rows per slice at the first forward); set now, a compiled block never sees it change
+            for name in names:
+                if "window" not in type(backbone.net.get_submodule(name.rpartition(".")[0])).__name__.lower():
+                    backbone.net.get_submodule(name).rows_per_item = 1
         else:
             lora = acfg.lora
             inject_lora(backbone.net, targets, lora.rank, lora.alpha, lora.dropout, lora.blocks)

@@ -19,11 +19,12 @@ tokens ``[B*S, T, d]``. Forward FLOPs per token of ViT-B/16 (d=768, T=201 at 224
 - ``slice``: ``g`` once per slice from the mean of the T tokens entering the linear, broadcast over them (the
   paper's per-slice routing, taken inside the backbone). The router's cost drops by T (793k / 201 = 4k per token
   and block); the K-expert update stays (442k, 6x LoRA's). Counted: +3.7% over LoRA on dinov3-base, +2.8%
-  dinov3-large, +1.4% medgemma. Which tokens form a slice: ``route_items`` (set by the classifier for each
-  forward) = number of slices; the leading dim is split into that many consecutive groups (DaViT's window
-  attention sees ``[B*S*windows, t, d]``, batch-major, so its windows pool back into their slice; the zero padding
-  of a stage whose side is not a multiple of the window joins the mean). ``None`` (the module called directly):
-  one routing item per leading index.
+  dinov3-large, +1.4% medgemma. Which tokens form a slice: the classifier sets ``route_items`` (slices in the
+  forward); the module derives and keeps ``rows_per_item``, the leading rows per slice (1 for ViTs; the windows
+  of a slice in DaViT's window attention, which sees ``[B*S*windows, t, d]`` batch-major; fixed for a layer at
+  the model's input size), so later forwards read no batch-dependent int (a compiled block is not recompiled
+  per batch size). The zero padding of a DaViT stage whose side is not a multiple of the window joins the mean.
+  Called directly before any classifier forward, a module takes each leading index as a slice.
 """
 
 from __future__ import annotations
@@ -64,9 +65,9 @@ class MoLRE(nn.Module):
             raise ModelError(f"MoLRE route_by={route_by!r} must be 'token' or 'slice'")
         self.d_in, self.d_out, self.experts, self.rank = d_in, d_out, experts, rank
         self.top_k, self.scale, self.route_by = top_k, scale, route_by
-        self.route_items: int | None = (
-            None  # slices in the current forward (route_by=slice); see the docstring
-        )
+        # route_by=slice: slices in the current forward (set by the classifier) -> leading rows per slice
+        self.route_items: int | None = None
+        self.rows_per_item: int | None = None
         self.base_layer = base_layer if base_layer is not None else nn.Identity()
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.A = nn.Parameter(torch.empty(experts, rank, d_in, device=device))  # [K, r, d]
@@ -107,13 +108,16 @@ class MoLRE(nn.Module):
         The router sees each slice's mean token (``[items, d]``): 2*(d*d_h + d_h*K) FLOPs per slice, not per token.
         """
         m = x.shape[0]
-        items = self.route_items or m
-        if m % items:
-            raise ModelError(
-                f"MoLRE routes by slice over {items} slices, but its input has {m} rows (shape {tuple(x.shape)})"
-            )
-        g = self.route(x.reshape(items, -1, self.d_in).mean(dim=1))  # [items, K]
-        per_row = g if items == m else g.repeat_interleave(m // items, dim=0)  # [M, K]
+        if self.rows_per_item is None and self.route_items is not None:
+            if m % self.route_items:
+                raise ModelError(f"MoLRE routes by slice over {self.route_items} slices, but its input has "
+                                 f"{m} rows (shape {tuple(x.shape)})")  # fmt: skip
+            self.rows_per_item = m // self.route_items  # fixed for this layer at the model's input size
+        rows = self.rows_per_item or 1
+        if m % rows:
+            raise ModelError(f"MoLRE routes by slice over groups of {rows} rows, but its input has {m} rows")
+        g = self.route(x.reshape(m // rows, -1, self.d_in).mean(dim=1))  # [items, K]
+        per_row = g if rows == 1 else g.repeat_interleave(rows, dim=0)  # [M, K]
         return g, per_row.reshape(m, *([1] * (x.dim() - 2)), self.experts)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
