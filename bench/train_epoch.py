@@ -8,9 +8,10 @@ augmentation on the device, the steps, DDP all-reduce, validation over the (smal
 report. Epoch throughput = RFS train volumes of the epoch / interval. The worker's own time for the epoch (train
 pass + validation, the loop's ``time/train_s`` + ``time/val_s``) is given beside it: the difference is what Ray
 Train adds per report. Ray Train V2 caps that rate: a worker's result queue holds one report and the controller
-takes one per poll, at most every ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S`` (2 s by default), so an epoch shorter
-than the poll interval lasts the poll interval. ``fast_poll_s`` adds a run with the poll interval set (the
-variable is read by the driver at ``fit`` and handed to the controller) to show what a short epoch costs then.
+takes one per poll, at most every ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S`` (Ray's default 2 s; molre's
+``build_trainer`` sets 0.25 s unless the variable is set), so an epoch shorter than the poll interval lasts the
+poll interval. ``fast_poll_s`` adds a run with another poll interval (the variable is read by the driver at
+``fit`` and handed to the controller); ``controller_poll_s`` in each row says which one a run had.
 
 The pure step is the worker loop's step alone (``model_step.make_step``: forward, focal loss, backward, clip,
 AdamW) on a resident random batch of the same shape, with the loop's device settings (bf16 frozen weights and

@@ -19,6 +19,8 @@ from molre.errors import ModelError, MolreError
 from molre.models import build_model
 from molre.train.loop import METRIC, train_loop_per_worker
 
+HEALTH_CHECK_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+
 
 @dataclass
 class TrainResult:
@@ -113,6 +115,11 @@ def build_trainer(
     import ray.train
     from ray.data import DataContext, ExecutionOptions
     from ray.train.torch import TorchTrainer
+
+    # Ray Train V2's controller takes one worker report per poll (every 2 s by default): an epoch can never be
+    # shorter than that. 0.25 s keeps short epochs (CPU runs, small sweeps) from waiting on it; Train propagates
+    # the variable to its controller; an operator's own setting wins.
+    os.environ.setdefault(HEALTH_CHECK_ENV, "0.25")
 
     DataContext.get_current().enable_progress_bars = (
         False  # Tune / the run report progress; keep logs readable
