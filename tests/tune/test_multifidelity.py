@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from molre.errors import ConfigError
-from molre.tune.multifidelity import SUMMARY_FILE, top_points
+from molre.tune.multifidelity import SUMMARY_FILE, screen_resources, top_points
 from molre.tune.space import load_sweep
 from molre.tune.sweep import run_sweep
 
@@ -50,6 +50,14 @@ def test_multi_objective_multi_fidelity_is_refused(tmp_path):
     }
     with pytest.raises(ConfigError, match="one objective"):
         load_sweep(_spec(tmp_path, "/nowhere", search=objectives))
+
+
+def test_screen_trials_take_a_gpu_as_the_base_config_says(tmp_path):
+    path = _spec(
+        tmp_path, "/nowhere", resources={"num_workers": 2, "gpus_per_worker": 0.5, "cpus_per_worker": 2}
+    )
+    assert screen_resources(load_sweep(path, ["scaling.use_gpu=true"])) == {"CPU": 2.0, "GPU": 0.5}
+    assert screen_resources(load_sweep(path, ["scaling.use_gpu=false"])) == {"CPU": 2.0}
 
 
 def test_top_points_rank_by_the_mean_over_seeds():
