@@ -10,7 +10,7 @@
 A cached trial skips the frozen backbone's forward pass, which is nearly all of a frozen-backbone trial's
 compute, so screening N points costs about one end-to-end trial's worth of backbone passes plus N small head
 fits. Compute is counted as trial wall time x devices held (workers per end-to-end trial, 1 per screen trial and
-per cache build); ``bench/multifidelity_case.py`` compares it with the exhaustive end-to-end grid.
+per cache build); ``bench/multifidelity_bench.py`` compares it with the exhaustive end-to-end grid.
 """
 
 from __future__ import annotations
