@@ -219,141 +219,181 @@ def render_block(suite: str, results: dict[str, dict]) -> str:
         "Load = 1-minute load average (min..max over the case's rows; each row's own in its table).",
         "",
     ]
-    steps = [r for r in rows if r["case"] == "model_step"]
-    if steps:
-        out += ["**Model step** (forward + backward + AdamW). Step ms: median wall (fastest) / process CPU ms "
-                "(all threads); slices/s and achieved FLOP/s from the median wall step.", "",
-                "| preset | input (B x S x side^2) | impl | mode | slices/s | step ms | GFLOP / slice-step "
-                "(counted) | achieved FLOP/s | peak memory | load 1m |",
-                "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
-        for r in steps:
-            mem = f"{r['peak_mem_mib']:.0f} MiB ({r['mem_method']})"
-            out.append(
-                f"| {r['preset']} | {r['input']} | {r['impl']} | {r['mode']} | {r['slices_per_s']:.1f} | "
-                f"{r['step_ms']:.1f} ({r['step_ms_min']:.1f}) / {r['cpu_ms_per_step']:.1f} | "
-                f"{r['gflop_per_slice_step']:.4g} | {_si(r['achieved_gflops'] * 1e9, 'FLOP/s')} | {mem} | "
-                f"{r['loadavg'][0]:.1f} |"
-            )
-        ratios = [r for r in rows if r["case"] == "model_step_ratio"]
-        if ratios:
-            modes = [k.removeprefix("molre_over_peer_") for k in ratios[0]
-                     if k.startswith("molre_over_peer_") and not k.endswith(("_from_min", "_from_cpu"))]  # fmt: skip
-            out += ["", "molre / peer throughput: from the median wall steps (from the fastest steps; from CPU "
-                    "time per step):", "",
-                    "| preset | input | " + " | ".join(f"molre / peer, {m}" for m in modes)
-                    + " | best molre / best peer (median wall) |", "|---|---|" + "---|" * (len(modes) + 1)]  # fmt: skip
-            for r in ratios:
-                cells = " | ".join(
-                    f"{r[f'molre_over_peer_{m}']:.2f}x ({r[f'molre_over_peer_{m}_from_min']:.2f}x; "
-                    f"{r[f'molre_over_peer_{m}_from_cpu']:.2f}x)"
-                    for m in modes
-                )
-                out.append(
-                    f"| {r['preset']} | {r['input']} | {cells} | {r['best_molre_over_best_peer']:.2f}x |"
-                )
-        ablated = [r for r in ratios if any(k.startswith("speedup_vs_") for k in r)]
-        if ablated:
-            out += ["", "What each fast path gives: molre eager (the device's defaults) / molre eager with one "
-                    "setting changed, from the median wall step (the fastest step; CPU time per step); > 1 = the "
-                    "default is faster. `fp32-frozen` = frozen weights kept fp32 and re-cast by bf16 autocast "
-                    "every step (GPU); `foreach-adamw` / `fused-adamw` = the other AdamW than the device's "
-                    "default (fused on CUDA, foreach on CPU).", "",
-                    "| preset | input | changed | default / changed |", "|---|---|---|---|"]  # fmt: skip
-            for r in ablated:
-                for key in [k for k in r if k.startswith("speedup_vs_") and not k.endswith(("_min", "_cpu"))]:
-                    out.append(f"| {r['preset']} | {r['input']} | {key.removeprefix('speedup_vs_')} | "
-                               f"{r[key]:.3f}x ({r[key + '_from_min']:.3f}x; {r[key + '_from_cpu']:.3f}x) |")  # fmt: skip
-        out.append("")
-    flops = [r for r in rows if r["case"] == "flops"]
-    if flops:
-        limit = flops[0]["limit_tflops"]
-        out += [f"**FLOPs per slice-step** (forward + backward, counted by FlopCounterMode on the meta device; "
-                f"step-rate bound at {limit:.0f} TFLOP/s; `blocks` = MoLRE in the attention linears, routed once "
-                "per slice (`adapter.molre.route_by=slice`, the default) or per token)", "",
-                "| preset | input | molre GFLOP | peer GFLOP | LoRA GFLOP | blocks by slice GFLOP (vs LoRA) | "
-                f"blocks by token GFLOP (vs LoRA) | molre trainable | peer trainable | molre slices/s at "
-                f"{limit:.0f} TFLOP/s |", "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
-        for r in flops:
-            token = (f"{r['blocks_token_gflop_per_slice_step']:.4g} ({r['blocks_token_flop_overhead_pct']:+.1f}%)"
-                     if "blocks_token_gflop_per_slice_step" in r else "-")  # fmt: skip
-            out.append(
-                f"| {r['preset']} | {r['input']} | {r['molre_gflop_per_slice_step']:.4g} | "
-                f"{r['peer_gflop_per_slice_step']:.4g} | {r['lora_gflop_per_slice_step']:.4g} | "
-                f"{r['blocks_gflop_per_slice_step']:.4g} ({r['blocks_flop_overhead_pct']:+.1f}%) | {token} | "
-                f"{r['molre_trainable_params']:,} | {r['peer_trainable_params']:,} | "
-                f"{r['molre_slices_per_s_at_limit']:,.0f} |"
-            )
-        out.append("")
-    epochs = [r for r in rows if r["case"] == "train_epoch"]
-    if epochs:
-        out += ["**Full Ray Train epoch vs the pure step** (volumes/s for the whole machine; epoch = steady-state "
-                "median over epochs >= 1, between the controller's report stamps; in-worker = the worker's own "
-                "train pass + validation; poll = Ray Train's controller poll interval, which bounds an epoch from "
-                "below)", "",
-                "| preset | input | workers x CPUs | batch/worker | poll s | train rows cached | epoch vol/s | "
-                "in-worker vol/s | pure step vol/s | step + augment vol/s | epoch / step | epoch / (step + augment) "
-                "| in-worker / (step + augment) | load 1m |",
-                "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
-        for r in epochs:
-            worker = f"{r['worker_volumes_per_s']:.2f}" if "worker_volumes_per_s" in r else "-"
-            worker_ratio = (f"{r['worker_over_step_augment'] * 100:.0f}%"
-                            if "worker_over_step_augment" in r else "-")  # fmt: skip
-            out.append(
-                f"| {r['preset']} | {r['input']} | {r['workers']} x {r['cpus_per_worker']} | "
-                f"{r['batch_per_worker']} | {r.get('controller_poll_s', 2.0):g} | "
-                f"{'yes' if r.get('train_cached') else 'no'} | {r['epoch_volumes_per_s']:.2f} | {worker} | "
-                f"{r['step_volumes_per_s']:.2f} | {r['step_augment_volumes_per_s']:.2f} | "
-                f"{r['epoch_over_step'] * 100:.0f}% | {r['epoch_over_step_augment'] * 100:.0f}% | {worker_ratio} | "
-                f"{r['loadavg'][0]:.1f} |"
-            )
-        out.append("")
-    blocks = [r for r in rows if r["case"] == "blocks_overhead" and "slice_step_ms" in r]
-    if blocks:
-        out += ["**MoLRE `blocks` placement vs LoRA** (`adapter.molre.placement=blocks`, routed once per slice "
-                "(`route_by=slice`, the default) or per token, vs `adapter.kind=none`; median wall step; overhead "
-                "also from the fastest steps and from CPU time per step; counted = FLOPs per slice-step)", "",
-                "| preset | input | mode | LoRA step ms | by slice: step ms | overhead (fastest; CPU time) | counted "
-                "| by token: step ms | overhead (fastest; CPU time) | counted | load 1m |",
-                "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
-        for r in blocks:
-            cells = " | ".join(
-                f"{r[f'{k}_step_ms']:.1f} | {r[f'{k}_overhead_pct']:+.1f}% ({r[f'{k}_overhead_pct_from_min']:+.1f}%; "
-                f"{r[f'{k}_overhead_pct_from_cpu']:+.1f}%) | {r[f'{k}_flop_overhead_pct']:+.1f}%"
-                for k in ("slice", "token")
-            )
-            out.append(f"| {r['preset']} | {r['input']} | {r['mode']} | {r['lora_step_ms']:.1f} | {cells} | "
-                       f"{r['loadavg'][0]:.1f} |")  # fmt: skip
-        out.append("")
-    augs = [r for r in rows if r["case"] == "augment"]
-    if augs:
-        out += ["**Augmentation per volume** (molre `augment_batch` from int16 on the device vs MONAI per volume "
-                "on CPU; bench/augment_bench.py)", "",
-                "| volume (D,H,W) | batch | molre device | molre ms/volume | MONAI CPU ms/volume | MONAI / molre "
-                "| load 1m |", "|---|---|---|---|---|---|---|"]  # fmt: skip
-        for r in augs:
-            out.append(
-                f"| {'x'.join(map(str, r['shape']))} | {r['batch']} | {r['device']} | "
-                f"{r['molre_ms_per_volume']:.1f} | {r['monai_cpu_ms_per_volume']:.1f} | "
-                f"{r['monai_over_molre']:.1f}x | {r['loadavg'][0]:.1f} |"
-            )
-        out.append("")
-    feats = [r for r in rows if r["case"] == "features"]
-    if feats:
-        out += ["**Cached-feature trial vs the end-to-end trial** (frozen backbone; see the multi-fidelity "
-                "section)", "",
-                "| preset | input | epochs | feature cache build s | cached trial s | end-to-end trial s | "
-                "end-to-end / cached | load 1m |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
-        for r in feats:
-            out.append(
-                f"| {r['preset']} | {r['input']} | {r['epochs']} | {r['cache_build_s']:.1f} | "
-                f"{r['cached_trial_s']:.2f} | {r['e2e_trial_s']:.1f} | {r['e2e_over_cached']:.0f}x | "
-                f"{r['loadavg'][0]:.1f} |"
-            )
-        out.append("")
+    for render in CASE_TABLES:
+        out += render(rows)
     errors = [r for r in everything if "error" in r]
     for r in errors:
         out.append(f"Case `{r['case']}` failed: `{r['error']}`.")
     return "\n".join(out).rstrip() + "\n"
+
+
+def _table(title: str, header: str, lines: list[str]) -> list[str]:
+    """Markdown lines: ``title``, a blank line, a table (its separator sized from ``header``), a blank line."""
+    return [title, "", header, "|" + "---|" * (header.count("|") - 1), *lines, ""]
+
+
+def _of(rows: list[dict], case: str) -> list[dict]:
+    return [r for r in rows if r["case"] == case]
+
+
+def _model_step_md(rows: list[dict]) -> list[str]:
+    steps, ratios = _of(rows, "model_step"), _of(rows, "model_step_ratio")
+    if not steps:
+        return []
+    lines = [
+        f"| {r['preset']} | {r['input']} | {r['impl']} | {r['mode']} | {r['slices_per_s']:.1f} | "
+        f"{r['step_ms']:.1f} ({r['step_ms_min']:.1f}) / {r['cpu_ms_per_step']:.1f} | "
+        f"{r['gflop_per_slice_step']:.4g} | {_si(r['achieved_gflops'] * 1e9, 'FLOP/s')} | "
+        f"{r['peak_mem_mib']:.0f} MiB ({r['mem_method']}) | {r['loadavg'][0]:.1f} |"
+        for r in steps
+    ]
+    out = _table("**Model step** (forward + backward + AdamW). Step ms: median wall (fastest) / process CPU ms "
+                 "(all threads); slices/s and achieved FLOP/s from the median wall step.",
+                 "| preset | input (B x S x side^2) | impl | mode | slices/s | step ms | GFLOP / slice-step "
+                 "(counted) | achieved FLOP/s | peak memory | load 1m |", lines)  # fmt: skip
+    return out[:-1] + _ratios_md(ratios) + _ablations_md(ratios) + [""]
+
+
+def _ratios_md(ratios: list[dict]) -> list[str]:
+    """molre / peer per compile mode (the sub-table of the model step)."""
+    if not ratios:
+        return []
+    modes = [k.removeprefix("molre_over_peer_") for k in ratios[0]
+             if k.startswith("molre_over_peer_") and not k.endswith(("_from_min", "_from_cpu"))]  # fmt: skip
+    lines = []
+    for r in ratios:
+        cells = " | ".join(
+            f"{r[f'molre_over_peer_{m}']:.2f}x ({r[f'molre_over_peer_{m}_from_min']:.2f}x; "
+            f"{r[f'molre_over_peer_{m}_from_cpu']:.2f}x)"
+            for m in modes
+        )
+        lines.append(f"| {r['preset']} | {r['input']} | {cells} | {r['best_molre_over_best_peer']:.2f}x |")
+    header = ("| preset | input | " + " | ".join(f"molre / peer, {m}" for m in modes)
+              + " | best molre / best peer (median wall) |")  # fmt: skip
+    return [""] + _table("molre / peer throughput: from the median wall steps (from the fastest steps; from CPU "
+                         "time per step):", header, lines)[:-1]  # fmt: skip
+
+
+def _ablations_md(ratios: list[dict]) -> list[str]:
+    """What each fast path gives (the sub-table of the model step)."""
+    lines = [
+        f"| {r['preset']} | {r['input']} | {key.removeprefix('speedup_vs_')} | "
+        f"{r[key]:.3f}x ({r[key + '_from_min']:.3f}x; {r[key + '_from_cpu']:.3f}x) |"
+        for r in ratios
+        for key in [k for k in r if k.startswith("speedup_vs_") and not k.endswith(("_min", "_cpu"))]
+    ]
+    if not lines:
+        return []
+    return [""] + _table("What each fast path gives: molre eager (the device's defaults) / molre eager with one "
+                         "setting changed, from the median wall step (the fastest step; CPU time per step); > 1 = "
+                         "the default is faster. `fp32-frozen` = frozen weights kept fp32 and re-cast by bf16 "
+                         "autocast every step (GPU); `foreach-adamw` / `fused-adamw` = the other AdamW than the "
+                         "device's default (fused on CUDA, foreach on CPU).",
+                         "| preset | input | changed | default / changed |", lines)[:-1]  # fmt: skip
+
+
+def _flops_md(rows: list[dict]) -> list[str]:
+    flops = _of(rows, "flops")
+    if not flops:
+        return []
+    limit = flops[0]["limit_tflops"]
+    lines = []
+    for r in flops:
+        token = (f"{r['blocks_token_gflop_per_slice_step']:.4g} ({r['blocks_token_flop_overhead_pct']:+.1f}%)"
+                 if "blocks_token_gflop_per_slice_step" in r else "-")  # fmt: skip
+        lines.append(
+            f"| {r['preset']} | {r['input']} | {r['molre_gflop_per_slice_step']:.4g} | "
+            f"{r['peer_gflop_per_slice_step']:.4g} | {r['lora_gflop_per_slice_step']:.4g} | "
+            f"{r['blocks_gflop_per_slice_step']:.4g} ({r['blocks_flop_overhead_pct']:+.1f}%) | {token} | "
+            f"{r['molre_trainable_params']:,} | {r['peer_trainable_params']:,} | "
+            f"{r['molre_slices_per_s_at_limit']:,.0f} |"
+        )
+    return _table(f"**FLOPs per slice-step** (forward + backward, counted by FlopCounterMode on the meta device; "
+                  f"step-rate bound at {limit:.0f} TFLOP/s; `blocks` = MoLRE in the attention linears, routed once "
+                  "per slice (`adapter.molre.route_by=slice`, the default) or per token)",
+                  "| preset | input | molre GFLOP | peer GFLOP | LoRA GFLOP | blocks by slice GFLOP (vs LoRA) | "
+                  f"blocks by token GFLOP (vs LoRA) | molre trainable | peer trainable | molre slices/s at "
+                  f"{limit:.0f} TFLOP/s |", lines)  # fmt: skip
+
+
+def _epoch_md(rows: list[dict]) -> list[str]:
+    lines = []
+    for r in _of(rows, "train_epoch"):
+        worker = f"{r['worker_volumes_per_s']:.2f}" if "worker_volumes_per_s" in r else "-"
+        worker_ratio = (f"{r['worker_over_step_augment'] * 100:.0f}%"
+                        if "worker_over_step_augment" in r else "-")  # fmt: skip
+        lines.append(
+            f"| {r['preset']} | {r['input']} | {r['workers']} x {r['cpus_per_worker']} | "
+            f"{r['batch_per_worker']} | {r.get('controller_poll_s', 2.0):g} | "
+            f"{'yes' if r.get('train_cached') else 'no'} | {r['epoch_volumes_per_s']:.2f} | {worker} | "
+            f"{r['step_volumes_per_s']:.2f} | {r['step_augment_volumes_per_s']:.2f} | "
+            f"{r['epoch_over_step'] * 100:.0f}% | {r['epoch_over_step_augment'] * 100:.0f}% | {worker_ratio} | "
+            f"{r['loadavg'][0]:.1f} |"
+        )
+    if not lines:
+        return []
+    return _table("**Full Ray Train epoch vs the pure step** (volumes/s for the whole machine; epoch = steady-state "
+                  "median over epochs >= 1, between the controller's report stamps; in-worker = the worker's own "
+                  "train pass + validation; poll = Ray Train's controller poll interval, which bounds an epoch from "
+                  "below)",
+                  "| preset | input | workers x CPUs | batch/worker | poll s | train rows cached | epoch vol/s | "
+                  "in-worker vol/s | pure step vol/s | step + augment vol/s | epoch / step | epoch / (step + augment) "
+                  "| in-worker / (step + augment) | load 1m |", lines)  # fmt: skip
+
+
+def _blocks_md(rows: list[dict]) -> list[str]:
+    lines = []
+    for r in _of(rows, "blocks_overhead"):
+        if "slice_step_ms" not in r:  # a row written before routing by slice existed
+            continue
+        cells = " | ".join(
+            f"{r[f'{k}_step_ms']:.1f} | {r[f'{k}_overhead_pct']:+.1f}% ({r[f'{k}_overhead_pct_from_min']:+.1f}%; "
+            f"{r[f'{k}_overhead_pct_from_cpu']:+.1f}%) | {r[f'{k}_flop_overhead_pct']:+.1f}%"
+            for k in ("slice", "token")
+        )
+        lines.append(f"| {r['preset']} | {r['input']} | {r['mode']} | {r['lora_step_ms']:.1f} | {cells} | "
+                     f"{r['loadavg'][0]:.1f} |")  # fmt: skip
+    if not lines:
+        return []
+    return _table("**MoLRE `blocks` placement vs LoRA** (`adapter.molre.placement=blocks`, routed once per slice "
+                  "(`route_by=slice`, the default) or per token, vs `adapter.kind=none`; median wall step; overhead "
+                  "also from the fastest steps and from CPU time per step; counted = FLOPs per slice-step)",
+                  "| preset | input | mode | LoRA step ms | by slice: step ms | overhead (fastest; CPU time) | counted "
+                  "| by token: step ms | overhead (fastest; CPU time) | counted | load 1m |", lines)  # fmt: skip
+
+
+def _augment_md(rows: list[dict]) -> list[str]:
+    lines = [
+        f"| {'x'.join(map(str, r['shape']))} | {r['batch']} | {r['device']} | "
+        f"{r['molre_ms_per_volume']:.1f} | {r['monai_cpu_ms_per_volume']:.1f} | "
+        f"{r['monai_over_molre']:.1f}x | {r['loadavg'][0]:.1f} |"
+        for r in _of(rows, "augment")
+    ]
+    if not lines:
+        return []
+    return _table("**Augmentation per volume** (molre `augment_batch` from int16 on the device vs MONAI per volume "
+                  "on CPU; bench/augment_bench.py)",
+                  "| volume (D,H,W) | batch | molre device | molre ms/volume | MONAI CPU ms/volume | MONAI / molre "
+                  "| load 1m |", lines)  # fmt: skip
+
+
+def _features_md(rows: list[dict]) -> list[str]:
+    lines = [
+        f"| {r['preset']} | {r['input']} | {r['epochs']} | {r['cache_build_s']:.1f} | "
+        f"{r['cached_trial_s']:.2f} | {r['e2e_trial_s']:.1f} | {r['e2e_over_cached']:.0f}x | "
+        f"{r['loadavg'][0]:.1f} |"
+        for r in _of(rows, "features")
+    ]
+    if not lines:
+        return []
+    return _table("**Cached-feature trial vs the end-to-end trial** (frozen backbone; see the multi-fidelity "
+                  "section)",
+                  "| preset | input | epochs | feature cache build s | cached trial s | end-to-end trial s | "
+                  "end-to-end / cached | load 1m |", lines)  # fmt: skip
+
+
+# the tables of a suite's block, in this order (each renders nothing when its case has no rows)
+CASE_TABLES = (_model_step_md, _flops_md, _epoch_md, _blocks_md, _augment_md, _features_md)
 
 
 def update_markdown(path: Path, suite: str, block: str) -> None:
