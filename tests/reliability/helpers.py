@@ -50,7 +50,7 @@ def phi_values(extra: Iterable[str] = ()) -> list[str]:
 
 
 def head_ct(seed: int, shape=(12, 48, 48)) -> np.ndarray:
-    """A small off-centre head in HU (air, bone shell, brain, a bright blob) that passes ingest validation."""
+    """A small off-centre head in HU (air, bone shell, brain) that passes ingest validation."""
     rng = np.random.default_rng(seed)
     centre = np.array([(n - 1) / 2 for n in shape]) + rng.uniform(-3, 3, 3) * (0.3, 1, 1)
     zz, yy, xx = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
