@@ -69,9 +69,10 @@ def _numeric(metrics: dict) -> dict:
 def screen_resources(spec: SweepSpec) -> dict:
     """One device per screen trial: a GPU (or a fraction, as the spec packs trials) when the base config's
     ``scaling.use_gpu`` says so (``auto``: when the cluster has GPUs as the sweep starts)."""
+    from molre.train.run import use_gpu
+
     res = spec.resources
-    use_gpu = run_config_for(spec, {}).scaling.use_gpu
-    gpu = ray.cluster_resources().get("GPU", 0) > 0 if use_gpu == "auto" else bool(use_gpu)
+    gpu = use_gpu(run_config_for(spec, {}))  # the same decision as an end-to-end trial's workers
     return {"CPU": res.cpus_per_worker, **({"GPU": res.gpus_per_worker} if gpu else {})}
 
 
