@@ -80,8 +80,11 @@ def key_fields(cfg: RunConfig, data_uri: str | None = None) -> dict:
 
 
 def feature_key(cfg: RunConfig, data_uri: str | None = None) -> str:
-    text = json.dumps(key_fields(cfg, data_uri), sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    return _hash(key_fields(cfg, data_uri))
+
+
+def _hash(fields: dict) -> str:
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def cache_uri(root: str, key: str) -> str:
@@ -124,14 +127,15 @@ def build_feature_cache(
     check_cacheable(cfg)
     if not cfg.data.uri:
         raise ConfigError("cached features need data.uri (the preprocessed shard root)")
-    key = feature_key(cfg)
+    fields = key_fields(cfg)  # reads the manifest: once per call
+    key = _hash(fields)
     uri = cache_uri(root, key)
     if storage.exists(storage.join(uri, META)):
         return load_feature_cache(uri, splits)
     start = time.perf_counter()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     backbone, input_size = _frozen_backbone(cfg, device)
-    meta = {"key": key, "fields": key_fields(cfg), "dtype": dtype, "dims": backbone.dims,
+    meta = {"key": key, "fields": fields, "dtype": dtype, "dims": backbone.dims,
             "width": backbone.width, "splits": {}}  # fmt: skip
     out = {}
     for split in splits:
