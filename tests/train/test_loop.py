@@ -6,8 +6,9 @@ import numpy as np
 import torch
 
 from molre.config import build_config
+from molre.data.dataset import decode_batch
 from molre.models import build_model
-from molre.train.loop import ShardCache, decode_batch, make_optimizer
+from molre.train.loop import ShardCache, make_optimizer
 
 
 class FakeShard:

@@ -223,10 +223,23 @@ def _stack(rows: list[dict]) -> dict[str, np.ndarray]:
     }
 
 
+def decode_batch(batch: dict) -> dict[str, np.ndarray]:
+    """A shard batch decoded on the host: ``hu`` int16 ``[B, D, H, W]``, ``labels`` / ``known`` float32
+    ``[B, 75]``, ``study_hash`` str ``[B]`` (what a worker's validation cache keeps for the whole run)."""
+    return {
+        "hu": np.stack(
+            [shards.decode_volume(v, s) for v, s in zip(batch["volume"], batch["shape"], strict=True)]
+        ),
+        "labels": np.stack(list(batch["labels"])).astype(np.float32),
+        "known": np.stack(list(batch["known"])).astype(np.float32),
+        "study_hash": np.asarray(batch["study_hash"]).astype(str),
+    }
+
+
 def to_tensors(batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Decode a batch: int16 HU ``[B, D, H, W]``, labels and known ``[B, 75]`` float, on ``device``."""
-    volumes = [shards.decode_volume(v, s) for v, s in zip(batch["volume"], batch["shape"], strict=True)]
-    hu = torch.from_numpy(np.stack(volumes)).to(device, non_blocking=True)
-    labels = torch.as_tensor(np.stack(list(batch["labels"])), dtype=torch.float32, device=device)
-    known = torch.as_tensor(np.stack(list(batch["known"])), dtype=torch.float32, device=device)
+    decoded = decode_batch(batch)
+    hu, labels, known = (
+        torch.from_numpy(decoded[k]).to(device, non_blocking=True) for k in ("hu", "labels", "known")
+    )
     return hu, labels, known

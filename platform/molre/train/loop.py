@@ -31,9 +31,8 @@ import torch
 import torch.distributed as dist
 
 from molre.config import RunConfig, build_config
-from molre.data import shards
 from molre.data.augment import augment_batch
-from molre.data.dataset import rfs_batches, to_tensors
+from molre.data.dataset import decode_batch, rfs_batches, to_tensors
 from molre.errors import WeightsError
 from molre.findings import FINDING_IDS
 from molre.models import build_model, parameter_groups
@@ -163,13 +162,12 @@ def score_shard(core, cfg, shard, setup, device) -> dict[str, np.ndarray]:
     gen = _generator(cfg.train.seed, 0, 0, 1)
     for batch in shard.iter_batches(batch_size=cfg.train.batch_size, batch_format="numpy"):
         hu = torch.from_numpy(batch["hu"]).to(device)
-        labels, known = (torch.from_numpy(batch[k]).to(device) for k in ("labels", "known"))
         x = augment_batch(hu, cfg.data, gen, train=False, out_size=setup["input_size"])
         with autocast(cfg, device):
             probs = torch.sigmoid(core(x).float())
         out["scores"].append(probs.cpu().numpy())
-        out["labels"].append(labels.cpu().numpy())
-        out["known"].append(known.cpu().numpy())
+        out["labels"].append(batch["labels"])  # host arrays: only the scores need the device
+        out["known"].append(batch["known"])
         routing = core.router_weights()
         if routing is not None:
             out["router"].append(
@@ -309,19 +307,6 @@ def batch_nbytes(batch: dict) -> int:
         else:
             total += value.nbytes
     return total
-
-
-def decode_batch(batch: dict) -> dict[str, np.ndarray]:
-    """A shard batch decoded for scoring: ``hu`` int16 ``[B, D, H, W]``, ``labels`` / ``known`` float32 ``[B, 75]``,
-    ``study_hash`` str ``[B]`` (what the validation pass keeps for the whole run)."""
-    return {
-        "hu": np.stack(
-            [shards.decode_volume(v, s) for v, s in zip(batch["volume"], batch["shape"], strict=True)]
-        ),
-        "labels": np.stack(list(batch["labels"])).astype(np.float32),
-        "known": np.stack(list(batch["known"])).astype(np.float32),
-        "study_hash": np.asarray(batch["study_hash"]).astype(str),
-    }
 
 
 def _alpha(cfg: RunConfig, setup: dict):
