@@ -59,12 +59,14 @@ def check_cacheable(cfg: RunConfig) -> None:
         )
 
 
-def key_fields(cfg: RunConfig, data_uri: str | None = None) -> dict:
-    """What the features depend on: preset, weights, the preprocessed data (its manifest), input size, windows."""
+def key_fields(cfg: RunConfig, data_uri: str | None = None, manifest_bytes: bytes | None = None) -> dict:
+    """What the features depend on: preset, weights, the preprocessed data (its manifest), input size, windows.
+
+    ``manifest_bytes``: the data's manifest when the caller already holds it (else it is read)."""
     from molre.train.run import model_input_size
 
-    uri = data_uri or cfg.data.uri
-    manifest_bytes = storage.read_bytes(storage.join(uri, shards.MANIFEST))
+    if manifest_bytes is None:
+        manifest_bytes = storage.read_bytes(storage.join(data_uri or cfg.data.uri, shards.MANIFEST))
     grid = tuple(json.loads(manifest_bytes)["config"]["grid"])
     weights = cfg.backbone.weights.replace("{preset}", cfg.backbone.preset) if cfg.backbone.weights else None
     return {
@@ -79,8 +81,8 @@ def key_fields(cfg: RunConfig, data_uri: str | None = None) -> dict:
     }
 
 
-def feature_key(cfg: RunConfig, data_uri: str | None = None) -> str:
-    return _hash(key_fields(cfg, data_uri))
+def feature_key(cfg: RunConfig, data_uri: str | None = None, manifest_bytes: bytes | None = None) -> str:
+    return _hash(key_fields(cfg, data_uri, manifest_bytes))
 
 
 def _hash(fields: dict) -> str:

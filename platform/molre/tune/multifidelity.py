@@ -91,13 +91,15 @@ def build_caches(spec: SweepSpec, data_uri: str, cache_root: str) -> dict:
     """Compute every distinct feature cache the screen needs (one Ray task each, on one device) before any trial,
     so that concurrent trials never compute the same cache twice. A cache missed here (an Optuna point outside
     the sample) is still built by its first trial. Returns ``{"keys", "built", "seconds"}``."""
+    from molre.data import shards
     from molre.tune.features import build_feature_cache, feature_key
 
+    manifest = storage.read_bytes(storage.join(data_uri, shards.MANIFEST))  # once, not once per point
     configs = {}
     for point in screen_points(spec):
         cfg = run_config_for(spec, point, spec.search.seeds[0])
         cfg.data.uri = data_uri
-        configs.setdefault(feature_key(cfg), cfg)
+        configs.setdefault(feature_key(cfg, manifest_bytes=manifest), cfg)
 
     def build(cfg):
         cache = build_feature_cache(cfg, cache_root)
