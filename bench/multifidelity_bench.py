@@ -1,7 +1,8 @@
 """Multi-fidelity sweep vs the exhaustive end-to-end grid: compute spent and the best configuration reached.
 
     python bench/multifidelity_bench.py [--config search_spaces/multi_fidelity.yaml] [--storage DIR]
-                                        [--data phantoms|planted] [--seed N] [--out FILE.json] [key=value ...]
+                                        [--data phantoms|planted] [--train N --val N] [--seed N]
+                                        [--out FILE.json] [key=value ...]
 
 Runs the spec twice on the same data in one local Ray: (1) its grid, every point end to end (the spec without
 ``multi_fidelity``, experiment ``<name>-grid``); (2) the multi-fidelity sweep (cache features once, screen every
@@ -103,6 +104,18 @@ def _plain(value):
     return value.item() if hasattr(value, "item") else value
 
 
+def seed_noise(table: pd.DataFrame, metric: str) -> dict:
+    """How far one point's end-to-end metric moves between seeds (the grid's own noise), when it ran several:
+    the mean over points of the seeds' standard deviation, and of the standard error of the seeds' mean."""
+    done = table[table["status"] == "TERMINATED"]
+    by_point = done.groupby("point")[metric]
+    if by_point.size().min() < 2:
+        return {}
+    std = by_point.std(ddof=1)
+    return {"grid_seed_std": round(float(std.mean()), 4),
+            "grid_mean_stderr": round(float((std / np.sqrt(by_point.size())).mean()), 4)}  # fmt: skip
+
+
 def compare(spec, grid: pd.DataFrame, mf: pd.DataFrame, screen: pd.DataFrame, summary: dict) -> dict:
     from molre.tune.multifidelity import device_seconds
 
@@ -123,6 +136,8 @@ def compare(spec, grid: pd.DataFrame, mf: pd.DataFrame, screen: pd.DataFrame, su
         "compute_ratio": round(summary["device_seconds"] / grid_s, 3),
         "grid_best_point": json.loads(best_grid),
         "grid_best": round(float(grid_scores[best_grid]), 4),
+        "mf_best_grid_rank": int(grid_scores.rank(ascending=False, method="min")[best_mf]),
+        **seed_noise(with_points(grid, spec), metric),
         "mf_best_point": json.loads(best_mf),
         "mf_best": round(float(mf_scores[best_mf]), 4),
         "gap": round(float(grid_scores[best_grid] - mf_scores[best_mf]), 4),
@@ -139,6 +154,8 @@ def main(argv=None) -> int:
     parser.add_argument("--storage", default=None, help="results root (default: a fresh temporary folder)")
     parser.add_argument("--data", choices=("phantoms", "planted"), default="phantoms")
     parser.add_argument("--seed", type=int, default=None, help="run every trial with this seed only")
+    parser.add_argument("--train", type=int, default=128, help="planted: training volumes")
+    parser.add_argument("--val", type=int, default=64, help="planted: validation volumes")
     parser.add_argument(
         "--out", default=None, help="default: bench/results/multi_fidelity-<data>[-seed<N>].json"
     )
@@ -154,7 +171,8 @@ def main(argv=None) -> int:
     storage_root = args.storage or tempfile.mkdtemp(prefix="molre-bench-mf-")
     overrides = list(args.overrides)
     if args.data == "planted":
-        overrides.append(f"data.uri={write_planted_dataset(os.path.join(storage_root, 'planted'))}")
+        counts = {"train": args.train, "val": args.val}
+        overrides.append(f"data.uri={write_planted_dataset(os.path.join(storage_root, 'planted'), counts)}")
     spec = load_sweep(args.config, overrides)
     if args.seed is not None:
         spec.search.seeds = [args.seed]
@@ -168,13 +186,16 @@ def main(argv=None) -> int:
     summary = json.loads(Path(paths["multi_fidelity"]).read_text())
     screen = pd.read_parquet(os.path.join(storage_root, f"{spec.name}-screen", "trials.parquet"))
     assert Path(paths["multi_fidelity"]).name == SUMMARY_FILE
+    if args.data == "planted":
+        overrides[-1] = f"data=planted train={args.train} val={args.val}"  # not the temporary folder
     row = {"case": "multi_fidelity", "config": os.path.relpath(args.config, ROOT), "data": args.data,
            "overrides": overrides, "seeds": spec.search.seeds, **compare(spec, grid, mf, screen, summary),
            "grid_wall_s": round(grid_wall, 1), "mf_wall_s": round(mf_wall, 1), "loadavg": loadavg(),
            **machine(torch.device("cpu")), "storage": storage_root}  # fmt: skip
     print(json.dumps(row), flush=True)
     suffix = f"-seed{args.seed}" if args.seed is not None else ""
-    out = Path(args.out or ROOT / "bench" / "results" / f"multi_fidelity-{args.data}{suffix}.json")
+    name = f"{spec.name}-{args.data}{suffix}"
+    out = Path(args.out or ROOT / "bench" / "results" / f"{name}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(row, indent=1) + "\n")
     return 0

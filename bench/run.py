@@ -40,6 +40,7 @@ from model_step import StepShape  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 SECTION = "## Model step and training throughput"
 CASES = ("flops", "model_step", "blocks", "train_epoch", "augment", "features")
+MODES = ("eager", "compiled", "regional")
 
 
 @dataclass
@@ -48,7 +49,7 @@ class Suite:
 
     steps: list[StepShape]
     blocks: list[StepShape]
-    modes: tuple[str, ...] = ("eager", "compiled", "regional")
+    modes: tuple[str, ...] = MODES
     ablations: bool = False  # model_step: molre eager with each fast path switched off (model_step.py)
     rounds: int = 3
     repeats: int = 5
@@ -99,8 +100,7 @@ def suite_config(name: str, quick: bool) -> Suite:
             blocks=[StepShape("dinov3-base", 8, 32)], ablations=True,
             rounds=3, repeats=10, warmup=3,
             epoch={"preset": "dinov3-base", "grid": (32, 224, 224), "spacing": (4.0, 1.0, 1.0),
-                   "counts": {"train": 64, "val": 8}, "batch_size": 8, "workers": (1,), "epochs": 4,
-                   "fast_poll_s": 0.25},
+                   "counts": {"train": 64, "val": 8}, "batch_size": 8, "workers": (1,), "epochs": 4},
             augment={"batch": 8, "shape": (32, 224, 224), "repeats": 5},
             features={"preset": "dinov3-base", "grid": (32, 224, 224), "spacing": (4.0, 1.0, 1.0),
                       "counts": {"train": 64, "val": 16}, "epochs": 3, "batch_size": 8},
@@ -127,13 +127,22 @@ def parse_shape(text: str) -> StepShape:
     return StepShape(m[1], int(m[2]), int(m[3]), int(m[4]) if m[4] else None)
 
 
-def run_suite(args) -> list[dict]:
-    device = torch.device(args.device or ("cuda" if args.suite == "gpu" else "cpu"))
-    suite = suite_config(args.suite, args.quick)
+def apply_options(suite: Suite, args) -> Suite:
+    """The command line's --shape, --no-compile / --modes and --epoch-train over a suite's sizes."""
     if args.shape:
         suite.steps = args.shape
     if args.no_compile:
         suite.modes = ("eager",)
+    elif args.modes:
+        suite.modes = tuple(args.modes)
+    if args.epoch_train:
+        suite.epoch["counts"] = {**suite.epoch["counts"], "train": args.epoch_train}
+    return suite
+
+
+def run_suite(args) -> list[dict]:
+    device = torch.device(args.device or ("cuda" if args.suite == "gpu" else "cpu"))
+    suite = apply_options(suite_config(args.suite, args.quick), args)
     common = {"suite": args.suite + ("-quick" if args.quick else "")}
     rows = [
         emit({"case": "machine", "device": str(device), **machine(device), "loadavg": loadavg(), **common})
@@ -155,7 +164,7 @@ def run_case(case: str, suite: Suite, device: torch.device, args, common: dict) 
     if case == "flops":  # counted on the meta device: the GPU shapes' FLOPs on any machine
         from model_step import flops_case
 
-        shapes = args.shape or suite_config("gpu", quick=False).steps + suite.steps  # --shape: only those
+        shapes = args.shape or list(dict.fromkeys(suite_config("gpu", quick=False).steps + suite.steps))
         return flops_case(shapes, common=common)
     if case == "model_step":
         from model_step import model_step_case
@@ -258,13 +267,15 @@ def _ratios_md(ratios: list[dict]) -> list[str]:
     """molre / peer per compile mode (the sub-table of the model step)."""
     if not ratios:
         return []
-    modes = [k.removeprefix("molre_over_peer_") for k in ratios[0]
-             if k.startswith("molre_over_peer_") and not k.endswith(("_from_min", "_from_cpu"))]  # fmt: skip
+    modes = list(dict.fromkeys(k.removeprefix("molre_over_peer_") for r in ratios for k in r
+                               if k.startswith("molre_over_peer_") and not k.endswith(("_from_min", "_from_cpu"))))  # fmt: skip
     lines = []
     for r in ratios:
         cells = " | ".join(
             f"{r[f'molre_over_peer_{m}']:.2f}x ({r[f'molre_over_peer_{m}_from_min']:.2f}x; "
             f"{r[f'molre_over_peer_{m}_from_cpu']:.2f}x)"
+            if f"molre_over_peer_{m}" in r
+            else "-"  # a shape run without this mode
             for m in modes
         )
         lines.append(f"| {r['preset']} | {r['input']} | {cells} | {r['best_molre_over_best_peer']:.2f}x |")
@@ -324,7 +335,8 @@ def _epoch_md(rows: list[dict]) -> list[str]:
                         if "worker_over_step_augment" in r else "-")  # fmt: skip
         lines.append(
             f"| {r['preset']} | {r['input']} | {r['workers']} x {r['cpus_per_worker']} | "
-            f"{r['batch_per_worker']} | {r.get('controller_poll_s', 2.0):g} | "
+            f"{r['batch_per_worker']} | {r.get('train_volumes_per_epoch', '-')} | "
+            f"{r.get('controller_poll_s', 2.0):g} | "
             f"{'yes' if r.get('train_cached') else 'no'} | {r['epoch_volumes_per_s']:.2f} | {worker} | "
             f"{r['step_volumes_per_s']:.2f} | {r['step_augment_volumes_per_s']:.2f} | "
             f"{r['epoch_over_step'] * 100:.0f}% | {r['epoch_over_step_augment'] * 100:.0f}% | {worker_ratio} | "
@@ -336,7 +348,7 @@ def _epoch_md(rows: list[dict]) -> list[str]:
                   "median over epochs >= 1, between the controller's report stamps; in-worker = the worker's own "
                   "train pass + validation; poll = Ray Train's controller poll interval, which bounds an epoch from "
                   "below)",
-                  "| preset | input | workers x CPUs | batch/worker | poll s | train rows cached | epoch vol/s | "
+                  "| preset | input | workers x CPUs | batch/worker | train vol/epoch | poll s | train rows cached | epoch vol/s | "
                   "in-worker vol/s | pure step vol/s | step + augment vol/s | epoch / step | epoch / (step + augment) "
                   "| in-worker / (step + augment) | load 1m |", lines)  # fmt: skip
 
@@ -365,7 +377,7 @@ def _blocks_md(rows: list[dict]) -> list[str]:
 def _augment_md(rows: list[dict]) -> list[str]:
     lines = [
         f"| {'x'.join(map(str, r['shape']))} | {r['batch']} | {r['device']} | "
-        f"{r['molre_ms_per_volume']:.1f} | {r['monai_cpu_ms_per_volume']:.1f} | "
+        f"{r['molre_ms_per_volume']:.3g} | {r['monai_cpu_ms_per_volume']:.1f} | "
         f"{r['monai_over_molre']:.1f}x | {r['loadavg'][0]:.1f} |"
         for r in _of(rows, "augment")
     ]
@@ -427,13 +439,30 @@ def main(argv: list[str] | None = None) -> int:
         "--shape", type=parse_shape, action="append", help="model_step / flops shape preset=VxS[@side]"
     )
     ap.add_argument("--no-compile", action="store_true", help="eager variants only")
+    ap.add_argument(
+        "--modes", type=lambda s: [m for m in s.split(",") if m], help="subset of eager,compiled,regional"
+    )
+    ap.add_argument("--epoch-train", type=int, help="train_epoch: training volumes per epoch")
     ap.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--num-cpus", type=int, help="logical CPUs of a local Ray (default: ensure_ray's)")
     ap.add_argument("--md", type=Path, default=ROOT / "BENCHMARKS.md")
     ap.add_argument("--results", type=Path, help="suite results JSON (default: bench/results/<suite>.json)")
     ap.add_argument("--write", action="store_true", help="update --md even with --quick")
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument(
+        "--merge", type=Path, nargs="+", metavar="FILE",
+        help="fold these per-stage results files (bench/gpu_session.sh) into --results and rewrite --md; runs nothing",
+    )  # fmt: skip
     args = ap.parse_args(argv)
+    if args.merge:
+        results_path = args.results or args.md.parent / "bench" / "results" / f"{args.suite}.json"
+        update_markdown(
+            args.md, args.suite, render_block(args.suite, merge_stage_files(results_path, args.merge))
+        )
+        return 0
+    for mode in args.modes or ():
+        if mode not in MODES:
+            ap.error(f"unknown mode {mode!r}; expected some of {','.join(MODES)}")
     for case in args.cases or ():
         if case not in CASES:
             ap.error(f"unknown case {case!r}; expected some of {','.join(CASES)}")
@@ -472,6 +501,37 @@ def merge_results(path: Path, rows: list[dict], command: str, keep_shapes: bool 
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=1) + "\n")
     return results
+
+
+def merge_stage_files(path: Path, files: list[Path]) -> dict[str, dict]:
+    """Fold per-stage results files (``bench/gpu_session.sh`` writes one per stage) into the suite's ``path``.
+
+    A case measured by several stages keeps the rows of all of them (one model_step shape per stage, say); a row
+    equal to one already kept except for its load average is dropped; a case the stages measured replaces the
+    suite's. The stages' own ``--results`` / ``--md`` are cut from the recorded commands.
+    """
+    results = json.loads(path.read_text()) if path.exists() else {}
+    merged: dict[str, dict] = {}
+    for file in files:
+        for case, entry in json.loads(file.read_text()).items():
+            command = re.sub(r" --(results|md) \S+", "", entry["command"])
+            if case not in merged:
+                merged[case] = {**entry, "rows": [], "command": command}
+            kept = merged[case]
+            seen = {_row_key(r) for r in kept["rows"]}
+            for row in entry["rows"]:
+                if _row_key(row) not in seen:
+                    seen.add(_row_key(row))
+                    kept["rows"].append(row)
+            kept["command"] = "; ".join(dict.fromkeys([*kept["command"].split("; "), command]))
+    results.update(merged)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=1) + "\n")
+    return results
+
+
+def _row_key(row: dict) -> str:
+    return json.dumps({k: v for k, v in row.items() if k != "loadavg"}, sort_keys=True)
 
 
 def _case_of(row: dict) -> str | None:

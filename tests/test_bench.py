@@ -5,6 +5,7 @@ Correctness of the harness only: no timing is asserted.
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -109,6 +110,63 @@ def test_a_run_of_one_shape_keeps_the_other_shapes_rows(bench, tmp_path):
     assert [
         r["preset"] for r in bench.merge_results(path, [machine, row("b")], "b")["model_step"]["rows"]
     ] == ["b"]
+
+
+def test_stage_files_of_a_device_session_fold_into_the_suite_results(bench, tmp_path):
+    """bench/gpu_session.sh writes one results file per stage; --merge folds them in and rewrites the tables."""
+    machine = {"case": "machine", "cpu": "x", "cores": 16, "threads": 16, "torch": "t", "gpu": "H100"}
+
+    def stage(name, command, rows):
+        path = tmp_path / name
+        path.write_text(json.dumps({rows[0]["case"]: {"rows": rows, "command": command, "date": "d",
+                                                      "machine": machine}}))  # fmt: skip
+        return path
+
+    aug = {"case": "augment", "shape": [2, 4, 4], "batch": 1, "device": "cuda", "molre_ms_per_volume": 0.5,
+           "monai_cpu_ms_per_volume": 500.0, "monai_over_molre": 1000.0}  # fmt: skip
+    flops = {"case": "flops", "preset": "a", "input": "1x1"}
+    files = [
+        stage("1.json", "python bench/run.py --suite gpu --cases augment --results /o/1.json --md /tmp/1.md",
+              [{**aug, "loadavg": [1, 1, 1]}, {**aug, "loadavg": [2, 2, 2]}]),  # same row twice: kept once
+        stage("2.json", "python bench/run.py --suite gpu --cases flops --results /o/2.json", [flops]),
+        stage("3.json", "python bench/run.py --suite gpu --cases flops --shape b=1x1", [{**flops, "preset": "b"}]),
+    ]  # fmt: skip
+    results, md = tmp_path / "gpu.json", tmp_path / "B.md"
+    results.write_text(json.dumps({"flops": {"rows": [{**flops, "preset": "old"}], "command": "old"},
+                                   "features": {"rows": [], "command": "kept"}}))  # fmt: skip
+    merged = bench.merge_stage_files(results, files)
+    assert [r["loadavg"] for r in merged["augment"]["rows"]] == [[1, 1, 1]]
+    assert [r["preset"] for r in merged["flops"]["rows"]] == [
+        "a",
+        "b",
+    ]  # the stages' rows replace the old ones
+    assert merged["flops"]["command"] == (
+        "python bench/run.py --suite gpu --cases flops; python bench/run.py --suite gpu --cases flops --shape b=1x1"
+    )
+    assert merged["augment"]["command"] == "python bench/run.py --suite gpu --cases augment"
+    assert merged["features"]["command"] == "kept" and json.loads(results.read_text()) == merged
+    del merged["flops"], merged["features"]
+    results.write_text(json.dumps(merged))
+    assert (
+        bench.main(["--suite", "gpu", "--merge", str(files[0]), "--results", str(results), "--md", str(md)])
+        == 0
+    )
+    assert "| 2x4x4 | 1 | cuda | 0.5 | 500.0 | 1000.0x | 1.0 |" in md.read_text()
+
+
+def _options(**given) -> argparse.Namespace:
+    return argparse.Namespace(
+        **{"shape": None, "no_compile": False, "modes": None, "epoch_train": None, **given}
+    )
+
+
+def test_suite_options_pick_modes_and_epoch_size(bench):
+    suite = bench.apply_options(bench.suite_config("gpu", quick=False), _options(modes=["eager", "regional"]))
+    assert suite.modes == ("eager", "regional") and suite.epoch["counts"]["train"] == 64
+    suite = bench.apply_options(bench.suite_config("gpu", quick=False), _options(epoch_train=192))
+    assert suite.modes == bench.MODES and suite.epoch["counts"] == {"train": 192, "val": 8}
+    with pytest.raises(SystemExit):
+        bench.main(["--suite", "gpu", "--modes", "eager,fast"])
 
 
 def test_unknown_case_and_bad_shape_are_refused(bench):
