@@ -18,7 +18,6 @@ from collections.abc import Iterable, Iterator
 from typing import NamedTuple
 
 import numpy as np
-import torch
 from ray.data import Datasource, ReadTask
 from ray.data.block import BlockMetadata
 from ray.train import DataConfig
@@ -234,12 +233,3 @@ def decode_batch(batch: dict) -> dict[str, np.ndarray]:
         "known": np.stack(list(batch["known"])).astype(np.float32),
         "study_hash": np.asarray(batch["study_hash"]).astype(str),
     }
-
-
-def to_tensors(batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Decode a batch: int16 HU ``[B, D, H, W]``, labels and known ``[B, 75]`` float, on ``device``."""
-    decoded = decode_batch(batch)
-    hu, labels, known = (
-        torch.from_numpy(decoded[k]).to(device, non_blocking=True) for k in ("hu", "labels", "known")
-    )
-    return hu, labels, known

@@ -32,7 +32,8 @@ import torch.distributed as dist
 
 from molre.config import RunConfig, build_config
 from molre.data.augment import augment_batch
-from molre.data.dataset import decode_batch, rfs_batches, to_tensors
+from molre.data.dataset import decode_batch, rfs_batches
+from molre.data.prefetch import device_batches
 from molre.errors import WeightsError
 from molre.findings import FINDING_IDS
 from molre.models import build_model, parameter_groups
@@ -50,6 +51,7 @@ from molre.train.loss import FocalLoss
 from molre.train.metrics import per_finding_auc, summarize
 
 METRIC = "val/mean_auc"
+TRAIN_KEYS = ("hu", "labels", "known")  # the columns a training step needs on the device
 
 
 def make_optimizer(model: torch.nn.Module, cfg: RunConfig, fused: bool | None = None) -> torch.optim.AdamW:
@@ -117,9 +119,11 @@ def train_one_epoch(model, core, optimizer, loss_fn, cfg, shard, setup, epoch, d
     join = _join(model)
     total, count, steps = torch.zeros((), dtype=torch.float64, device=device), 0, 0  # summed on the device
     with join:
-        for step, batch in enumerate(batches):
+        # decoded and (on CUDA) pinned in a thread, copied on a side stream one step ahead (molre.data.prefetch)
+        for step, ((hu, labels, known), _) in enumerate(
+            device_batches(batches, device, TRAIN_KEYS, decode_batch)
+        ):
             _maybe_inject_failure(fault, epoch, step, rank)
-            hu, labels, known = to_tensors(batch, device)
             x = augment_batch(
                 hu, cfg.data, gen, train=True, out_size=setup["input_size"], spacing_zyx=setup["spacing"]
             )
@@ -160,8 +164,7 @@ def score_shard(core, cfg, shard, setup, device) -> dict[str, np.ndarray]:
     core.eval()
     out = {"scores": [], "labels": [], "known": [], "router": [], "study_hash": []}
     gen = _generator(cfg.train.seed, 0, 0, 1)
-    for batch in shard.iter_batches(batch_size=cfg.train.batch_size, batch_format="numpy"):
-        hu = torch.from_numpy(batch["hu"]).to(device)
+    for (hu,), batch in device_batches(shard.iter_batches(batch_size=cfg.train.batch_size), device, ("hu",)):
         x = augment_batch(hu, cfg.data, gen, train=False, out_size=setup["input_size"])
         with autocast(cfg, device):
             probs = torch.sigmoid(core(x).float())
