@@ -1332,6 +1332,11 @@ SWEEP_CASES: tuple[ReadCase, ...] = (
     ),
     _sweep("sweep_no_seeds", "search.seeds: List should have at least 1", "name: t\nsearch: {seeds: []}\n"),
     _sweep(
+        "sweep_misspelt_objective",
+        "'val/best_mean_acu' is not a metric trials report; did you mean val/best_mean_auc",
+        "name: t\nsearch: {objectives: [[val/best_mean_acu, max]]}\n",
+    ),
+    _sweep(
         "sweep_grid_over_floats",
         "loss.gamma: a grid needs choice or int",
         "name: t\nspace:\n  loss.gamma: {float: [0, 1]}\nsearch: {algorithm: grid}\n",

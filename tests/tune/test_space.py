@@ -104,3 +104,25 @@ def test_overrides_apply_to_the_base(tmp_path):
     path.write_text("name: t\nbase: {train: {max_epochs: 3}}\n")
     spec = load_sweep(path, ["train.max_epochs=5"])
     assert run_config_for(spec, {}).train.max_epochs == 5
+
+
+def test_objectives_name_metrics_that_trials_report(tmp_path):
+    from molre.tune.space import check_objectives, reported_metrics
+
+    known = reported_metrics()
+    assert {"val/best_mean_auc", "val/std_auc", "params/trainable", "auc/acute_infarct"} <= known
+    (tmp_path / "s.yaml").write_text("name: t\n")
+    spec = load_sweep(tmp_path / "s.yaml")
+    for name in (
+        "val/n_auc_ge_090",
+        "val/auc/midline_shift",
+        "router/usage/hemorrhage/3",
+        "params/molre_share",
+    ):
+        spec.search.objectives = [(name, "max")]
+        check_objectives(spec, "s.yaml")  # accepted
+    for name, hint in [("auc/acute_infract", "did you mean auc/acute_infarct"),
+                       ("router/usage/nowhere/0", "not a metric trials report"), ("loss", "not a metric")]:  # fmt: skip
+        spec.search.objectives = [(name, "max")]
+        with pytest.raises(ConfigError, match=hint):
+            check_objectives(spec, "s.yaml")

@@ -238,8 +238,43 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> SweepSpe
         raise ConfigError(_format_error(err, str(path))) from None
     for key, value in parse_overrides(overrides or []).items():
         set_dotted(spec.base, key, value)
+    check_objectives(spec, str(path))
     validate_points(spec, str(path))
     return spec
+
+
+def reported_metrics() -> set[str]:
+    """Names a trial reports (per epoch or in its final row) that a sweep can rank by; ``router/usage/...`` aside."""
+    from molre.findings import FINDING_IDS
+    from molre.train.metrics import summarize
+
+    per_epoch = {"val/mean_auc", "val/best_mean_auc", "train/loss", "epoch", "best_epoch"}
+    summary = set(summarize([0.5] * len(FINDING_IDS)).as_dict("val/"))
+    final = {
+        "epochs",
+        "router/entropy",
+        *(f"params/{k}" for k in ("total", "trainable", "molre", "molre_share")),
+    }
+    aucs = {f"{prefix}auc/{fid}" for fid in FINDING_IDS for prefix in ("", "val/")}
+    return per_epoch | summary | final | aucs
+
+
+def check_objectives(spec: SweepSpec, source: str) -> None:
+    """A misspelt objective would fail only at a trial's first report: name it now, with the nearest names."""
+    import difflib
+    import re
+
+    from molre.findings import CATEGORY_SIZES
+
+    known = reported_metrics()
+    usage = re.compile(rf"router/usage/({'|'.join(map(re.escape, CATEGORY_SIZES))})/\d+")
+    for name, _ in spec.search.objectives:
+        if name not in known and not usage.fullmatch(name):
+            near = difflib.get_close_matches(name, sorted(known), n=3)
+            hint = (
+                f"; did you mean {', '.join(near)}?" if near else " (see molre.tune.space.reported_metrics)"
+            )
+            raise ConfigError(f"{source}: search.objectives: {name!r} is not a metric trials report{hint}")
 
 
 def validate_points(spec: SweepSpec, source: str, samples: int = 16) -> None:
