@@ -157,7 +157,7 @@ def main(argv=None) -> int:
     parser.add_argument("--train", type=int, default=128, help="planted: training volumes")
     parser.add_argument("--val", type=int, default=64, help="planted: validation volumes")
     parser.add_argument(
-        "--out", default=None, help="default: bench/results/multi_fidelity-<data>[-seed<N>].json"
+        "--out", default=None, help="default: bench/results/<spec name>-<data>[-seed<N>].json"
     )
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the spec's base run config")
     args = parser.parse_args(argv)

@@ -144,6 +144,8 @@ def run_suite(args) -> list[dict]:
     device = torch.device(args.device or ("cuda" if args.suite == "gpu" else "cpu"))
     suite = apply_options(suite_config(args.suite, args.quick), args)
     common = {"suite": args.suite + ("-quick" if args.quick else "")}
+    if args.compile_mode:
+        common["compile_mode"] = args.compile_mode
     rows = [
         emit({"case": "machine", "device": str(device), **machine(device), "loadavg": loadavg(), **common})
     ]
@@ -161,6 +163,8 @@ def run_suite(args) -> list[dict]:
 
 def run_case(case: str, suite: Suite, device: torch.device, args, common: dict) -> list[dict]:
     timing = {"rounds": suite.rounds, "repeats": suite.repeats, "warmup": suite.warmup, "common": common}
+    if args.compile_mode:  # torch.compile's mode for the compiled / regional variants
+        timing["compile_kwargs"] = {"mode": args.compile_mode}
     if case == "flops":  # counted on the meta device: the GPU shapes' FLOPs on any machine
         from model_step import flops_case
 
@@ -441,6 +445,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-compile", action="store_true", help="eager variants only")
     ap.add_argument(
         "--modes", type=lambda s: [m for m in s.split(",") if m], help="subset of eager,compiled,regional"
+    )
+    ap.add_argument(
+        "--compile-mode",
+        help="torch.compile mode of the compiled/regional step variants (e.g. max-autotune-no-cudagraphs)",
     )
     ap.add_argument("--epoch-train", type=int, help="train_epoch: training volumes per epoch")
     ap.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
