@@ -52,6 +52,15 @@ __all__ = [
 Size3 = tuple[int, int, int]
 
 
+def host_to_device(t: Tensor, device) -> Tensor:
+    """A small host tensor on ``device``. On CUDA it goes through page-locked memory: a copy from pageable
+    memory may wait for the stream to drain (CUDA's API sync rules), which would stall the host every step."""
+    device = torch.device(device)
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device, non_blocking=True)
+
+
 def window_hu(hu: Tensor, windows, dtype: torch.dtype = torch.float32) -> Tensor:
     """``[B,D,H,W]`` HU (int16 or float) -> ``[B,len(windows),D,H,W]``, channel k = clamp((hu-lo_k)/(hi_k-lo_k), 0, 1)."""
     if hu.ndim != 4:
@@ -59,8 +68,8 @@ def window_hu(hu: Tensor, windows, dtype: torch.dtype = torch.float32) -> Tensor
     bounds = torch.as_tensor(windows, dtype=torch.float32)  # [C, 2] on the host: validation never syncs a GPU
     if bounds.ndim != 2 or bounds.shape[1] != 2 or bool((bounds[:, 1] <= bounds[:, 0]).any()):
         raise ValueError(f"windows must be (lo, hi) pairs with hi > lo, got {windows!r}")
-    lo = bounds[:, 0].view(1, -1, 1, 1, 1).to(hu.device, non_blocking=True)
-    width = (bounds[:, 1] - bounds[:, 0]).view(1, -1, 1, 1, 1).to(hu.device, non_blocking=True)
+    lo = host_to_device(bounds[:, 0].view(1, -1, 1, 1, 1), hu.device)
+    width = host_to_device((bounds[:, 1] - bounds[:, 0]).view(1, -1, 1, 1, 1), hu.device)
     out = ((hu.unsqueeze(1).float() - lo) / width).clamp_(0.0, 1.0)  # float32 keeps HU exact
     return out.to(dtype)
 
@@ -112,7 +121,7 @@ def sampling_theta(params: AugmentParams, in_size_dhw: Size3, spacing_zyx) -> Te
     t_inv = flip @ inv_scale @ rot.transpose(-1, -2)  # T^-1 = F S^-1 R^T   [B,3,3]
     extent = [n * s / 2.0 for n, s in zip(in_size_dhw, spacing_zyx, strict=True)][::-1]  # half box mm, xyz
     ratio = torch.tensor([[extent[j] / extent[i] for j in range(3)] for i in range(3)])  # (E^-1 . E)[i, j]
-    theta3 = t_inv * ratio.to(t_inv.device, non_blocking=True)  # E^-1 T^-1 E   [B,3,3]
+    theta3 = t_inv * host_to_device(ratio, t_inv.device)  # E^-1 T^-1 E   [B,3,3]
     return torch.cat([theta3, theta3.new_zeros(theta3.shape[0], 3, 1)], dim=-1)
 
 
@@ -239,7 +248,7 @@ class VolumeAugmenter(nn.Module):
             noise_std=_uniform(c.noise_variance, (batch,), generator).clamp_(min=0).sqrt_(),
         )
         if device is not None:
-            params = AugmentParams(**{k: v.to(device, non_blocking=True) for k, v in vars(params).items()})
+            params = AugmentParams(**{k: host_to_device(v, device) for k, v in vars(params).items()})
         return params
 
     def forward(self, x: Tensor, generator: torch.Generator, out_size=None) -> Tensor:
