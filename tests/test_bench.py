@@ -193,3 +193,22 @@ def test_ray_cases_at_toy_size(bench, ray_local, tmp_path, capsys):
     )  # epoch 1 replayed the rows read in epoch 0
     assert feats["cached_trial_s"] > 0 and feats["e2e_trial_s"] > 0 and feats["e2e_over_cached"] > 0
     assert "**Full Ray Train epoch vs the pure step**" in md.read_text()
+
+
+def test_multi_fidelity_bench_scores_points_over_seeds_and_sizes_the_seed_noise(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    import multifidelity_bench as mfb
+    import pandas as pd
+
+    table = pd.DataFrame({
+        "point": ["a", "a", "b", "b", "c"],
+        "status": ["TERMINATED"] * 4 + ["ERROR"],
+        "val/best_mean_auc": [0.60, 0.64, 0.70, 0.70, 0.99],
+    })  # fmt: skip
+    scores = mfb.point_scores(table, "val/best_mean_auc")
+    assert scores.to_dict() == pytest.approx({"a": 0.62, "b": 0.70})  # failed trials do not count
+    noise = mfb.seed_noise(table, "val/best_mean_auc")
+    std_a = 0.04 / 2**0.5  # sample std of (0.60, 0.64)
+    assert noise["grid_seed_std"] == pytest.approx(std_a / 2, abs=1e-4)  # mean over a (std_a) and b (0)
+    assert noise["grid_mean_stderr"] == pytest.approx(std_a / 2**0.5 / 2, abs=1e-4)
+    assert mfb.seed_noise(table.iloc[[0, 2]], "val/best_mean_auc") == {}  # one seed per point: no estimate
