@@ -154,6 +154,9 @@ def main(argv=None) -> int:
     parser.add_argument("--storage", default=None, help="results root (default: a fresh temporary folder)")
     parser.add_argument("--data", choices=("phantoms", "planted"), default="phantoms")
     parser.add_argument("--seed", type=int, default=None, help="run every trial with this seed only")
+    parser.add_argument("--augment-copies", type=int, default=None, help="set multi_fidelity.augment_copies")
+    parser.add_argument("--grid-from", default=None,
+                        help="a previous run's storage root: reuse its end-to-end grid (same spec, data, seeds)")  # fmt: skip
     parser.add_argument("--train", type=int, default=128, help="planted: training volumes")
     parser.add_argument("--val", type=int, default=64, help="planted: validation volumes")
     parser.add_argument(
@@ -176,10 +179,18 @@ def main(argv=None) -> int:
     spec = load_sweep(args.config, overrides)
     if args.seed is not None:
         spec.search.seeds = [args.seed]
+    if args.augment_copies is not None:
+        spec.multi_fidelity.augment_copies = args.augment_copies
     grid_spec = spec.model_copy(deep=True, update={"name": f"{spec.name}-grid", "multi_fidelity": None})
     started = time.time()
-    grid, _ = run_sweep(grid_spec, storage_root)
-    grid_wall = time.time() - started
+    if args.grid_from:  # deterministic: the same spec on the same data gives the same end-to-end grid
+        grid, grid_wall = (
+            pd.read_parquet(os.path.join(args.grid_from, grid_spec.name, "trials.parquet")),
+            None,
+        )
+    else:
+        grid, _ = run_sweep(grid_spec, storage_root)
+        grid_wall = round(time.time() - started, 1)
     started = time.time()
     mf, paths = run_sweep(spec, storage_root)
     mf_wall = time.time() - started
@@ -190,10 +201,12 @@ def main(argv=None) -> int:
         overrides[-1] = f"data=planted train={args.train} val={args.val}"  # not the temporary folder
     row = {"case": "multi_fidelity", "config": os.path.relpath(args.config, ROOT), "data": args.data,
            "overrides": overrides, "seeds": spec.search.seeds, **compare(spec, grid, mf, screen, summary),
-           "grid_wall_s": round(grid_wall, 1), "mf_wall_s": round(mf_wall, 1), "loadavg": loadavg(),
+           "augment_copies": spec.multi_fidelity.augment_copies, "grid_from": args.grid_from,
+           "grid_wall_s": grid_wall, "mf_wall_s": round(mf_wall, 1), "loadavg": loadavg(),
            **machine(torch.device("cpu")), "storage": storage_root}  # fmt: skip
     print(json.dumps(row), flush=True)
     suffix = f"-seed{args.seed}" if args.seed is not None else ""
+    suffix += f"-aug{args.augment_copies}" if args.augment_copies else ""
     name = f"{spec.name}-{args.data}{suffix}"
     out = Path(args.out or ROOT / "bench" / "results" / f"{name}.json")
     out.parent.mkdir(parents=True, exist_ok=True)

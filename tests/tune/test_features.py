@@ -101,3 +101,35 @@ def test_configs_that_adapt_the_backbone_are_refused(data, weights, tmp_path):
     blocks = _cfg(data, weights, adapter={"molre": {"placement": "blocks"}})
     with pytest.raises(ConfigError, match="placement=features"):
         features.build_feature_cache(blocks, str(tmp_path))
+
+
+def test_augmented_copies_are_the_backbone_on_the_runs_augmentation(data, weights, tmp_path):
+    """augment_copies=N caches N augmented train copies (fixed seeds: rebuilt identically), val un-augmented."""
+    cfg = _cfg(data, weights)
+    plain = features.build_feature_cache(cfg, str(tmp_path))
+    cache = features.build_feature_cache(cfg, str(tmp_path), augment_copies=2, batch_size=4)
+    assert cache.key != plain.key and cache.computed  # its own key: another cache, the plain one is kept
+    train, val = cache.splits["train"], cache.splits["val"]
+    assert train.copies == 2 and train.features.shape == (2, *plain.splits["train"].features.shape)
+    torch.testing.assert_close(val.features, plain.splits["val"].features)  # validation is never augmented
+    assert not torch.allclose(train.features[0], train.features[1])  # two different augmentations
+    assert not torch.allclose(train.features[0], plain.splits["train"].features)
+    # copy 1 of the first batch = the backbone on augment_batch(train=True) with that copy's generator
+    items = list(features.volumes_of(cfg, "train"))[:4]
+    hu = torch.from_numpy(np.stack([it[0] for it in items]))
+    spacing = features.shards.read_manifest(data).config["spacing"]
+    x = features.model_input(hu, cfg, (8, 64, 64), torch.Generator().manual_seed(1 * 1_000_003 + 0), spacing)
+    backbone, _ = features._frozen_backbone(cfg, torch.device("cpu"))
+    torch.testing.assert_close(train.features[1, :4], features.backbone_features(backbone, x, cfg))
+    read = features.load_feature_cache(cache.uri)  # stored and read back with its copies
+    assert read.splits["train"].copies == 2
+    torch.testing.assert_close(read.splits["train"].features, train.features)
+    # a cached trial trains on copy epoch % 2; same seed and cache, same metrics
+    first = features.cached_trial(cfg, str(tmp_path), device="cpu", augment_copies=2)
+    again = features.cached_trial(cfg, str(tmp_path), device="cpu", augment_copies=2)
+    assert [h["val/mean_auc"] for h in first.history] == [h["val/mean_auc"] for h in again.history]
+    unaugmented = features.cached_trial(cfg, str(tmp_path), device="cpu")
+    assert [h["train/loss"] for h in unaugmented.history] != [h["train/loss"] for h in first.history]
+    assert features.feature_key(cfg, augment_copies=2) != features.feature_key(
+        _cfg(data, weights, data={"augment": {"rotate": 0.0}}), augment_copies=2
+    )  # the augmentation's settings are part of the key

@@ -59,8 +59,11 @@ def check_cacheable(cfg: RunConfig) -> None:
         )
 
 
-def key_fields(cfg: RunConfig, data_uri: str | None = None, manifest_bytes: bytes | None = None) -> dict:
-    """What the features depend on: preset, weights, the preprocessed data (its manifest), input size, windows.
+def key_fields(
+    cfg: RunConfig, data_uri: str | None = None, manifest_bytes: bytes | None = None, augment_copies: int = 0
+) -> dict:
+    """What the features depend on: preset, weights, the preprocessed data (its manifest), input size, windows,
+    and with ``augment_copies`` the augmentation settings.
 
     ``manifest_bytes``: the data's manifest when the caller already holds it (else it is read)."""
     from molre.train.run import model_input_size
@@ -69,7 +72,7 @@ def key_fields(cfg: RunConfig, data_uri: str | None = None, manifest_bytes: byte
         manifest_bytes = storage.read_bytes(storage.join(data_uri or cfg.data.uri, shards.MANIFEST))
     grid = tuple(json.loads(manifest_bytes)["config"]["grid"])
     weights = cfg.backbone.weights.replace("{preset}", cfg.backbone.preset) if cfg.backbone.weights else None
-    return {
+    fields = {
         "version": CACHE_VERSION,
         "preset": cfg.backbone.preset,
         "weights": weights,  # a URI names immutable weights; None = random init under torch.manual_seed(0)
@@ -79,10 +82,16 @@ def key_fields(cfg: RunConfig, data_uri: str | None = None, manifest_bytes: byte
         "windows": [list(w) for w in cfg.data.windows],
         "precision": cfg.train.precision,  # auto = bf16 autocast on GPU, fp32 on CPU (as the worker loop)
     }
+    if augment_copies:  # absent otherwise: caches built before augmented copies existed keep their keys
+        fields["augment_copies"] = augment_copies
+        fields["augment"] = cfg.data.augment.model_dump(mode="json")
+    return fields
 
 
-def feature_key(cfg: RunConfig, data_uri: str | None = None, manifest_bytes: bytes | None = None) -> str:
-    return _hash(key_fields(cfg, data_uri, manifest_bytes))
+def feature_key(
+    cfg: RunConfig, data_uri: str | None = None, manifest_bytes: bytes | None = None, augment_copies: int = 0
+) -> str:
+    return _hash(key_fields(cfg, data_uri, manifest_bytes, augment_copies))
 
 
 def _hash(fields: dict) -> str:
@@ -98,10 +107,11 @@ def cache_uri(root: str, key: str) -> str:
 
 @dataclass
 class SplitFeatures:
-    features: torch.Tensor  # [N, S, d] (2D) or [N, d] (3D), float32
+    features: torch.Tensor  # [N, S, d] (2D) or [N, d] (3D), float32; with copies: [copies, N, ...]
     labels: torch.Tensor  # [N, 75] float32 0/1
     known: torch.Tensor  # [N, 75] float32 0/1
     study_hash: list[str]
+    copies: int = 0  # augmented copies of each volume (0: the un-augmented evaluation input)
 
     def __len__(self) -> int:
         return len(self.study_hash)
@@ -124,12 +134,17 @@ def build_feature_cache(
     device: torch.device | str | None = None,
     batch_size: int = 4,
     dtype: str = "float32",
+    augment_copies: int = 0,
 ) -> FeatureCache:
-    """Read the cache for ``cfg`` under ``<root>/features/<key>/``, computing and storing it first if absent."""
+    """Read the cache for ``cfg`` under ``<root>/features/<key>/``, computing and storing it first if absent.
+
+    ``augment_copies``: the train split is cached as that many augmented copies of each volume (the run's
+    ``data.augment`` with fixed seeds), so that a cached trial sees augmented inputs as the end-to-end run does;
+    validation stays un-augmented. Costs that many forward passes over the train split, and that much storage."""
     check_cacheable(cfg)
     if not cfg.data.uri:
         raise ConfigError("cached features need data.uri (the preprocessed shard root)")
-    fields = key_fields(cfg)  # reads the manifest: once per call
+    fields = key_fields(cfg, augment_copies=augment_copies)  # reads the manifest: once per call
     key = _hash(fields)
     uri = cache_uri(root, key)
     if storage.exists(storage.join(uri, META)):
@@ -141,7 +156,8 @@ def build_feature_cache(
             "width": backbone.width, "splits": {}}  # fmt: skip
     out = {}
     for split in splits:
-        part = compute_split(cfg, backbone, split, input_size, device, batch_size)
+        copies = augment_copies if split == "train" else 0
+        part = compute_split(cfg, backbone, split, input_size, device, batch_size, copies)
         blob = {"features": part.features.to(getattr(torch, dtype)).contiguous(),
                 "labels": part.labels.to(torch.uint8), "known": part.known.to(torch.uint8)}  # fmt: skip
         from safetensors.torch import save
@@ -150,6 +166,7 @@ def build_feature_cache(
         meta["splits"][split] = {
             "rows": len(part),
             "shape": list(part.features.shape),
+            "copies": part.copies,
             "study_hash": part.study_hash,
         }
         out[split] = part
@@ -171,8 +188,9 @@ def load_feature_cache(uri: str, splits=SPLITS) -> FeatureCache:
         if split not in meta["splits"]:
             raise DataError(uri, f"feature cache has no split {split!r} (has {sorted(meta['splits'])})")
         blob = load(storage.read_bytes(storage.join(uri, f"{split}.safetensors")))
+        info = meta["splits"][split]
         out[split] = SplitFeatures(blob["features"].float(), blob["labels"].float(), blob["known"].float(),
-                                   list(meta["splits"][split]["study_hash"]))  # fmt: skip
+                                   list(info["study_hash"]), int(info.get("copies", 0)))  # fmt: skip
     return FeatureCache(uri, meta["key"], meta, out, computed=False, seconds=time.perf_counter() - start)
 
 
@@ -201,11 +219,16 @@ def volumes_of(cfg: RunConfig, split: str):
                    str(cols["study_hash"][i]))  # fmt: skip
 
 
-def model_input(hu: torch.Tensor, cfg: RunConfig, input_size) -> torch.Tensor:
-    """The evaluation path of the worker loop: window + resize, ``[B,D,H,W]`` int16 -> ``[B,3,S,H',W']``."""
+def model_input(
+    hu: torch.Tensor, cfg: RunConfig, input_size, generator: torch.Generator | None = None, spacing=None
+) -> torch.Tensor:
+    """The worker loop's input path, ``[B,D,H,W]`` int16 -> ``[B,3,S,H',W']``: window + resize (evaluation), or
+    with a ``generator`` window + the run's augmentation + resize (training; ``spacing`` = the grid's, z, y, x)."""
     from molre.data.augment import augment_batch
 
-    return augment_batch(hu, cfg.data, torch.Generator(), train=False, out_size=tuple(input_size))
+    train = generator is not None
+    return augment_batch(hu, cfg.data, generator if train else torch.Generator(), train=train,
+                         out_size=tuple(input_size), spacing_zyx=tuple(spacing or (4.0, 1.0, 1.0)))  # fmt: skip
 
 
 @torch.no_grad()
@@ -220,13 +243,24 @@ def backbone_features(backbone, x: torch.Tensor, cfg: RunConfig) -> torch.Tensor
         return backbone(x.transpose(1, 2).reshape(b * s, m, h, w)).float().reshape(b, s, -1)
 
 
-def compute_split(cfg, backbone, split, input_size, device, batch_size: int = 4) -> SplitFeatures:
+def compute_split(
+    cfg, backbone, split, input_size, device, batch_size: int = 4, copies: int = 0
+) -> SplitFeatures:
+    """Features of a split's volumes in shard order; with ``copies``, ``[copies, N, ...]`` of augmented inputs
+    (copy ``c`` of batch ``b`` drawn from a generator seeded ``(c, b)``: the same on every rebuild)."""
+    spacing = shards.read_manifest(cfg.data.uri).config.get("spacing") if copies else None
     feats, labels, known, hashes = [], [], [], []
     batch: list = []
 
     def flush():
         hu = torch.from_numpy(np.stack([v[0] for v in batch])).to(device)
-        feats.append(backbone_features(backbone, model_input(hu, cfg, input_size), cfg).cpu())
+        if copies:
+            number = len(feats)
+            inputs = [model_input(hu, cfg, input_size, torch.Generator().manual_seed(c * 1_000_003 + number), spacing)
+                      for c in range(copies)]  # fmt: skip
+            feats.append(torch.stack([backbone_features(backbone, x, cfg).cpu() for x in inputs]))
+        else:
+            feats.append(backbone_features(backbone, model_input(hu, cfg, input_size), cfg).cpu())
         labels.extend(v[1] for v in batch)
         known.extend(v[2] for v in batch)
         hashes.extend(v[3] for v in batch)
@@ -240,8 +274,8 @@ def compute_split(cfg, backbone, split, input_size, device, batch_size: int = 4)
         flush()
     if not hashes:
         raise DataError(storage.join(cfg.data.uri, split), f"split '{split}' is empty: nothing to cache")
-    return SplitFeatures(torch.cat(feats), torch.as_tensor(np.stack(labels)), torch.as_tensor(np.stack(known)),
-                         hashes)  # fmt: skip
+    return SplitFeatures(torch.cat(feats, dim=1 if copies else 0), torch.as_tensor(np.stack(labels)),
+                         torch.as_tensor(np.stack(known)), hashes, copies)  # fmt: skip
 
 
 # ---- the trial on cached features -----------------------------------------------------------------------------
@@ -328,7 +362,7 @@ def train_on_features(
         alpha = prevalence_alpha(labels_np, known_np, clip=tuple(cfg.loss.alpha_clip)).astype(np.float32)
     loss_fn = FocalLoss(cfg.loss.gamma, alpha).to(device)
     repeat = image_repeat_factors(labels_np, cfg.data.rfs_threshold, known_np)
-    x_train, y_train, k_train = (t.to(device) for t in (train.features, train.labels, train.known))
+    x_all, y_train, k_train = (t.to(device) for t in (train.features, train.labels, train.known))
     x_val = val.features.to(device)
     batch = cfg.train.batch_size * cfg.scaling.num_workers
     params = [p for p in model.parameters() if p.requires_grad]
@@ -336,6 +370,7 @@ def train_on_features(
     for epoch in range(cfg.train.max_epochs):
         model.train()
         order = torch.as_tensor(epoch_indices(repeat, epoch, cfg.train.seed), device=device)
+        x_train = x_all[epoch % train.copies] if train.copies else x_all  # this epoch's augmented copy
         total = 0.0
         for i in range(0, len(order), batch):
             idx = order[i : i + batch]
@@ -374,7 +409,8 @@ def cached_trial(
     root: str,
     device: torch.device | str | None = None,
     on_epoch: Callable[[dict], None] | None = None,
+    augment_copies: int = 0,
 ) -> CachedTrialResult:
     """One sweep trial at the cached-feature fidelity: ensure the cache (computed once per key), then train on it."""
-    cache = build_feature_cache(cfg, root, device=device)
+    cache = build_feature_cache(cfg, root, device=device, augment_copies=augment_copies)
     return train_on_features(cfg, cache, device=device, on_epoch=on_epoch)

@@ -52,7 +52,10 @@ def run_cached_trial(config: dict, spec: dict, data_uri: str, experiment_uri: st
     )
     tag = {"fidelity": "cached", "point": json.dumps(point, default=str)}  # on every report: ASHA may stop it
     result = cached_trial(
-        cfg, cache_root, on_epoch=lambda metrics: ray.tune.report({**_numeric(metrics), **tag})
+        cfg,
+        cache_root,
+        on_epoch=lambda metrics: ray.tune.report({**_numeric(metrics), **tag}),
+        augment_copies=augment_copies(sweep),
     )
     best = result.history[result.best_epoch] if result.best_epoch >= 0 else {}
     final = {f"auc/{fid}": best.get(f"val/auc/{fid}", float("nan")) for fid in FINDING_IDS}
@@ -60,6 +63,10 @@ def run_cached_trial(config: dict, spec: dict, data_uri: str, experiment_uri: st
     final.update({f"params/{k}": v for k, v in count_config_params(cfg).items()})
     ray.tune.report({**_numeric(final), "epochs": len(result.history), "best_epoch": result.best_epoch,
                      "val/best_mean_auc": result.best_metric, **tag})  # fmt: skip
+
+
+def augment_copies(spec: SweepSpec) -> int:
+    return spec.multi_fidelity.augment_copies if spec.multi_fidelity is not None else 0
 
 
 def _numeric(metrics: dict) -> dict:
@@ -95,14 +102,15 @@ def build_caches(spec: SweepSpec, data_uri: str, cache_root: str) -> dict:
     from molre.tune.features import build_feature_cache, feature_key
 
     manifest = storage.read_bytes(storage.join(data_uri, shards.MANIFEST))  # once, not once per point
+    copies = augment_copies(spec)
     configs = {}
     for point in screen_points(spec):
         cfg = run_config_for(spec, point, spec.search.seeds[0])
         cfg.data.uri = data_uri
-        configs.setdefault(feature_key(cfg, manifest_bytes=manifest), cfg)
+        configs.setdefault(feature_key(cfg, manifest_bytes=manifest, augment_copies=copies), cfg)
 
     def build(cfg):
-        cache = build_feature_cache(cfg, cache_root)
+        cache = build_feature_cache(cfg, cache_root, augment_copies=copies)
         return cache.computed, cache.seconds
 
     task = ray.remote(build).options(**_task_resources(screen_resources(spec)))

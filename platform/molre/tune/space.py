@@ -134,6 +134,9 @@ class MultiFidelityConfig(_Strict):
 
     confirm_top: int = Field(2, gt=0)
     cache: str | None = None  # feature cache root (local or s3://); default: <storage>/features
+    # train features cached for this many augmented copies of each volume (0: un-augmented); a screen epoch
+    # trains on copy epoch % N, as the end-to-end run sees a fresh augmentation every epoch
+    augment_copies: int = Field(0, ge=0, le=64)
 
 
 class SweepSpec(_Strict):
