@@ -9,8 +9,11 @@ slices, HU windows) and stored; a trial then trains MoLRE + attention pooling + 
     trial: [N,S,d] --MoLRE--> --attention pooling--> --linear--> 75 logits     (no backbone forward)
 
 ``key`` = sha256 of those ingredients (``feature_key``); ``meta.json`` is written last and marks a complete
-cache. Fidelity differences vs the end-to-end trial: no augmentation (features come from un-augmented volumes)
-and fp32 / bf16 autocast as on the device. ``FeatureHead`` keeps the classifier's module names (``molre.``,
+cache. Fidelity differences vs the end-to-end trial: by default no augmentation (features of un-augmented
+volumes); with ``augment_copies=N`` the train split holds N augmented copies of each volume ([N_copies, N, S, d],
+the run's ``data.augment`` under fixed seeds; the augmentation settings join the key) and epoch e trains on copy
+e % N, where the end-to-end run draws a fresh augmentation every epoch. Precision: fp32 / bf16 autocast as on
+the device. ``FeatureHead`` keeps the classifier's module names (``molre.``,
 ``pool.``, ``head.``), so its weights move to and from a ``MoLREClassifier`` unchanged.
 
 Sweep use (``molre.tune.multifidelity``): ``build_feature_cache(cfg, root)`` once per backbone configuration
