@@ -67,7 +67,8 @@ def host_batches(batches: Iterable, prepare: Callable, depth: int = 2) -> Iterat
             yield item
     finally:
         stop.set()
-        thread.join()
+        # the thread ends at its next put; a read it is blocked in (storage retries) must not hold up an error
+        thread.join(timeout=10.0)
 
 
 def pinned_tensors(
