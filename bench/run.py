@@ -163,8 +163,8 @@ def run_suite(args) -> list[dict]:
 
 def run_case(case: str, suite: Suite, device: torch.device, args, common: dict) -> list[dict]:
     timing = {"rounds": suite.rounds, "repeats": suite.repeats, "warmup": suite.warmup, "common": common}
-    if args.compile_mode:  # torch.compile's mode for the compiled / regional variants
-        timing["compile_kwargs"] = {"mode": args.compile_mode}
+    if "compile_mode" in common:  # torch.compile's mode for the compiled / regional variants
+        timing["compile_kwargs"] = {"mode": common["compile_mode"]}
     if case == "flops":  # counted on the meta device: the GPU shapes' FLOPs on any machine
         from model_step import flops_case
 
@@ -241,8 +241,16 @@ def render_block(suite: str, results: dict[str, dict]) -> str:
 
 
 def _table(title: str, header: str, lines: list[str]) -> list[str]:
-    """Markdown lines: ``title``, a blank line, a table (its separator sized from ``header``), a blank line."""
+    """Markdown lines: ``title``, a blank line, a table (its separator sized from ``header``), a blank line;
+    nothing when there are no ``lines``."""
+    if not lines:
+        return []
     return [title, "", header, "|" + "---|" * (header.count("|") - 1), *lines, ""]
+
+
+def _subtable(title: str, header: str, lines: list[str]) -> list[str]:
+    """A table that continues the one above it: a blank line first, none after (nothing without ``lines``)."""
+    return [""] + _table(title, header, lines)[:-1] if lines else []
 
 
 def _of(rows: list[dict], case: str) -> list[dict]:
@@ -269,8 +277,6 @@ def _model_step_md(rows: list[dict]) -> list[str]:
 
 def _ratios_md(ratios: list[dict]) -> list[str]:
     """molre / peer per compile mode (the sub-table of the model step)."""
-    if not ratios:
-        return []
     modes = list(dict.fromkeys(k.removeprefix("molre_over_peer_") for r in ratios for k in r
                                if k.startswith("molre_over_peer_") and not k.endswith(("_from_min", "_from_cpu"))))  # fmt: skip
     lines = []
@@ -285,8 +291,8 @@ def _ratios_md(ratios: list[dict]) -> list[str]:
         lines.append(f"| {r['preset']} | {r['input']} | {cells} | {r['best_molre_over_best_peer']:.2f}x |")
     header = ("| preset | input | " + " | ".join(f"molre / peer, {m}" for m in modes)
               + " | best molre / best peer (median wall) |")  # fmt: skip
-    return [""] + _table("molre / peer throughput: from the median wall steps (from the fastest steps; from CPU "
-                         "time per step):", header, lines)[:-1]  # fmt: skip
+    return _subtable("molre / peer throughput: from the median wall steps (from the fastest steps; from CPU "
+                     "time per step):", header, lines)  # fmt: skip
 
 
 def _ablations_md(ratios: list[dict]) -> list[str]:
@@ -297,14 +303,12 @@ def _ablations_md(ratios: list[dict]) -> list[str]:
         for r in ratios
         for key in [k for k in r if k.startswith("speedup_vs_") and not k.endswith(("_min", "_cpu"))]
     ]
-    if not lines:
-        return []
-    return [""] + _table("What each fast path gives: molre eager (the device's defaults) / molre eager with one "
+    return _subtable("What each fast path gives: molre eager (the device's defaults) / molre eager with one "
                          "setting changed, from the median wall step (the fastest step; CPU time per step); > 1 = "
                          "the default is faster. `fp32-frozen` = frozen weights kept fp32 and re-cast by bf16 "
                          "autocast every step (GPU); `foreach-adamw` / `fused-adamw` = the other AdamW than the "
                          "device's default (fused on CUDA, foreach on CPU).",
-                         "| preset | input | changed | default / changed |", lines)[:-1]  # fmt: skip
+                         "| preset | input | changed | default / changed |", lines)  # fmt: skip
 
 
 def _flops_md(rows: list[dict]) -> list[str]:
@@ -346,8 +350,6 @@ def _epoch_md(rows: list[dict]) -> list[str]:
             f"{r['epoch_over_step'] * 100:.0f}% | {r['epoch_over_step_augment'] * 100:.0f}% | {worker_ratio} | "
             f"{r['loadavg'][0]:.1f} |"
         )
-    if not lines:
-        return []
     return _table("**Full Ray Train epoch vs the pure step** (volumes/s for the whole machine; epoch = steady-state "
                   "median over epochs >= 1, between the controller's report stamps; in-worker = the worker's own "
                   "train pass + validation; poll = Ray Train's controller poll interval, which bounds an epoch from "
@@ -369,8 +371,6 @@ def _blocks_md(rows: list[dict]) -> list[str]:
         )
         lines.append(f"| {r['preset']} | {r['input']} | {r['mode']} | {r['lora_step_ms']:.1f} | {cells} | "
                      f"{r['loadavg'][0]:.1f} |")  # fmt: skip
-    if not lines:
-        return []
     return _table("**MoLRE `blocks` placement vs LoRA** (`adapter.molre.placement=blocks`, routed once per slice "
                   "(`route_by=slice`, the default) or per token, vs `adapter.kind=none`; median wall step; overhead "
                   "also from the fastest steps and from CPU time per step; counted = FLOPs per slice-step)",
@@ -385,8 +385,6 @@ def _augment_md(rows: list[dict]) -> list[str]:
         f"{r['monai_over_molre']:.1f}x | {r['loadavg'][0]:.1f} |"
         for r in _of(rows, "augment")
     ]
-    if not lines:
-        return []
     return _table("**Augmentation per volume** (molre `augment_batch` from int16 on the device vs MONAI per volume "
                   "on CPU; bench/augment_bench.py)",
                   "| volume (D,H,W) | batch | molre device | molre ms/volume | MONAI CPU ms/volume | MONAI / molre "
@@ -400,8 +398,6 @@ def _features_md(rows: list[dict]) -> list[str]:
         f"{r['loadavg'][0]:.1f} |"
         for r in _of(rows, "features")
     ]
-    if not lines:
-        return []
     return _table("**Cached-feature trial vs the end-to-end trial** (frozen backbone; see the multi-fidelity "
                   "section)",
                   "| preset | input | epochs | feature cache build s | cached trial s | end-to-end trial s | "
