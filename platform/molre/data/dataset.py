@@ -64,9 +64,13 @@ def checked_shards(
         try:
             shards.check_footer(uri, shards.verify_shard(uri, manifest) if verify else None)
         except FileNotFoundError:
-            raise DataError(uri, "shard listed in the manifest is missing") from None
+            raise _listed_but_missing(uri) from None
         out.append(Shard(uri, info.rows, info.rows * row_bytes if row_bytes else info.bytes))
     return out
+
+
+def _listed_but_missing(uri: str) -> DataError:
+    return DataError(uri, "shard listed in the manifest is missing")
 
 
 def split_files(
@@ -74,11 +78,6 @@ def split_files(
 ) -> list[str]:
     """The shard URIs of one split, checked against the manifest: schema always, checksums when ``verify``."""
     return [s.uri for s in checked_shards(root, split, verify, manifest)]
-
-
-def check_shard_schema(uri: str) -> None:
-    """Read only the Parquet footer and check the schema (a wrong schema is a DataError naming the shard)."""
-    shards.check_footer(uri)
 
 
 class ShardDatasource(Datasource):
@@ -119,7 +118,7 @@ def _shard_reader(uri: str, columns: list[str]):
         try:
             return [shards.read_shard(uri, columns)]
         except FileNotFoundError:
-            raise DataError(uri, "shard listed in the manifest is missing") from None
+            raise _listed_but_missing(uri) from None
 
     return read
 
