@@ -147,20 +147,24 @@ def build_feature_cache(
     check_cacheable(cfg)
     if not cfg.data.uri:
         raise ConfigError("cached features need data.uri (the preprocessed shard root)")
-    fields = key_fields(cfg, augment_copies=augment_copies)  # reads the manifest: once per call
+    manifest_bytes = storage.read_bytes(storage.join(cfg.data.uri, shards.MANIFEST))  # once per call
+    fields = key_fields(cfg, manifest_bytes=manifest_bytes, augment_copies=augment_copies)
     key = _hash(fields)
     uri = cache_uri(root, key)
     if storage.exists(storage.join(uri, META)):
         return load_feature_cache(uri, splits)
     start = time.perf_counter()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    backbone, input_size = _frozen_backbone(cfg, device)
+    grid_config = json.loads(manifest_bytes)["config"]
+    backbone, input_size = _frozen_backbone(cfg, device, tuple(grid_config["grid"]))
     meta = {"key": key, "fields": fields, "dtype": dtype, "dims": backbone.dims,
             "width": backbone.width, "splits": {}}  # fmt: skip
     out = {}
     for split in splits:
         copies = augment_copies if split == "train" else 0
-        part = compute_split(cfg, backbone, split, input_size, device, batch_size, copies)
+        part = compute_split(
+            cfg, backbone, split, input_size, device, batch_size, copies, grid_config["spacing"]
+        )
         blob = {"features": part.features.to(getattr(torch, dtype)).contiguous(),
                 "labels": part.labels.to(torch.uint8), "known": part.known.to(torch.uint8)}  # fmt: skip
         from safetensors.torch import save
@@ -197,12 +201,13 @@ def load_feature_cache(uri: str, splits=SPLITS) -> FeatureCache:
     return FeatureCache(uri, meta["key"], meta, out, computed=False, seconds=time.perf_counter() - start)
 
 
-def _frozen_backbone(cfg: RunConfig, device: torch.device):
-    """The backbone exactly as ``build_model`` makes it for ``cfg`` (weights loaded, frozen), in eval mode."""
+def _frozen_backbone(cfg: RunConfig, device: torch.device, grid: tuple | None = None):
+    """The backbone exactly as ``build_model`` makes it for ``cfg`` (weights loaded, frozen), in eval mode, and
+    the input size it sees (``grid``: the data's, else read from its manifest)."""
     from molre.models import build_model
     from molre.train.run import model_input_size
 
-    grid = tuple(shards.read_manifest(cfg.data.uri).config["grid"])
+    grid = grid or tuple(shards.read_manifest(cfg.data.uri).config["grid"])
     input_size = model_input_size(cfg, grid)
     torch.manual_seed(0)  # random-init backbones (tests) are reproducible; real runs load weights
     bare = copy.deepcopy(cfg)
@@ -230,8 +235,9 @@ def model_input(
     from molre.data.augment import augment_batch
 
     train = generator is not None
+    where = {"spacing_zyx": tuple(spacing)} if spacing else {}  # else augment_batch's default
     return augment_batch(hu, cfg.data, generator if train else torch.Generator(), train=train,
-                         out_size=tuple(input_size), spacing_zyx=tuple(spacing or (4.0, 1.0, 1.0)))  # fmt: skip
+                         out_size=tuple(input_size), **where)  # fmt: skip
 
 
 @torch.no_grad()
@@ -247,11 +253,11 @@ def backbone_features(backbone, x: torch.Tensor, cfg: RunConfig) -> torch.Tensor
 
 
 def compute_split(
-    cfg, backbone, split, input_size, device, batch_size: int = 4, copies: int = 0
+    cfg, backbone, split, input_size, device, batch_size: int = 4, copies: int = 0, spacing=None
 ) -> SplitFeatures:
     """Features of a split's volumes in shard order; with ``copies``, ``[copies, N, ...]`` of augmented inputs
-    (copy ``c`` of batch ``b`` drawn from a generator seeded ``(c, b)``: the same on every rebuild)."""
-    spacing = shards.read_manifest(cfg.data.uri).config.get("spacing") if copies else None
+    (copy ``c`` of batch ``b`` drawn from a generator seeded ``(c, b)``: the same on every rebuild; ``spacing``:
+    the grid's, z, y, x, as the worker loop augments with)."""
     feats, labels, known, hashes = [], [], [], []
     batch: list = []
 
