@@ -120,7 +120,8 @@ def compare(spec, grid: pd.DataFrame, mf: pd.DataFrame, screen: pd.DataFrame, su
     from molre.tune.multifidelity import device_seconds
 
     metric = spec.search.metric
-    grid_scores = point_scores(with_points(grid, spec), metric)
+    grid = with_points(grid, spec)
+    grid_scores = point_scores(grid, metric)
     mf_scores = point_scores(with_points(mf, spec), metric)
     screen_scores = point_scores(with_points(screen, spec), metric)
     best_grid, best_mf = grid_scores.idxmax(), mf_scores.idxmax()
@@ -137,7 +138,7 @@ def compare(spec, grid: pd.DataFrame, mf: pd.DataFrame, screen: pd.DataFrame, su
         "grid_best_point": json.loads(best_grid),
         "grid_best": round(float(grid_scores[best_grid]), 4),
         "mf_best_grid_rank": int(grid_scores.rank(ascending=False, method="min")[best_mf]),
-        **seed_noise(with_points(grid, spec), metric),
+        **seed_noise(grid, metric),
         "mf_best_point": json.loads(best_mf),
         "mf_best": round(float(mf_scores[best_mf]), 4),
         "gap": round(float(grid_scores[best_grid] - mf_scores[best_mf]), 4),
