@@ -212,3 +212,16 @@ def test_multi_fidelity_bench_scores_points_over_seeds_and_sizes_the_seed_noise(
     assert noise["grid_seed_std"] == pytest.approx(std_a / 2, abs=1e-4)  # mean over a (std_a) and b (0)
     assert noise["grid_mean_stderr"] == pytest.approx(std_a / 2**0.5 / 2, abs=1e-4)
     assert mfb.seed_noise(table.iloc[[0, 2]], "val/best_mean_auc") == {}  # one seed per point: no estimate
+
+
+def test_confirm_curve_gives_each_confirm_top_its_exact_gap_and_estimated_cost(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    import multifidelity_bench as mfb
+    import pandas as pd
+
+    grid = pd.Series({"a": 0.60, "b": 0.70, "c": 0.65, "d": 0.50})  # end to end: b is the best
+    screen = pd.Series({"a": 0.80, "b": 0.60, "c": 0.75, "d": 0.55})  # the screen ranks a, c, b, d
+    curve = mfb.confirm_curve(grid, screen, screen_wall=10.0, grid_wall=400.0)  # 100 s of grid per point
+    assert [k for k, _, _ in curve] == [1, 2, 3, 4]
+    assert [gap for _, gap, _ in curve] == pytest.approx([0.10, 0.05, 0.0, 0.0])  # b is reached at k = 3
+    assert [ratio for _, _, ratio in curve] == pytest.approx([0.275, 0.525, 0.775, 1.025])
