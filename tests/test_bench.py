@@ -219,9 +219,40 @@ def test_confirm_curve_gives_each_confirm_top_its_exact_gap_and_estimated_cost(m
     import multifidelity_bench as mfb
     import pandas as pd
 
-    grid = pd.Series({"a": 0.60, "b": 0.70, "c": 0.65, "d": 0.50})  # end to end: b is the best
+    grid = pd.DataFrame({  # end to end, two seeds per point: b is the best; d's second seed failed
+        "point": ["a", "a", "b", "b", "c", "c", "d", "d"],
+        "status": ["TERMINATED"] * 7 + ["ERROR"],
+        "val/best_mean_auc": [0.60, 0.60, 0.70, 0.70, 0.64, 0.66, 0.50, None],
+        "seconds": [10.0, 10.0, 30.0, 30.0, 20.0, 20.0, 40.0, 5.0],
+    })  # fmt: skip
     screen = pd.Series({"a": 0.80, "b": 0.60, "c": 0.75, "d": 0.55})  # the screen ranks a, c, b, d
-    curve = mfb.confirm_curve(grid, screen, screen_wall=10.0, grid_wall=400.0)  # 100 s of grid per point
+    curve = mfb.confirm_curve(grid, "val/best_mean_auc", screen, screen_wall=16.0, grid_wall=320.0)
     assert [k for k, _, _ in curve] == [1, 2, 3, 4]
     assert [gap for _, gap, _ in curve] == pytest.approx([0.10, 0.05, 0.0, 0.0])  # b is reached at k = 3
-    assert [ratio for _, _, ratio in curve] == pytest.approx([0.275, 0.525, 0.775, 1.025])
+    # wall = 2 x summed trial time (320 / 160): a costs 20 s of trials, + c 40, + b 60, + d 40
+    assert [ratio for _, _, ratio in curve] == pytest.approx([0.175, 0.425, 0.8, 1.05])
+
+
+@pytest.mark.slow
+def test_trial_startup_bench_runs_screen_trials_in_one_reused_actor_or_one_each(
+    monkeypatch, ray_local, tiny_dataset, tmp_path
+):
+    monkeypatch.syspath_prepend(str(BENCH))
+    import trial_startup
+
+    from molre.tune.space import SweepSpec
+
+    spec = SweepSpec.model_validate({
+        "name": "startup",
+        "base": {"backbone": {"preset": "tiny-vit", "finetune": "frozen"},
+                 "train": {"max_epochs": 2, "min_epochs": 0, "batch_size": 4}},
+        "space": {"loss.gamma": {"choice": [0.0, 1.0, 2.0]}},
+        "search": {"algorithm": "grid"},
+        "resources": {"num_workers": 1, "max_concurrent_trials": 1},
+    })  # fmt: skip
+    off, on = (
+        trial_startup.run_stage(spec, "screen", reuse, tiny_dataset, str(tmp_path)) for reuse in (False, True)
+    )
+    assert off["finished"] == on["finished"] == 3
+    assert off["processes"] == 3 and on["processes"] == 1  # a fresh actor per trial, or one for all
+    assert on["mean_best_auc"] == off["mean_best_auc"]  # the trials compute the same either way

@@ -126,6 +126,9 @@ class ResourcesConfig(_Strict):
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(1.0, gt=0)  # used when GPUs exist; < 1 packs small backbones on one GPU
     max_concurrent_trials: int | None = Field(None, gt=0)  # None: as many as the cluster's resources allow
+    # a finished trial's actor runs the next trial (Tune's reuse_actors): saves a process start and the
+    # torch/timm imports per trial; false gives every trial a fresh process
+    reuse_actors: bool = True
 
 
 class MultiFidelityConfig(_Strict):

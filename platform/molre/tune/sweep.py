@@ -316,10 +316,10 @@ def _new_tuner(spec: SweepSpec, trainable, experiment_uri: str, fs, path: str, p
             num_samples=num_samples,
             max_concurrent_trials=max_concurrent(spec),
             time_budget_s=spec.budget.time_s,
-            # a fresh actor per trial costs a process start and the torch/timm imports (4-6 s per trial on a
+            # a fresh actor per trial costs a process start and the torch/timm imports (~6 s per trial on a
             # 2-core machine, more than a cached-feature trial's fit); the trials of one experiment hold the
-            # same resources, so each next trial reuses the finished one's actor (BENCHMARKS.md: screen 5.4x)
-            reuse_actors=True,
+            # same resources, so each next trial can take the finished one's actor (bench/trial_startup.py)
+            reuse_actors=spec.resources.reuse_actors,
         ),
         run_config=ray.tune.RunConfig(
             name=spec.name,
