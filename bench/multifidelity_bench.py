@@ -13,8 +13,8 @@ cache build counts toward the multi-fidelity side. Prints one JSON line: both ra
 metric (mean over seeds), the best confirmed point and metric, the gap, how well the screen's ranking agrees
 with the end-to-end one (Spearman over the grid's points), and ``confirm_curve``: for every ``confirm_top`` k
 the gap it would give (exact: a confirmed trial reproduces the grid's trial of the same point and seeds) and its
-wall ratio (estimated: the screen's wall + those k points' grid trial time, scaled to wall time). Targets (issue 8): ratio <= 0.25
-with a gap <= 0.005 mean AUC.
+wall ratio (estimated: the screen's wall + those k points' grid trial time, scaled to wall time). Targets
+(issue 8): ratio <= 0.25 with a gap <= 0.005 mean AUC.
 
 Data: ``phantoms`` = the spec's data (the embedded synthetic phantom benchmark when it names none); ``planted`` =
 a small learnable set written here (``write_planted_dataset``: eight findings planted as discs of graded contrast
@@ -191,7 +191,9 @@ def main(argv=None) -> int:
     parser.add_argument("--val", type=int, default=64, help="planted: validation volumes")
     parser.add_argument("--data-seed", type=int, default=0, help="planted: the draw of the data set")
     parser.add_argument(
-        "--out", default=None, help="default: bench/results/<spec name>-<data>[-seed<N>].json"
+        "--out",
+        default=None,
+        help="default: bench/results/<spec name>-<data>[-data<N>][-seed<N>][-aug<N>].json",
     )
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the spec's base run config")
     args = parser.parse_args(argv)
