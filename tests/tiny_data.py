@@ -2,6 +2,9 @@
 
 Volumes [8, 64, 64] at 4 mm: a soft-tissue head disc; finding 0 plants a hyperdense disc
 (blood, 70 HU), finding 1 a hypodense one (-30 HU, infarct-like), finding 2 an air pocket (-700 HU); the rest are always 0.
+
+``head_ct``: the HU head volume that the ingest / preprocess tests write as DICOM or NIfTI (each suite with its own
+size and shape parameters).
 """
 
 from __future__ import annotations
@@ -14,6 +17,26 @@ from molre.findings import NUM_FINDINGS
 GRID = (8, 64, 64)
 SPACING = (4.0, 4.0, 4.0)
 PLANTED = {0: 70, 1: -30, 2: -700}  # finding index -> HU of its blob
+
+
+def head_ct(
+    seed: int, shape, radii, jitter: float, jitter_scale, brain: float, blob: bool = False
+) -> np.ndarray:
+    """An off-centre ellipsoidal head in HU that passes ingest validation: bone shell (1100), brain (35) inside
+    ``brain`` x the ``radii`` (voxels, z y x), air around, noise std 4; the centre moves by up to ``jitter`` x
+    ``jitter_scale`` voxels per axis; ``blob``: a hyperdense (70 HU) sphere of radius 3 six voxels off-centre."""
+    rng = np.random.default_rng(seed)
+    centre = np.array([(n - 1) / 2 for n in shape]) + rng.uniform(-jitter, jitter, 3) * jitter_scale
+    zz, yy, xx = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
+    r = np.sqrt(
+        sum(((axis - c) / radius) ** 2 for axis, c, radius in zip((zz, yy, xx), centre, radii, strict=True))
+    )
+    hu = np.where(r < 1.0, 1100.0, -1000.0)
+    hu[r < brain] = 35.0
+    hu += rng.normal(0, 4, shape)
+    if blob:
+        hu[((zz - centre[0]) ** 2 + (yy - centre[1] - 6) ** 2 + (xx - centre[2]) ** 2) < 9] = 70.0
+    return hu.astype(np.float32)
 
 
 def tiny_volume(rng: np.random.Generator, labels: np.ndarray) -> np.ndarray:

@@ -24,6 +24,7 @@ from molre.data.resample import align_volume
 from molre.data.split import assert_no_patient_leak
 from molre.errors import DataError
 from molre.findings import FINDING_IDS
+from tests import tiny_data
 from tests.data.malformed import (
     PHI_ACCESSION,
     PHI_ID,
@@ -46,16 +47,9 @@ SETTINGS = dict(spacing=SPACING_OUT, grid=GRID, salt=SALT, shard_size=3, progres
 
 def head_ct(seed: int, shape=(16, 64, 64)) -> np.ndarray:
     """An off-centre ellipsoidal head in HU: bone shell, brain, a hyperdense blob; air around."""
-    rng = np.random.default_rng(seed)
-    centre = np.array([(n - 1) / 2 for n in shape]) + rng.uniform(-4, 4, 3) * (0.5, 1, 1)
-    zz, yy, xx = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
-    r = np.sqrt(((zz - centre[0]) / 7) ** 2 + ((yy - centre[1]) / 24) ** 2 + ((xx - centre[2]) / 20) ** 2)
-    hu = np.where(r < 1.0, 1100.0, -1000.0)
-    hu[r < 0.88] = 35.0
-    hu += rng.normal(0, 4, shape)
-    blob = ((zz - centre[0]) ** 2 + (yy - centre[1] - 6) ** 2 + (xx - centre[2]) ** 2) < 9
-    hu[blob] = 70.0
-    return hu.astype(np.float32)
+    return tiny_data.head_ct(
+        seed, shape, radii=(7, 24, 20), jitter=4, jitter_scale=(0.5, 1, 1), brain=0.88, blob=True
+    )
 
 
 def write_cohort(root: Path, n_studies: int = 8, n_patients: int = 5) -> dict:

@@ -16,6 +16,7 @@ import numpy as np
 
 from molre.data import shards, storage
 from molre.data.dicom_write import write_dicom_series, write_nifti
+from tests import tiny_data
 
 # ---------------------------------------------------------------------------------------------------- planted PHI
 
@@ -51,14 +52,7 @@ def phi_values(extra: Iterable[str] = ()) -> list[str]:
 
 def head_ct(seed: int, shape=(12, 48, 48)) -> np.ndarray:
     """A small off-centre head in HU (air, bone shell, brain) that passes ingest validation."""
-    rng = np.random.default_rng(seed)
-    centre = np.array([(n - 1) / 2 for n in shape]) + rng.uniform(-3, 3, 3) * (0.3, 1, 1)
-    zz, yy, xx = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
-    r = np.sqrt(((zz - centre[0]) / 5) ** 2 + ((yy - centre[1]) / 18) ** 2 + ((xx - centre[2]) / 15) ** 2)
-    hu = np.where(r < 1.0, 1100.0, -1000.0)
-    hu[r < 0.85] = 35.0
-    hu += rng.normal(0, 4, shape)
-    return hu.astype(np.float32)
+    return tiny_data.head_ct(seed, shape, radii=(5, 18, 15), jitter=3, jitter_scale=(0.3, 1, 1), brain=0.85)
 
 
 def phi_series(folder: Path, seed: int, patient: str, study_no: int, **kwargs) -> list[Path]:
