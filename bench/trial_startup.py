@@ -31,8 +31,6 @@ from multifidelity_bench import write_planted_dataset  # noqa: E402
 
 def run_stage(spec, stage: str, reuse: bool, data_uri: str, storage_root: str, points=None) -> dict:
     """Fit one experiment of ``stage`` (``screen`` or ``e2e``) with actor reuse on or off; its costs."""
-    import ray.tune
-
     from molre.data import storage
     from molre.tune import multifidelity as mf
     from molre.tune.space import MultiFidelityConfig
@@ -45,11 +43,7 @@ def run_stage(spec, stage: str, reuse: bool, data_uri: str, storage_root: str, p
         spec.multi_fidelity = spec.multi_fidelity or MultiFidelityConfig()
         cache_root = storage.join(storage_root, "features")
         mf.build_caches(spec, data_uri, cache_root)  # before the clock: the same for both runs
-        trainable = ray.tune.with_resources(
-            ray.tune.with_parameters(mf.run_cached_trial, spec=spec.model_dump(mode="json"), data_uri=data_uri,
-                                     experiment_uri=experiment_uri, cache_root=cache_root),
-            mf.screen_resources(spec),
-        )  # fmt: skip
+        trainable = mf.screen_trainable(spec, data_uri, experiment_uri, cache_root)
     else:
         spec.multi_fidelity = None
         trainable = end_to_end_trainable(spec, data_uri, experiment_uri)

@@ -130,6 +130,15 @@ def _task_resources(resources: dict) -> dict:
 # ---- the two stages -------------------------------------------------------------------------------------------
 
 
+def screen_trainable(spec: SweepSpec, data_uri: str, experiment_uri: str, cache_root: str):
+    """``run_cached_trial`` bound to the screen's spec, on one device per trial (``screen_resources``)."""
+    return ray.tune.with_resources(
+        ray.tune.with_parameters(run_cached_trial, spec=spec.model_dump(mode="json"), data_uri=data_uri,
+                                 experiment_uri=experiment_uri, cache_root=cache_root),
+        screen_resources(spec),
+    )  # fmt: skip
+
+
 def top_points(table: pd.DataFrame, metric: str, mode: str, k: int) -> list[dict]:
     """The ``k`` best points of a finished stage, each scored by its mean ``metric`` over seeds."""
     done = table[(table["status"] == "TERMINATED") & table[metric].notna()] if metric in table else table[:0]
@@ -155,11 +164,7 @@ def run_multi_fidelity(spec: SweepSpec, storage_root: str, data_uri: str, resume
 
     started = time.perf_counter()
     caches = build_caches(screen, data_uri, cache_root)
-    trainable = ray.tune.with_resources(
-        ray.tune.with_parameters(run_cached_trial, spec=screen.model_dump(mode="json"), data_uri=data_uri,
-                                 experiment_uri=screen_uri, cache_root=cache_root),
-        screen_resources(screen),
-    )  # fmt: skip
+    trainable = screen_trainable(screen, data_uri, screen_uri, cache_root)
     screened = fit_experiment(screen, trainable, storage_root, resume)
     screen_table = _with_points(table_from_results(screened, screen), screened)
     write_results(screen_table, screen_uri, screen)
