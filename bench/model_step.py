@@ -17,6 +17,8 @@ transformer block compiled in place (``molre.models.runtime.compile_regions``; w
 a GPU). Ablations (``ablations=True``, eager, molre only) switch one fast path off to measure what it gives:
 ``molre-fp32-frozen`` (frozen weights kept fp32 and re-cast by autocast every step; only under bf16) and
 ``molre-foreach-adamw`` / ``molre-fused-adamw`` (the other AdamW implementation than the device's default).
+``fp8=True`` adds ``molre-fp8`` in every mode: molre with ``train.frozen_matmul=fp8`` (the frozen linears' products
+on e4m3 operands, ``molre.models.fp8``), a fast path that changes the numbers, so it is a variant of its own.
 
 FLOPs are counted by ``torch.utils.flop_counter.FlopCounterMode`` over one eager forward + backward (the
 optimizer's elementwise work is not counted); achieved FLOP/s = counted FLOPs per step / median step time.
@@ -77,7 +79,7 @@ class Variant:
 
 def run_config(
     shape: StepShape, kind: str = "molre", placement: str = "features", finetune: str | None = None,
-    route_by: str = "slice", precision: str = "auto",
+    route_by: str = "slice", precision: str = "auto", frozen_matmul: str = "auto",
 ):  # fmt: skip
     from molre.config import build_config
 
@@ -85,7 +87,7 @@ def run_config(
         "backbone": {"preset": shape.preset, "image_size": shape.image_size, "finetune": finetune},
         "adapter": {"kind": kind, "molre": {"placement": placement, "route_by": route_by}},
         "data": {"num_slices": shape.slices},
-        "train": {"precision": precision},
+        "train": {"precision": precision, "frozen_matmul": frozen_matmul},
     })  # fmt: skip
 
 
@@ -279,11 +281,12 @@ def _ratios(summary: dict, rows: list[dict], num: tuple, den: tuple, key: str) -
 def model_step_case(
     shape: StepShape, device: torch.device, modes=("eager", "compiled"), rounds=3, repeats=5, warmup=2,
     common: dict | None = None, ablations: bool = False, precision: str = "auto",
-    compile_kwargs: dict | None = None,
+    compile_kwargs: dict | None = None, fp8: bool = False,
 ) -> list[dict]:  # fmt: skip
     """molre vs peer, each in ``modes``; one JSON row per variant and one summary row with the ratios.
 
     ``ablations``: also molre eager with each fast path switched off (see the module docstring).
+    ``fp8``: also ``molre-fp8`` in each mode (``train.frozen_matmul=fp8``: frozen linears as e4m3).
     ``precision``: the molre config's (``auto`` = bf16 on CUDA); the peer runs under the same autocast.
     """
     common, ck = common or {}, compile_kwargs or {}
@@ -304,6 +307,16 @@ def model_step_case(
         opts = (m_opt, p_opt) if mode == "eager" else (_clone_opt(m_opt), _clone_opt(p_opt))
         variants += [Variant(f"molre/{mode}", "molre", mode, m_model, opts[0], bf16, compile_kwargs=ck),
                      Variant(f"peer/{mode}", "peer", mode, p_model, opts[1], bf16, compile_kwargs=ck)]  # fmt: skip
+    if fp8:  # the frozen linears as e4m3 (train.frozen_matmul=fp8): own instances, same seed and weights
+        fp8_cfg = run_config(shape, precision=precision, frozen_matmul="fp8")
+        for mode in modes:
+            torch.manual_seed(0)
+            fm, fm_opt = molre_model(
+                fp8_cfg, device, compile="regional" if mode == "regional" else "off", **ck
+            )
+            variants.append(
+                Variant(f"molre-fp8/{mode}", "molre-fp8", mode, fm, fm_opt, bf16, compile_kwargs=ck)
+            )
     ablated = []
     if ablations:
         if bf16:  # frozen weights left fp32: autocast re-casts them at every step
@@ -328,10 +341,14 @@ def model_step_case(
     }
     for mode in modes:
         _ratios(summary, rows, ("molre", mode), ("peer", mode), f"molre_over_peer_{mode}")
+        if fp8:
+            _ratios(summary, rows, ("molre-fp8", mode), ("peer", mode), f"fp8_over_peer_{mode}")
+            _ratios(summary, rows, ("molre-fp8", mode), ("molre", mode), f"fp8_over_molre_{mode}")
     by = {(r["impl"], r["mode"]): r["slices_per_s"] for r in rows}
-    best_m = max(v for (impl, _), v in by.items() if impl == "molre")
-    best_p = max(v for (impl, _), v in by.items() if impl == "peer")
-    summary["best_molre_over_best_peer"] = round(best_m / best_p, 3)
+    best = {impl: max(v for (i, _), v in by.items() if i == impl) for impl in {i for i, _ in by}}
+    summary["best_molre_over_best_peer"] = round(best["molre"] / best["peer"], 3)
+    if fp8:
+        summary["best_fp8_over_best_peer"] = round(best["molre-fp8"] / best["peer"], 3)
     if "eager" in modes:  # what each fast path gives: molre eager over molre eager without it
         for v in ablated:
             name = v.impl.removeprefix("molre-")

@@ -51,6 +51,7 @@ class Suite:
     blocks: list[StepShape]
     modes: tuple[str, ...] = MODES
     ablations: bool = False  # model_step: molre eager with each fast path switched off (model_step.py)
+    fp8: bool = False  # model_step: also molre with train.frozen_matmul=fp8 in every mode
     rounds: int = 3
     repeats: int = 5
     warmup: int = 2
@@ -97,7 +98,7 @@ def suite_config(name: str, quick: bool) -> Suite:
     if name == "gpu" and not quick:
         return Suite(
             steps=[StepShape("dinov3-base", 8, 32), StepShape("dinov3-large", 4, 32), StepShape("medgemma", 1, 8)],
-            blocks=[StepShape("dinov3-base", 8, 32)], ablations=True,
+            blocks=[StepShape("dinov3-base", 8, 32)], ablations=True, fp8=True,
             rounds=3, repeats=10, warmup=3,
             epoch={"preset": "dinov3-base", "grid": (32, 224, 224), "spacing": (4.0, 1.0, 1.0),
                    "counts": {"train": 64, "val": 8}, "batch_size": 8, "workers": (1,), "epochs": 4},
@@ -109,7 +110,7 @@ def suite_config(name: str, quick: bool) -> Suite:
         return Suite(
             steps=[StepShape("dinov3-base", 1, 2, 112), StepShape("dinov3-large", 1, 2, 112),
                    StepShape("medgemma", 1, 1, 112)],
-            blocks=[StepShape("dinov3-base", 1, 2, 112)], modes=("eager",), rounds=1, repeats=1, warmup=1,
+            blocks=[StepShape("dinov3-base", 1, 2, 112)], modes=("eager",), rounds=1, repeats=1, warmup=1, fp8=True,
             epoch={"preset": "dinov3-base", "grid": (2, 112, 112), "spacing": (4.0, 2.0, 2.0),
                    "counts": {"train": 3, "val": 2}, "batch_size": 1, "workers": (1,), "epochs": 2, "repeats": 1},
             augment={"batch": 1, "shape": (8, 64, 64), "repeats": 1},
@@ -135,6 +136,8 @@ def apply_options(suite: Suite, args) -> Suite:
         suite.modes = ("eager",)
     elif args.modes:
         suite.modes = tuple(args.modes)
+    if args.fp8:
+        suite.fp8 = True
     if args.epoch_train:
         suite.epoch["counts"] = {**suite.epoch["counts"], "train": args.epoch_train}
     return suite
@@ -174,7 +177,8 @@ def run_case(case: str, suite: Suite, device: torch.device, args, common: dict) 
         from model_step import model_step_case
 
         return [r for s in suite.steps
-                for r in model_step_case(s, device, modes=suite.modes, ablations=suite.ablations, **timing)]  # fmt: skip
+                for r in model_step_case(s, device, modes=suite.modes, ablations=suite.ablations, fp8=suite.fp8,
+                                         **timing)]  # fmt: skip
     if case == "blocks":
         from model_step import blocks_overhead_case
 
@@ -272,7 +276,7 @@ def _model_step_md(rows: list[dict]) -> list[str]:
                  "(all threads); slices/s and achieved FLOP/s from the median wall step.",
                  "| preset | input (B x S x side^2) | impl | mode | slices/s | step ms | GFLOP / slice-step "
                  "(counted) | achieved FLOP/s | peak memory | load 1m |", lines)  # fmt: skip
-    return out[:-1] + _ratios_md(ratios) + _ablations_md(ratios) + [""]
+    return out[:-1] + _ratios_md(ratios) + _fp8_md(ratios) + _ablations_md(ratios) + [""]
 
 
 def _ratios_md(ratios: list[dict]) -> list[str]:
@@ -293,6 +297,32 @@ def _ratios_md(ratios: list[dict]) -> list[str]:
               + " | best molre / best peer (median wall) |")  # fmt: skip
     return _subtable("molre / peer throughput: from the median wall steps (from the fastest steps; from CPU "
                      "time per step):", header, lines)  # fmt: skip
+
+
+def _fp8_md(ratios: list[dict]) -> list[str]:
+    """molre with FP8 frozen matmuls over molre and over the peer, per compile mode (a sub-table of the step)."""
+    modes = list(dict.fromkeys(k.removeprefix("fp8_over_molre_") for r in ratios for k in r
+                               if k.startswith("fp8_over_molre_") and not k.endswith(("_from_min", "_from_cpu"))))  # fmt: skip
+
+    def cell(r: dict, key: str) -> str:
+        return (
+            f"{r[key]:.2f}x ({r[key + '_from_min']:.2f}x; {r[key + '_from_cpu']:.2f}x)" if key in r else "-"
+        )
+
+    lines = [
+        f"| {r['preset']} | {r['input']} | "
+        + " | ".join(cell(r, f"fp8_over_molre_{m}") for m in modes)
+        + " | "
+        + " | ".join(cell(r, f"fp8_over_peer_{m}") for m in modes)
+        + f" | {r['best_fp8_over_best_peer']:.2f}x |"
+        for r in ratios
+        if "best_fp8_over_best_peer" in r
+    ]
+    header = ("| preset | input | " + " | ".join(f"fp8 / molre, {m}" for m in modes) + " | "
+              + " | ".join(f"fp8 / peer, {m}" for m in modes) + " | best fp8 / best peer (median wall) |")  # fmt: skip
+    return _subtable("FP8 frozen matmuls (`molre-fp8` = molre with `train.frozen_matmul=fp8`) over molre and over "
+                     "the peer, from the median wall steps (from the fastest steps; from CPU time per step):",
+                     header, lines)  # fmt: skip
 
 
 def _ablations_md(ratios: list[dict]) -> list[str]:
@@ -445,6 +475,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--compile-mode",
         help="torch.compile mode of the compiled/regional step variants (e.g. max-autotune-no-cudagraphs)",
+    )
+    ap.add_argument(
+        "--fp8", action="store_true", help="model_step: add molre-fp8 (on by default on the gpu suite)"
     )
     ap.add_argument("--epoch-train", type=int, help="train_epoch: training volumes per epoch")
     ap.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")

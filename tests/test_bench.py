@@ -85,18 +85,22 @@ def test_step_variants_regional_compile_and_ablations_at_toy_size(bench, capsys)
     cpu, shape = bench.torch.device("cpu"), bench.StepShape("tiny-vit", 1, 2)
     timing = {"rounds": 1, "repeats": 1, "warmup": 1, "precision": "bf16"}  # bf16 autocast on CPU
     timing["compile_kwargs"] = {"backend": "aot_eager"}
-    rows = model_step_case(shape, cpu, modes=("eager", "regional"), ablations=True, **timing)
+    rows = model_step_case(shape, cpu, modes=("eager", "regional"), ablations=True, fp8=True, **timing)
     steps = {(r["impl"], r["mode"]): r for r in rows if r["case"] == "model_step"}
     assert set(steps) == {("molre", "eager"), ("peer", "eager"), ("molre", "regional"), ("peer", "regional"),
+                          ("molre-fp8", "eager"), ("molre-fp8", "regional"),
                           ("molre-fp32-frozen", "eager"), ("molre-fused-adamw", "eager")}  # fmt: skip
     molre_flops = {steps["molre", m]["gflop_per_slice_step"] for m in ("eager", "regional")}
     assert len(molre_flops) == 1  # counted once, on the eager twin
     (summary,) = [r for r in rows if r["case"] == "model_step_ratio"]
     assert summary["bf16"] and summary["molre_over_peer_regional"] > 0
     assert summary["speedup_vs_fp32-frozen"] > 0 and summary["speedup_vs_fused-adamw"] > 0
+    assert summary["fp8_over_molre_regional"] > 0 and summary["best_fp8_over_best_peer"] > 0
+    assert steps["molre-fp8", "eager"]["gflop_per_slice_step"] > 0  # FP8 products counted too
     text = bench.render_block("cpu", {"model_step": {"rows": rows, "command": "c", "date": "d", "machine": {
         "cpu": "x", "cores": 2, "threads": 2, "torch": "t"}}})  # fmt: skip
     assert "| tiny-vit | 1x2x64^2 | fp32-frozen |" in text and "molre / peer, regional" in text
+    assert "fp8 / molre, regional" in text
     capsys.readouterr()
 
 

@@ -111,6 +111,9 @@ class TrainConfig(_Strict):
     # torch.compile: regional = each transformer block (one block's compile time, reused by the others), model =
     # the whole classifier, auto = regional on GPU and off on CPU; true/false mean regional/off
     compile: Literal["auto", "off", "regional", "model"] = "auto"
+    # frozen backbone linears' matrix products: auto = as the precision (bf16 weights under bf16 autocast), fp8 =
+    # e4m3 with row-wise scales on FP8 tensor cores (compute capability >= 8.9; molre.models.fp8)
+    frozen_matmul: Literal["auto", "fp8"] = "auto"
     tf32: bool = True  # TF32 tensor cores for the fp32 matmuls / convs left on a GPU (all of them with fp32)
     # keep this worker's validation volumes (decoded int16, host RAM) from the first epoch on
     cache_val: bool = True

@@ -84,7 +84,8 @@ def test_prepare_runtime_follows_the_config_and_the_device():
     assert compile_mode("auto", "cuda") == "regional" and compile_mode("auto", "cpu") == "off"
     model = _model()
     done = prepare_runtime(model, build_config({}), "cpu")  # auto: fp32, eager on CPU
-    assert done == {"bf16_autocast": False, "bf16_frozen_tensors": 0, "compile": "off", "compiled_regions": 0}
+    assert done == {"bf16_autocast": False, "bf16_frozen_tensors": 0, "fp8_frozen_linears": 0, "compile": "off",
+                    "compiled_regions": 0}  # fmt: skip
     done = prepare_runtime(model, build_config({"train": {"precision": "bf16"}}), "cpu")
     assert (
         done["bf16_autocast"] and done["bf16_frozen_tensors"] == 16

@@ -50,6 +50,13 @@ def test_two_workers_learn_and_a_fixed_seed_repeats(ray_local, tiny_dataset, tmp
     assert any((tmp_path / "repeat-a" / "tensorboard").iterdir())
 
 
+def test_fp8_frozen_matmuls_train_under_ddp(ray_local, tiny_dataset, tmp_path):
+    # two gloo workers: DDP must leave the FP8 buffers alone (gloo cannot even broadcast e4m3 tensors)
+    result = train(_cfg(tiny_dataset, tmp_path, "fp8", train={"frozen_matmul": "fp8"}))
+    assert result.best_metric > 0.6  # learns the planted findings on an e4m3 base
+    assert [h["epoch"] for h in _history(result)] == [0, 1, 2, 3]
+
+
 def test_killed_worker_resumes_from_checkpoint_and_finished_run_is_not_retrained(
     ray_local, tiny_dataset, tmp_path
 ):

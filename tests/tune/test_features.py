@@ -10,6 +10,7 @@ from safetensors.torch import save_file
 from molre.config import build_config
 from molre.errors import ConfigError
 from molre.models import build_model, create_backbone
+from molre.models.runtime import prepare_runtime
 from molre.tune import features
 from tests.tiny_data import write_tiny_dataset
 
@@ -93,6 +94,23 @@ def test_key_follows_what_the_features_depend_on(data, weights, tmp_path):
     assert features.feature_key(_cfg(data, None)) != base
     assert features.feature_key(_cfg(data, weights, data={"num_slices": 4})) != base
     assert features.feature_key(_cfg(data, weights, backbone={"image_size": 32})) != base
+    assert features.feature_key(_cfg(data, weights, train={"frozen_matmul": "fp8"})) != base
+
+
+def test_fp8_caches_hold_the_fp8_backbones_features(data, weights, tmp_path):
+    """With train.frozen_matmul=fp8 the cache holds what the end-to-end run's e4m3 base computes."""
+    exact = features.build_feature_cache(_cfg(data, weights), str(tmp_path)).splits["val"].features
+    cfg = _cfg(data, weights, train={"frozen_matmul": "fp8"})
+    cache = features.build_feature_cache(cfg, str(tmp_path))
+    model = build_model(cfg).eval()
+    prepare_runtime(model, cfg, "cpu")  # the worker loop's conversion
+    x = features.model_input(_val_volumes(cfg)[0], cfg, (8, 64, 64))
+    with torch.no_grad():
+        b, m, s, h, w = x.shape
+        direct = model.backbone(x.transpose(1, 2).reshape(b * s, m, h, w)).reshape(b, s, -1)
+    torch.testing.assert_close(cache.splits["val"].features, direct, rtol=1e-5, atol=1e-5)
+    error = (cache.splits["val"].features - exact).norm() / exact.norm()
+    assert 0 < error < 0.1  # e4m3 rounding, through the tiny ViT's blocks
 
 
 def test_configs_that_adapt_the_backbone_are_refused(data, weights, tmp_path):

@@ -10,6 +10,9 @@ Each is what the worker loop applies (``molre.train.loop``) and what ``bench/mod
   rounded weights. Only frozen
   ``nn.Linear`` / ``nn.Conv*`` parameters are cast; LoRA, MoLRE, pooling and the head keep fp32 master weights
   (AdamW updates of ~1e-4 relative size would vanish in bf16's 8-bit mantissa), as do norms and layer scales.
+- **FP8 frozen matmuls** (``train.frozen_matmul=fp8``, off by default): the frozen linears become
+  ``molre.models.fp8.FrozenFp8Linear`` (e4m3 weights, row-wise scales) before the bf16 cast, which then covers the
+  frozen weights left (convolutions, linears whose sizes are not multiples of 16).
 - **regional compile**: ``torch.compile`` of each transformer block (the modules holding the attention linears),
   not of the whole model. Blocks of one backbone share their code, so Dynamo traces and Inductor compiles one
   block's graph and reuses it for the others (PyTorch's regional compilation recipe): compile time of about one
@@ -25,6 +28,7 @@ import torch
 from torch import nn
 
 from molre.errors import ModelError
+from molre.models.fp8 import check_fp8_device, convert_frozen_linears
 
 COMPILE_MODES = ("off", "regional", "model")
 _WEIGHT_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -131,7 +135,7 @@ def prepare_runtime(
 ) -> dict:  # fmt: skip
     """A freshly built classifier's device settings from its run config, in place (before DDP wraps it).
 
-    TF32 per ``train.tf32`` (CUDA only), frozen weights in bf16 when the run trains under bf16 autocast
+    TF32 per ``train.tf32`` (CUDA only), frozen linears in FP8 per ``train.frozen_matmul``, frozen weights in bf16 when the run trains under bf16 autocast
     (``cast_frozen=False`` keeps them fp32: the benchmark's ablation), compile per ``train.compile`` or the
     ``compile`` mode given. Returns what was done.
     """
@@ -139,12 +143,17 @@ def prepare_runtime(
     if device.type == "cuda":
         set_tf32(cfg.train.tf32)
     bf16 = uses_bf16(cfg.train.precision, device)
+    fp8 = []
+    if cfg.train.frozen_matmul == "fp8":
+        check_fp8_device(device)
+        fp8 = convert_frozen_linears(model)
     cast = cast_frozen_weights(model, torch.bfloat16) if bf16 and cast_frozen else 0
     mode = compile_mode(compile or cfg.train.compile, device)
     regions = compile_classifier(model, mode, cfg.adapter.lora.targets, **compile_kwargs)
     return {
         "bf16_autocast": bf16,
         "bf16_frozen_tensors": cast,
+        "fp8_frozen_linears": len(fp8),
         "compile": mode,
         "compiled_regions": len(regions),
     }

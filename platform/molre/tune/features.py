@@ -13,7 +13,7 @@ cache. Fidelity differences vs the end-to-end trial: by default no augmentation 
 volumes); with ``augment_copies=N`` the train split holds N augmented copies of each volume ([N_copies, N, S, d],
 the run's ``data.augment`` under fixed seeds; the augmentation settings join the key) and epoch e trains on copy
 e % N, where the end-to-end run draws a fresh augmentation every epoch. Precision: fp32 / bf16 autocast as on
-the device. ``FeatureHead`` keeps the classifier's module names (``molre.``,
+the device, FP8 frozen linears with ``train.frozen_matmul=fp8`` (as the end-to-end run). ``FeatureHead`` keeps the classifier's module names (``molre.``,
 ``pool.``, ``head.``), so its weights move to and from a ``MoLREClassifier`` unchanged.
 
 Sweep use (``molre.tune.multifidelity``): ``build_feature_cache(cfg, root)`` once per backbone configuration
@@ -38,6 +38,7 @@ from molre.config import RunConfig
 from molre.data import shards, storage
 from molre.errors import ConfigError, DataError
 from molre.findings import FINDING_IDS, NUM_FINDINGS
+from molre.models.fp8 import check_fp8_device, convert_frozen_linears
 from molre.models.molre import MoLRE
 from molre.models.pooling import AttentionPooling
 
@@ -85,6 +86,10 @@ def key_fields(
         "windows": [list(w) for w in cfg.data.windows],
         "precision": cfg.train.precision,  # auto = bf16 autocast on GPU, fp32 on CPU (as the worker loop)
     }
+    if (
+        cfg.train.frozen_matmul != "auto"
+    ):  # absent by default: caches built before the setting keep their keys
+        fields["frozen_matmul"] = cfg.train.frozen_matmul
     if augment_copies:  # absent otherwise: caches built before augmented copies existed keep their keys
         fields["augment_copies"] = augment_copies
         fields["augment"] = cfg.data.augment.model_dump(mode="json")
@@ -213,6 +218,9 @@ def _frozen_backbone(cfg: RunConfig, device: torch.device, grid: tuple | None = 
     bare = copy.deepcopy(cfg)
     bare.adapter.kind = "none"  # only the backbone is needed
     backbone = build_model(bare).backbone.to(device).eval()
+    if cfg.train.frozen_matmul == "fp8":  # the products the end-to-end run's frozen backbone computes
+        check_fp8_device(device)
+        convert_frozen_linears(backbone)
     return backbone, input_size
 
 
