@@ -260,3 +260,24 @@ def test_trial_startup_bench_runs_screen_trials_in_one_reused_actor_or_one_each(
     assert off["finished"] == on["finished"] == 3
     assert off["processes"] == 3 and on["processes"] == 1  # a fresh actor per trial, or one for all
     assert on["mean_best_auc"] == off["mean_best_auc"]  # the trials compute the same either way
+
+
+def test_fp8_numerics_pairs_the_two_arms_seed_by_seed(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    import pandas as pd
+    from fp8_numerics import paired_difference, per_finding_difference
+
+    rows = [{"status": "TERMINATED", "config/train.frozen_matmul": arm, "config/train.seed": seed,
+             "val/best_mean_auc": auc, "auc/f1": auc, "auc/f2": 0.5}
+            for arm, seed, auc in [("auto", 0, 0.70), ("fp8", 0, 0.71), ("auto", 1, 0.60), ("fp8", 1, 0.58),
+                                   ("auto", 2, 0.65), ("fp8", 2, float("nan"))]]  # fmt: skip
+    rows.append({**rows[0], "config/train.seed": 3, "status": "ERROR"})  # an arm that failed: seed left out
+    table = pd.DataFrame(rows)
+    out = paired_difference(table, "val/best_mean_auc")
+    assert out["seeds"] == [0, 1] and out["seeds_left_out"] == 2
+    assert out["diff_per_seed"] == [0.01, -0.02] and out["diff_mean"] == pytest.approx(-0.005)
+    assert out["auto_seed_std"] == pytest.approx(0.0707, abs=1e-4)
+    per_finding = per_finding_difference(table)
+    assert per_finding["finding_max"] == "f1" and per_finding["finding_abs_diff_max"] == pytest.approx(0.015)
+    with pytest.raises(ValueError, match="fp8"):
+        paired_difference(table[table["config/train.frozen_matmul"] == "auto"], "val/best_mean_auc")
