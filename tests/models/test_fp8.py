@@ -45,9 +45,9 @@ def test_rows_are_scaled_to_e4m3s_range_and_round_within_its_precision():
     assert q.dtype == torch.float8_e4m3fn and scale.shape == (40, 1) and torch.isfinite(scale).all()
     back = q.float() * scale
     assert back[7].abs().max() == 0  # a zero row stays zero (no 0/0)
-    assert torch.allclose(
-        q.float().abs().amax(1)[torch.arange(40) != 7], torch.tensor(FP8_MAX)
-    )  # amax -> 448
+    assert (scale.log2() == scale.log2().round()).all()  # powers of two: dividing by them is exact
+    top = q.float().abs().amax(1)[torch.arange(40) != 7]
+    assert (top >= FP8_MAX / 2).all() and (top <= FP8_MAX).all()  # each row's amax lands in [224, 448]
     normal = v.abs() >= scale * 2.0**-6  # e4m3's normal range (its smallest normal is 2^-6)
     assert ((back - v).abs() <= 2.0**-4 * v.abs() + 1e-30)[normal].all()  # half a unit in the 3-bit mantissa
 

@@ -9,9 +9,11 @@ e4m3 value x scale), accumulated in fp32, written in bf16 and handed on in the a
 - ``W [N, K]`` is quantised once, at conversion, in both layouts the two products read: per output row for the
   forward (``[N, K]``, scales ``[N, 1]``) and per input column for the backward (``W^T [K, N]``, scales
   ``[K, 1]``): 2 x N x K bytes, what one bf16 copy took. ViT-B: 85M frozen linear weights -> 170 MB.
-- ``x [M, K]`` and ``dy [M, N]`` are quantised per row at every call: ``scale = amax(row) / 448`` (448 = e4m3's
-  largest value), ``q = clamp(v / scale)``. e4m3 keeps 3 mantissa bits (<= 2^-4 relative rounding per element);
-  the errors average over the K terms of each dot product (``tests/models/test_fp8.py`` bounds them).
+- ``x [M, K]`` and ``dy [M, N]`` are quantised per row at every call: ``scale`` = the power of two at or above
+  ``amax(row) / 448`` (448 = e4m3's largest value), ``q = v / scale`` (exact: a power of two), then rounded to
+  e4m3, which keeps 3 mantissa bits (<= 2^-4 relative rounding per element; ``tests/models/test_fp8.py`` bounds
+  the products' error). Power-of-two scales and fast accumulation for the forward product (not for the gradient)
+  are torchao's row-wise float8 training recipe.
 
 cuBLAS wants every dimension of both operands to be a multiple of 16: linears whose features are not stay in
 bf16, and a row count (tokens) that is not is zero-padded for the product. GPUs without FP8 tensor cores (compute
@@ -32,11 +34,11 @@ _ALIGN = 16  # cuBLAS: both dimensions of each FP8 operand are multiples of 16
 
 
 def quantize_rows(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``v [M, K]`` -> (e4m3 ``[M, K]``, fp32 scales ``[M, 1]``) with ``v ~ q * scale`` row by row.
+    """``v [M, K]`` -> (e4m3 ``[M, K]``, fp32 power-of-two scales ``[M, 1]``) with ``v ~ q * scale`` row by row.
 
-    A row of zeros gets scale 1e-12 / 448 and zeros (no division by zero)."""
-    amax = v.detach().abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12)
-    scale = amax / FP8_MAX
+    Each row's largest magnitude lands in [224, 448] (after rounding); a row of zeros gets a tiny scale and zeros."""
+    amax = v.detach().abs().amax(dim=1, keepdim=True).float().clamp(min=1e-30)
+    scale = torch.exp2(torch.ceil(torch.log2(amax / FP8_MAX)))
     q = (v.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
     return q, scale
 
@@ -51,7 +53,11 @@ def _pad_rows(q: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch
 
 
 def scaled_matmul(
-    a: torch.Tensor, b_rows: torch.Tensor, b_scale: torch.Tensor, out_dtype: torch.dtype
+    a: torch.Tensor,
+    b_rows: torch.Tensor,
+    b_scale: torch.Tensor,
+    out_dtype: torch.dtype,
+    fast_accum: bool = False,
 ) -> torch.Tensor:
     """``a [M, K] @ B^T`` for a pre-quantised ``B [N, K]`` (e4m3, row scales ``[N, 1]``), in ``out_dtype``.
 
@@ -61,7 +67,8 @@ def scaled_matmul(
     rows = a.shape[0]
     with torch.autocast(a.device.type, enabled=False):  # autocast has no rules for e4m3 tensors
         q, scale = _pad_rows(*quantize_rows(a))
-        out = torch._scaled_mm(q, b_rows.t(), scale_a=scale, scale_b=b_scale.t(), out_dtype=torch.bfloat16)
+        out = torch._scaled_mm(q, b_rows.t(), scale_a=scale, scale_b=b_scale.t(), out_dtype=torch.bfloat16,
+                               use_fast_accum=fast_accum)  # fmt: skip
     return out[:rows].to(out_dtype)
 
 
@@ -72,7 +79,7 @@ class _FrozenFp8Matmul(torch.autograd.Function):
     def forward(ctx, x, w, w_scale, w_t, w_t_scale, out_dtype):
         ctx.save_for_backward(w_t, w_t_scale)  # frozen weights only: x is not needed for dx
         ctx.x_dtype = x.dtype
-        return scaled_matmul(x, w, w_scale, out_dtype)
+        return scaled_matmul(x, w, w_scale, out_dtype, fast_accum=True)
 
     @staticmethod
     def backward(ctx, dy):
