@@ -148,17 +148,22 @@ def test_ddp_leaves_the_fp8_buffers_alone():
 
 
 def test_prepare_runtime_converts_on_request_and_the_compiled_step_trains():
-    tree = {"backbone": {"preset": "tiny-vit"}, "data": {"num_slices": 4}, "train": {"frozen_matmul": "fp8"}}
+    """What a GPU worker runs: FP8 frozen linears, the rest bf16 under autocast, each block compiled whole
+    (``fullgraph``: the FP8 product must not break a block's graph)."""
+    train = {"frozen_matmul": "fp8", "precision": "bf16"}
+    tree = {"backbone": {"preset": "tiny-vit"}, "data": {"num_slices": 4}, "train": train}
     cfg = build_config(tree)
     torch.manual_seed(0)
     model = build_model(cfg)
-    done = prepare_runtime(model, cfg, "cpu", compile="regional", backend="aot_eager")
-    assert done["fp8_frozen_linears"] > 0 and done["compiled_regions"] > 0
+    done = prepare_runtime(model, cfg, "cpu", compile="regional", backend="aot_eager", fullgraph=True)
+    assert done["fp8_frozen_linears"] > 0 and done["compiled_regions"] > 0 and done["bf16_frozen_tensors"] > 0
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     x, target = torch.rand(2, 3, 4, 64, 64), torch.zeros(2, 75)
     losses = []
     for _ in range(3):
-        loss = nn.functional.binary_cross_entropy_with_logits(model(x), target)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(x)
+        loss = nn.functional.binary_cross_entropy_with_logits(logits.float(), target)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
