@@ -1,13 +1,21 @@
 """Does an FP8 frozen base cost accuracy? ``train.frozen_matmul`` auto vs fp8, paired over seeds, end to end.
 
     python bench/fp8_numerics.py [--config search_spaces/frozen_matmul.yaml] [--train N --val N]
-                                 [--data-seed N] [--seeds N] [--storage DIR] [--out FILE.json] [key=value ...]
+                                 [--data-seed N] [--seeds N] [--layer-scale G] [--storage DIR]
+                                 [--out FILE.json] [key=value ...]
 
 Runs the spec (a grid over ``train.frozen_matmul`` x seeds, every trial a full TorchTrainer run) in a local Ray
 on the planted benchmark of ``multifidelity_bench`` (eight findings planted as discs of graded contrast: a set on
 which runs learn, unlike the random-backbone phantoms). For each seed both arms see the same data order and
 initialisation, so ``fp8 - auto`` per seed is FP8's effect; it is set against the seed-to-seed spread of each arm
 (the noise a difference has to exceed). Prints one JSON line and writes it to ``bench/results/``.
+
+Weights: the preset's random initialisation, with every LayerScale set to ``--layer-scale`` (default 1) and
+saved in the real format (``backbone.weights``). timm's DINOv3 architecture initialises LayerScale at 1e-5, so a
+random ``tiny-vit``'s blocks add ~1e-5 of their output to the residual stream: its features are the patch
+embedding's to ~1e-7, and neither FP8 nor LoRA in the blocks could change anything (a first run at the random
+init gave identical AUCs in both arms for that reason). Trained DINOv3 weights have LayerScales far from 1e-5;
+``--layer-scale 0`` keeps the random init's.
 
 On this CPU machine ``auto`` is fp32, so the comparison is e4m3 products vs fp32 ones (on a GPU: vs bf16); the
 speed of FP8 is ``bench/run.py --suite gpu --cases model_step`` (``molre-fp8`` rows), not this script's business.
@@ -18,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -32,6 +41,47 @@ from harness import loadavg, machine  # noqa: E402
 
 ARM = "config/train.frozen_matmul"
 SEED = "config/train.seed"
+
+
+def write_weights(path: str, preset: str, layer_scale: float, seed: int = 0) -> str:
+    """The preset's random backbone (``seed``) with every LayerScale gamma set to ``layer_scale`` (0: left as
+    initialised), saved as safetensors in the layout ``backbone.weights`` reads."""
+    import torch
+    from safetensors.torch import save_file
+
+    from molre.models import create_backbone
+
+    torch.manual_seed(seed)
+    backbone = create_backbone(preset)
+    state = backbone.net.state_dict()
+    if layer_scale:
+        # timm LayerScale: ls1.gamma / ls2.gamma (ViT), gamma_1 / gamma_2 (Eva, the DINOv3 models)
+        gammas = [k for k in state if re.search(r"\.gamma(_\d)?$", k)]
+        if not gammas:
+            raise ValueError(f"{preset} has no LayerScale (.gamma / .gamma_N) to set; pass --layer-scale 0")
+        state.update({k: torch.full_like(state[k], layer_scale) for k in gammas})
+    save_file({f"net.{k}": v.contiguous() for k, v in state.items()}, path)
+    return path
+
+
+def feature_change(cfg, volumes: int = 8) -> float:
+    """Relative change (in norm) of the frozen backbone's slice features when its linears run in FP8, on the
+    first ``volumes`` validation volumes: how much the arm perturbs what the adapters and head see."""
+    import copy
+
+    import numpy as np
+    import torch
+
+    from molre.models.fp8 import convert_frozen_linears
+    from molre.tune import features
+
+    backbone, input_size = features._frozen_backbone(cfg, torch.device("cpu"))
+    fp8 = copy.deepcopy(backbone)
+    convert_frozen_linears(fp8)
+    items = [v for _, v in zip(range(volumes), features.volumes_of(cfg, "val"), strict=False)]
+    x = features.model_input(torch.from_numpy(np.stack([v[0] for v in items])), cfg, input_size)
+    exact, quantised = (features.backbone_features(b, x, cfg) for b in (backbone, fp8))
+    return float((quantised - exact).norm() / exact.norm())
 
 
 def paired_difference(table: pd.DataFrame, metric: str, arms=("auto", "fp8")) -> dict:
@@ -82,6 +132,9 @@ def main(argv=None) -> int:
     parser.add_argument("--train", type=int, default=128, help="planted training volumes")
     parser.add_argument("--val", type=int, default=128, help="planted validation volumes")
     parser.add_argument("--data-seed", type=int, default=0, help="the draw of the planted data set")
+    parser.add_argument(
+        "--layer-scale", type=float, default=1.0, help="LayerScale of the random weights (0: init)"
+    )
     parser.add_argument("--seeds", type=int, default=None, help="run seeds 0..N-1 (default: the spec's)")
     parser.add_argument("--out", default=None, help="default: bench/results/<spec name>-planted.json")
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the spec's base run config")
@@ -90,14 +143,18 @@ def main(argv=None) -> int:
     import torch
     from multifidelity_bench import write_planted_dataset
 
+    from molre.config import build_config
     from molre.train.run import ensure_ray
-    from molre.tune.space import load_sweep
+    from molre.tune.space import load_sweep, run_config_for
     from molre.tune.sweep import run_sweep
 
     storage_root = args.storage or tempfile.mkdtemp(prefix="molre-bench-fp8-")
     counts = {"train": args.train, "val": args.val}
     data = write_planted_dataset(os.path.join(storage_root, "planted"), counts, seed=args.data_seed)
-    spec = load_sweep(args.config, [*args.overrides, f"data.uri={data}"])
+    overrides = [*args.overrides, f"data.uri={data}"]
+    preset = build_config(load_sweep(args.config, overrides).base).backbone.preset
+    weights = write_weights(os.path.join(storage_root, f"{preset}.safetensors"), preset, args.layer_scale)
+    spec = load_sweep(args.config, [*overrides, f"backbone.weights={weights}"])
     if args.seeds:
         spec.search.seeds = list(range(args.seeds))
     ensure_ray()
@@ -107,6 +164,8 @@ def main(argv=None) -> int:
     seconds = table[table["status"] == "TERMINATED"].groupby(ARM)["seconds"].mean()
     row = {"case": "fp8_numerics", "config": os.path.relpath(args.config, ROOT), "overrides": args.overrides,
            "data": f"planted train={args.train} val={args.val} seed={args.data_seed}", "metric": spec.search.metric,
+           "weights": f"random, LayerScale {args.layer_scale or 'as initialised'}",
+           "feature_rel_change": round(feature_change(run_config_for(spec, {}, 0)), 5),
            **paired_difference(table, spec.search.metric), **per_finding_difference(table),
            "trial_seconds_mean": {k: round(float(v), 1) for k, v in seconds.items()},
            "wall_seconds": round(wall, 1), "loadavg": loadavg(),
