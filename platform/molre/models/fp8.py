@@ -40,7 +40,8 @@ _ALIGN = 16  # cuBLAS: both dimensions of each FP8 operand are multiples of 16
 def quantize_rows(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``v [M, K]`` -> (e4m3 ``[M, K]``, fp32 power-of-two scales ``[M, 1]``) with ``v ~ q * scale`` row by row.
 
-    Each row's largest magnitude lands in [224, 448] (after rounding); a row of zeros gets a tiny scale and zeros."""
+    Each row's largest magnitude lands in [224, 448] (after rounding); a row of zeros gets a tiny scale and
+    zeros."""
     amax = v.detach().abs().amax(dim=1, keepdim=True).float().clamp(min=1e-30)
     scale = torch.exp2(torch.ceil(torch.log2(amax / FP8_MAX)))
     q = (v.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)

@@ -135,9 +135,9 @@ def prepare_runtime(
 ) -> dict:  # fmt: skip
     """A freshly built classifier's device settings from its run config, in place (before DDP wraps it).
 
-    TF32 per ``train.tf32`` (CUDA only), frozen linears in FP8 per ``train.frozen_matmul``, frozen weights in bf16 when the run trains under bf16 autocast
-    (``cast_frozen=False`` keeps them fp32: the benchmark's ablation), compile per ``train.compile`` or the
-    ``compile`` mode given. Returns what was done.
+    TF32 per ``train.tf32`` (CUDA only), frozen linears in FP8 per ``train.frozen_matmul``, the other frozen
+    weights in bf16 when the run trains under bf16 autocast (``cast_frozen=False`` keeps them fp32: the
+    benchmark's ablation), compile per ``train.compile`` or the ``compile`` mode given. Returns what was done.
     """
     device = torch.device(device)
     if device.type == "cuda":

@@ -13,8 +13,9 @@ cache. Fidelity differences vs the end-to-end trial: by default no augmentation 
 volumes); with ``augment_copies=N`` the train split holds N augmented copies of each volume ([N_copies, N, S, d],
 the run's ``data.augment`` under fixed seeds; the augmentation settings join the key) and epoch e trains on copy
 e % N, where the end-to-end run draws a fresh augmentation every epoch. Precision: fp32 / bf16 autocast as on
-the device, FP8 frozen linears with ``train.frozen_matmul=fp8`` (as the end-to-end run). ``FeatureHead`` keeps the classifier's module names (``molre.``,
-``pool.``, ``head.``), so its weights move to and from a ``MoLREClassifier`` unchanged.
+the device, FP8 frozen linears with ``train.frozen_matmul=fp8`` (as the end-to-end run). ``FeatureHead`` keeps
+the classifier's module names (``molre.``, ``pool.``, ``head.``), so its weights move to and from a
+``MoLREClassifier`` unchanged.
 
 Sweep use (``molre.tune.multifidelity``): ``build_feature_cache(cfg, root)`` once per backbone configuration
 before the trials, then per trial ``cached_trial(cfg, root, on_epoch=tune.report)``; the best candidates are
