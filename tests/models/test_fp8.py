@@ -176,3 +176,34 @@ def test_prepare_runtime_converts_on_request_and_the_compiled_step_trains():
 def test_frozen_matmul_setting_is_checked():
     with pytest.raises(ConfigError, match="frozen_matmul"):
         build_config({"train": {"frozen_matmul": "fp4"}})
+
+
+def _has_fp8_gpu() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
+
+
+@pytest.mark.skipif(not _has_fp8_gpu(), reason="needs a GPU with FP8 tensor cores")
+def test_on_an_fp8_gpu_cublas_gives_what_the_cpu_gives():
+    """cuBLAS's row-wise kernels (fast accumulation in the forward) against the CPU's products, and a compiled
+    block under bf16 autocast: run on the lent GPU (`pytest tests/models/test_fp8.py`), skipped elsewhere."""
+    lin = _frozen_linear(768, 3072)
+    cpu, gpu = FrozenFp8Linear(lin), FrozenFp8Linear(copy.deepcopy(lin).cuda())
+    x = torch.randn(8 * 201, 768)  # 1,608 token rows: a multiple of 8, padded to 1,616 for cuBLAS
+    dy = torch.randn(8 * 201, 3072)
+    xc = x.clone().requires_grad_(True)
+    xg = x.cuda().requires_grad_(True)
+    yc, yg = cpu(xc), gpu(xg)
+    yc.backward(dy)
+    yg.backward(dy.cuda())
+    assert _rel(yg.cpu(), yc) < 0.01 and _rel(xg.grad.cpu(), xc.grad) < 0.01  # same operands, another order
+    assert _rel(yg.cpu(), lin(x)) < 0.05
+    cfg = build_config({"backbone": {"preset": "tiny-vit"}, "data": {"num_slices": 4},
+                        "train": {"frozen_matmul": "fp8"}})  # fmt: skip
+    torch.manual_seed(0)
+    model = build_model(cfg).cuda()
+    done = prepare_runtime(model, cfg, "cuda", fullgraph=True)  # auto: bf16, regional Inductor compile
+    assert done["fp8_frozen_linears"] > 0 and done["compile"] == "regional"
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        logits = model(torch.rand(2, 3, 4, 64, 64, device="cuda"))
+    logits.float().square().mean().backward()
+    assert torch.isfinite(logits).all()
