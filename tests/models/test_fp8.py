@@ -104,6 +104,10 @@ def _classifier(**backbone):
     model = build_model(cfg)
     for m in model.molre_modules():
         nn.init.normal_(m.B, std=0.1)  # trained-looking experts, so their path shows in the output
+    with torch.no_grad():  # LayerScale 1, as in trained weights: at the DINOv3 init (1e-5) the blocks, and so
+        for name, p in model.named_parameters():  # their FP8 products, would add ~nothing to the features
+            if ".gamma_" in name:
+                p.fill_(1.0)
     return model
 
 
