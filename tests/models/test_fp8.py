@@ -26,6 +26,7 @@ from molre.models.fp8 import (
 )
 from molre.models.runtime import prepare_runtime
 from molre.train.checkpoint import trainable_state
+from tests.models.helpers import unit_layer_scale
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -104,11 +105,7 @@ def _classifier(**backbone):
     model = build_model(cfg)
     for m in model.molre_modules():
         nn.init.normal_(m.B, std=0.1)  # trained-looking experts, so their path shows in the output
-    with torch.no_grad():  # LayerScale 1, as in trained weights: at the DINOv3 init (1e-5) the blocks, and so
-        for name, p in model.named_parameters():  # their FP8 products, would add ~nothing to the features
-            if ".gamma_" in name:
-                p.fill_(1.0)
-    return model
+    return unit_layer_scale(model)  # else the blocks, and their FP8 products, add ~nothing (see helpers)
 
 
 def test_converting_a_classifier_swaps_the_frozen_base_and_keeps_what_trains():
