@@ -160,7 +160,7 @@ def test_stage_files_of_a_device_session_fold_into_the_suite_results(bench, tmp_
 
 def _options(**given) -> argparse.Namespace:
     return argparse.Namespace(
-        **{"shape": None, "no_compile": False, "modes": None, "epoch_train": None, **given}
+        **{"shape": None, "no_compile": False, "modes": None, "epoch_train": None, "fp8": False, **given}
     )
 
 
@@ -169,6 +169,9 @@ def test_suite_options_pick_modes_and_epoch_size(bench):
     assert suite.modes == ("eager", "regional") and suite.epoch["counts"]["train"] == 64
     suite = bench.apply_options(bench.suite_config("gpu", quick=False), _options(epoch_train=192))
     assert suite.modes == bench.MODES and suite.epoch["counts"] == {"train": 192, "val": 8}
+    assert suite.fp8  # the gpu suite measures molre-fp8 by default; the cpu suite on request
+    assert not bench.suite_config("cpu", quick=False).fp8
+    assert bench.apply_options(bench.suite_config("cpu", quick=False), _options(fp8=True)).fp8
     with pytest.raises(SystemExit):
         bench.main(["--suite", "gpu", "--modes", "eager,fast"])
 
