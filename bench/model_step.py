@@ -309,14 +309,14 @@ def model_step_case(
                      Variant(f"peer/{mode}", "peer", mode, p_model, opts[1], bf16, compile_kwargs=ck)]  # fmt: skip
     if fp8:  # the frozen linears as e4m3 (train.frozen_matmul=fp8): own instances, same seed and weights
         fp8_cfg = run_config(shape, precision=precision, frozen_matmul="fp8")
+        torch.manual_seed(0)
+        f_model, f_opt = molre_model(fp8_cfg, device)  # eager; FLOPs are counted on it for every mode
         for mode in modes:
-            torch.manual_seed(0)
-            fm, fm_opt = molre_model(
-                fp8_cfg, device, compile="regional" if mode == "regional" else "off", **ck
-            )
-            variants.append(
-                Variant(f"molre-fp8/{mode}", "molre-fp8", mode, fm, fm_opt, bf16, compile_kwargs=ck)
-            )
+            fm, fm_opt = f_model, f_opt if mode == "eager" else _clone_opt(f_opt)
+            if mode == "regional":
+                torch.manual_seed(0)
+                fm, fm_opt = molre_model(fp8_cfg, device, compile="regional", **ck)
+            variants.append(Variant(f"molre-fp8/{mode}", "molre-fp8", mode, fm, fm_opt, bf16, f_model, ck))
     ablated = []
     if ablations:
         if bf16:  # frozen weights left fp32: autocast re-casts them at every step
