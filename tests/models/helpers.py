@@ -7,7 +7,7 @@ from torch import nn
 
 
 def unit_layer_scale(model: nn.Module) -> nn.Module:
-    """Every LayerScale of ``model`` set to 1, in place, as in trained weights.
+    """Every LayerScale of ``model`` set to 1, in place (trained weights have theirs far from the 1e-5 init).
 
     timm's DINOv3 architecture (``tiny-vit`` and the dinov3 presets) initialises LayerScale at 1e-5: a random
     tiny-vit's blocks add ~1e-5 of their output to the residual stream, so whatever happens inside them (LoRA,
