@@ -8,7 +8,8 @@
 #   e.g.          bash bench/gpu_session.sh "60:--cases flops" "300:--cases model_step --shape dinov3-base=8x32"
 #
 # Each stage writes its rows into its own results file ($OUT/gpu-<n>.json, merged here afterwards with
-# bench/merge_gpu.py) so that one stage killed at its limit loses only its own figures.
+# `python bench/run.py --suite gpu --merge FILE...`) so that one stage killed at its limit loses only its own
+# figures.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 RAY_USAGE_STATS_ENABLED=0
 out=${OUT:-/tmp/out}
