@@ -95,6 +95,7 @@ def test_screen_on_cached_features_then_confirm_the_best_end_to_end(ray_local, t
     for total in ("device_seconds", "wall_seconds"):
         assert summary[total] == pytest.approx(summary["screen"][total] + summary["confirm"][total])
     assert summary["screen"]["wall_seconds"] >= summary["screen"]["cache"]["seconds"]
+    assert summary["resumed"] is False  # the wall seconds cover the whole sweep
     assert (
         results / "features"
     ).is_dir()  # the cache sits under the storage root, reusable by the next sweep

@@ -188,6 +188,8 @@ def run_multi_fidelity(spec: SweepSpec, storage_root: str, data_uri: str, resume
     }  # fmt: skip
     for total in ("device_seconds", "wall_seconds"):
         summary[total] = summary["screen"][total] + summary["confirm"][total]
+    # a resumed sweep's wall seconds are this run's only; device seconds sum every trial, resumed ones included
+    summary["resumed"] = resume
     storage.write_bytes(
         storage.join(experiment_uri, SUMMARY_FILE), (json.dumps(summary, indent=1) + "\n").encode()
     )
