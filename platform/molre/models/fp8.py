@@ -152,6 +152,15 @@ def check_fp8_device(device: torch.device | str) -> None:
         )
 
 
+def apply_frozen_matmul(model: nn.Module, setting: str, device: torch.device | str) -> list[str]:
+    """``train.frozen_matmul`` for a model on ``device``: ``fp8`` converts its frozen linears (after checking the
+    device has FP8 tensor cores) and returns their names; ``auto`` leaves it as it is."""
+    if setting != "fp8":
+        return []
+    check_fp8_device(device)
+    return convert_frozen_linears(model)
+
+
 def convert_frozen_linears(model: nn.Module) -> list[str]:
     """Replace every eligible frozen linear of ``model`` by a ``FrozenFp8Linear``, in place; returns their names.
 

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from molre.errors import ModelError
-from molre.models.fp8 import check_fp8_device, convert_frozen_linears
+from molre.models.fp8 import apply_frozen_matmul
 
 COMPILE_MODES = ("off", "regional", "model")
 _WEIGHT_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -143,10 +143,7 @@ def prepare_runtime(
     if device.type == "cuda":
         set_tf32(cfg.train.tf32)
     bf16 = uses_bf16(cfg.train.precision, device)
-    fp8 = []
-    if cfg.train.frozen_matmul == "fp8":
-        check_fp8_device(device)
-        fp8 = convert_frozen_linears(model)
+    fp8 = apply_frozen_matmul(model, cfg.train.frozen_matmul, device)
     cast = cast_frozen_weights(model, torch.bfloat16) if bf16 and cast_frozen else 0
     mode = compile_mode(compile or cfg.train.compile, device)
     regions = compile_classifier(model, mode, cfg.adapter.lora.targets, **compile_kwargs)

@@ -39,7 +39,7 @@ from molre.config import RunConfig
 from molre.data import shards, storage
 from molre.errors import ConfigError, DataError
 from molre.findings import FINDING_IDS, NUM_FINDINGS
-from molre.models.fp8 import check_fp8_device, convert_frozen_linears
+from molre.models.fp8 import apply_frozen_matmul
 from molre.models.molre import MoLRE
 from molre.models.pooling import AttentionPooling
 
@@ -87,9 +87,8 @@ def key_fields(
         "windows": [list(w) for w in cfg.data.windows],
         "precision": cfg.train.precision,  # auto = bf16 autocast on GPU, fp32 on CPU (as the worker loop)
     }
-    if (
-        cfg.train.frozen_matmul != "auto"
-    ):  # absent by default: caches built before the setting keep their keys
+    # absent by default, so that caches built before the setting existed keep their keys
+    if cfg.train.frozen_matmul != "auto":
         fields["frozen_matmul"] = cfg.train.frozen_matmul
     if augment_copies:  # absent otherwise: caches built before augmented copies existed keep their keys
         fields["augment_copies"] = augment_copies
@@ -219,9 +218,7 @@ def _frozen_backbone(cfg: RunConfig, device: torch.device, grid: tuple | None = 
     bare = copy.deepcopy(cfg)
     bare.adapter.kind = "none"  # only the backbone is needed
     backbone = build_model(bare).backbone.to(device).eval()
-    if cfg.train.frozen_matmul == "fp8":  # the products the end-to-end run's frozen backbone computes
-        check_fp8_device(device)
-        convert_frozen_linears(backbone)
+    apply_frozen_matmul(backbone, cfg.train.frozen_matmul, device)  # the products the end-to-end run computes
     return backbone, input_size
 
 
