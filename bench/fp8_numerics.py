@@ -37,7 +37,7 @@ import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import loadavg, machine  # noqa: E402
+from harness import loadavg, machine, write_json  # noqa: E402
 
 ARM = "config/train.frozen_matmul"
 SEED = "config/train.seed"
@@ -171,9 +171,7 @@ def main(argv=None) -> int:
            **machine(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
            "storage": storage_root}  # fmt: skip
     print(json.dumps(row), flush=True)
-    out = Path(args.out or ROOT / "bench" / "results" / f"{spec.name}-planted.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(row, indent=1) + "\n")
+    write_json(args.out or ROOT / "bench" / "results" / f"{spec.name}-planted.json", row)
     return 0
 
 

@@ -26,6 +26,7 @@ import statistics
 import threading
 import time
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
 import torch
 
@@ -163,6 +164,13 @@ def emit(row: dict) -> dict:
     """Print one JSON line (flushed) and return the row."""
     print(json.dumps(row, default=_json_default), flush=True)
     return row
+
+
+def write_json(path, value) -> None:
+    """A results file: ``value`` as indented JSON, its folder made if needed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(value, indent=1) + "\n")
 
 
 def _json_default(value):

@@ -40,7 +40,7 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 GRID_WALL = "grid_wall.json"  # the grid side's wall time, next to its trials, for --grid-from
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import loadavg, machine  # noqa: E402
+from harness import loadavg, machine, write_json  # noqa: E402
 
 # finding index -> (HU of the disc, radius in voxels): from obvious (air, blood) to subtle (+15 HU over tissue)
 PLANTED = {
@@ -249,9 +249,7 @@ def main(argv=None) -> int:
     suffix += f"-seed{args.seed}" if args.seed is not None else ""
     suffix += f"-aug{args.augment_copies}" if args.augment_copies else ""
     name = f"{spec.name}-{args.data}{suffix}"
-    out = Path(args.out or ROOT / "bench" / "results" / f"{name}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(row, indent=1) + "\n")
+    write_json(args.out or ROOT / "bench" / "results" / f"{name}.json", row)
     return 0
 
 

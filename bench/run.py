@@ -34,7 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from harness import emit, loadavg, machine  # noqa: E402
+from harness import emit, loadavg, machine, write_json  # noqa: E402
 from model_step import StepShape  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -535,8 +535,7 @@ def merge_results(path: Path, rows: list[dict], command: str, keep_shapes: bool 
                     cmd = "; ".join(dict.fromkeys([*results[case]["command"].split("; "), command]))
             results[case] = {"rows": mine, "command": cmd, "date": datetime.date.today().isoformat(),
                              "machine": info}  # fmt: skip
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=1) + "\n")
+    write_json(path, results)
     return results
 
 
@@ -562,8 +561,7 @@ def merge_stage_files(path: Path, files: list[Path]) -> dict[str, dict]:
                     kept["rows"].append(row)
             kept["command"] = "; ".join(dict.fromkeys([*kept["command"].split("; "), command]))
     results.update(merged)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=1) + "\n")
+    write_json(path, results)
     return results
 
 

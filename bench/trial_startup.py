@@ -16,7 +16,6 @@ off / on ratios.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -25,7 +24,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import emit, loadavg  # noqa: E402
+from harness import emit, loadavg, write_json  # noqa: E402
 from multifidelity_bench import write_planted_dataset  # noqa: E402
 
 
@@ -93,7 +92,7 @@ def main(argv=None) -> int:
         summary[f"{stage}_wall_off_over_on"] = round(off["wall_s"] / on["wall_s"], 2)
         summary[f"{stage}_same_auc"] = off["mean_best_auc"] == on["mean_best_auc"]
     emit(summary)
-    Path(args.out).write_text(json.dumps({"rows": rows, "summary": summary}, indent=1) + "\n")
+    write_json(args.out, {"rows": rows, "summary": summary})
     return 0
 
 
