@@ -88,3 +88,26 @@ def test_weights_from_s3(s3_bucket, tmp_path):
     torch.testing.assert_close(dst.net.state_dict()["norm.weight"], src.net.state_dict()["norm.weight"])
     with pytest.raises(WeightsError, match="does not exist"):
         load_backbone_weights(dst, storage.join(s3_bucket, "weights", "missing.safetensors"))
+
+
+def test_a_random_tiny_vit_s_blocks_add_almost_nothing_until_its_layer_scales_are_one():
+    """The DINOv3 architecture's LayerScale init (1e-5): a random tiny-vit's features are its patch embedding's
+    to ~1e-6, which is why tests of block-level behaviour use ``unit_layer_scale`` (and bench/fp8_numerics.py
+    writes LayerScale-1 weights)."""
+    from tests.models.helpers import unit_layer_scale
+
+    torch.manual_seed(0)
+    backbone = create_backbone("tiny-vit").eval()
+    x = torch.rand(8, 3, 64, 64)
+
+    def blocks_share() -> float:  # relative change of the features when the blocks are taken out
+        with torch.no_grad():
+            full, blocks = backbone(x), backbone.net.blocks
+            backbone.net.blocks = torch.nn.ModuleList()
+            bare = backbone(x)
+            backbone.net.blocks = blocks
+        return float((full - bare).norm() / full.norm())
+
+    assert blocks_share() < 1e-5
+    unit_layer_scale(backbone)
+    assert blocks_share() > 0.05
