@@ -43,6 +43,22 @@ def test_weights_round_trip_safetensors_and_torch(tmp_path):
         torch.testing.assert_close(dst.eval()(x), src.eval()(x))
 
 
+def test_a_bf16_export_loads_as_the_model_s_own_fp32(tmp_path):
+    torch.manual_seed(0)
+    src = create_backbone("tiny-davit")  # has the projection too
+    state = {f"net.{k}": v.to(torch.bfloat16) for k, v in src.net.state_dict().items()}
+    state |= {f"proj.{k}": v.to(torch.bfloat16) for k, v in src.proj.state_dict().items()}
+    save_file(state, tmp_path / "bf16.safetensors")
+    with torch.no_grad():  # the source with its weights rounded to bf16, kept fp32
+        for p in src.parameters():
+            p.copy_(p.to(torch.bfloat16).float())
+    dst = create_backbone("tiny-davit")
+    load_backbone_weights(dst, str(tmp_path / "bf16.safetensors"))
+    assert {p.dtype for p in dst.parameters()} == {torch.float32}
+    x = torch.randn(2, 3, 64, 64)
+    torch.testing.assert_close(dst.eval()(x), src.eval()(x))
+
+
 def test_weights_with_a_projection(tmp_path):
     src = create_backbone("tiny-davit")
     state = {**src.net.state_dict(), **{f"proj.{k}": v for k, v in src.proj.state_dict().items()}}

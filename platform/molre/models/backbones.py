@@ -269,9 +269,14 @@ def load_backbone_weights(backbone: Backbone, uri: str) -> None:
     proj_state = {k.removeprefix("proj."): v for k, v in state.items() if k.startswith("proj.")}
     net_state = {k.removeprefix("net."): v for k, v in state.items() if not k.startswith("proj.")}
     check_state_dict(backbone.net, net_state, uri)
-    backbone.net.load_state_dict(
-        {k: v for k, v in net_state.items() if k in backbone.net.state_dict()}, assign=True
-    )
+    backbone.net.load_state_dict(_in_own_dtypes(backbone.net, net_state), assign=True)
     if backbone.proj is not None:
         check_state_dict(backbone.proj, proj_state, f"{uri} (projection)")
-        backbone.proj.load_state_dict(proj_state, assign=True)
+        backbone.proj.load_state_dict(_in_own_dtypes(backbone.proj, proj_state), assign=True)
+
+
+def _in_own_dtypes(module: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors that ``module`` holds, cast to the module's own dtypes: ``assign=True`` would
+    otherwise keep a bf16 export's dtype (MedGemma's towers ship in bf16) under fp32 adapters and head."""
+    own = module.state_dict()
+    return {k: v.to(own[k].dtype) for k, v in state.items() if k in own}
