@@ -1134,7 +1134,7 @@ def _misfit(shapes: dict[str, tuple[int, ...]]) -> Callable:
 
         directory = _checkpoint_dir(folder / "ckpt", {"best.safetensors": _safetensors_bytes(shapes)})
         state = checkpoint.read_weights(directory)
-        return str(directory), lambda: checkpoint.load_trainable_state(
+        return str(directory), lambda: checkpoint.load_trained_state(
             torch.nn.Linear(4, 3), state, str(directory)
         )
 

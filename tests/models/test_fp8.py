@@ -25,7 +25,7 @@ from molre.models.fp8 import (
     quantize_rows,
 )
 from molre.models.runtime import prepare_runtime
-from molre.train.checkpoint import trainable_state
+from molre.train.checkpoint import trained_state
 from tests.models.helpers import unit_layer_scale
 
 
@@ -115,7 +115,7 @@ def test_converting_a_classifier_swaps_the_frozen_base_and_keeps_what_trains():
     kinds = {n.rsplit(".", 1)[-1] if "base_layer" not in n else n.rsplit(".", 2)[-2] for n in names}
     assert {"qkv", "proj", "fc1", "fc2"} <= kinds  # LoRA's base layers and the MLPs of every block
     assert all(isinstance(model.get_submodule(n), FrozenFp8Linear) for n in names)
-    assert trainable_state(model).keys() == trainable_state(ref).keys()  # checkpoints unchanged
+    assert trained_state(model).keys() == trained_state(ref).keys()  # checkpoints unchanged
     x = torch.rand(2, 3, 4, 64, 64)
     out, out_ref = model(x), ref(x)
     assert _rel(out, out_ref) < 0.05

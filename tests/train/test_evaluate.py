@@ -15,7 +15,7 @@ from molre.data.synth import generate
 from molre.errors import WeightsError
 from molre.findings import FINDING_IDS
 from molre.models import build_model
-from molre.train.checkpoint import TrainState, save_checkpoint, trainable_state
+from molre.train.checkpoint import TrainState, save_checkpoint, trained_state
 from molre.train.evaluate import evaluate, load_checkpoint_model, predict
 from molre.train.loop import make_optimizer
 from tests.tiny_data import GRID, SPACING
@@ -32,7 +32,7 @@ def checkpoint(tmp_path_factory):
     state = TrainState(epoch=0, best_epoch=0, best_metric=0.5, finished=True)
     setup = {"grid": list(GRID), "spacing": list(SPACING), "input_size": list(GRID)}
     save_checkpoint(
-        directory, model, make_optimizer(model, cfg), state, cfg, trainable_state(model), None, setup
+        directory, model, make_optimizer(model, cfg), state, cfg, trained_state(model), None, setup
     )
     return str(directory), model
 

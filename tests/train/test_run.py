@@ -62,11 +62,16 @@ def test_killed_worker_resumes_from_checkpoint_and_finished_run_is_not_retrained
 ):
     marker = tmp_path / "killed.txt"
     fault = {"epoch": 1, "step": 1, "rank": 1, "marker": str(marker)}
-    result = train(_cfg(tiny_dataset, tmp_path, "faulty"), fault=fault)
+    dropout = {"lora": {"dropout": 0.2}, "molre": {"dropout": 0.2}}  # the resumed epochs draw masks too
+    result = train(_cfg(tiny_dataset, tmp_path, "faulty", adapter=dropout), fault=fault)
     assert marker.exists()  # the worker really was killed mid-epoch 1
     assert [h["epoch"] for h in _history(result)] == [0, 1, 2, 3]  # epoch 1 redone once, none counted twice
+    steady = train(_cfg(tiny_dataset, tmp_path, "steady", adapter=dropout))
+    for resumed, uninterrupted in zip(_history(result), _history(steady), strict=True):  # same run as without
+        assert resumed["val/mean_auc"] == pytest.approx(uninterrupted["val/mean_auc"], abs=1e-9)
+        assert resumed["train/loss"] == pytest.approx(uninterrupted["train/loss"], rel=1e-6)
     checkpoints = sorted(p.name for p in (tmp_path / "faulty").glob("checkpoint_*"))
-    again = train(_cfg(tiny_dataset, tmp_path, "faulty"))
+    again = train(_cfg(tiny_dataset, tmp_path, "faulty", adapter=dropout))
     assert again.checkpoint_path == result.checkpoint_path  # restored, and nothing new was trained or saved
     assert sorted(p.name for p in (tmp_path / "faulty").glob("checkpoint_*")) == checkpoints
     assert [h["epoch"] for h in _history(again)] == [0, 1, 2, 3]

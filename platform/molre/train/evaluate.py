@@ -20,7 +20,7 @@ from molre.data.augment import augment_batch
 from molre.errors import WeightsError
 from molre.findings import FINDING_IDS, FINDINGS
 from molre.models import MoLREClassifier, build_model
-from molre.train.checkpoint import load_trainable_state, read_config, read_setup, read_weights
+from molre.train.checkpoint import load_trained_state, read_config, read_setup, read_weights
 from molre.train.metrics import per_finding_auc, summarize
 
 
@@ -33,7 +33,7 @@ def load_checkpoint_model(checkpoint: str, device: str = "cpu", preset: str | No
         cfg.train.seed
     )  # the frozen backbone is rebuilt as in training when it has no weights file
     model = build_model(cfg)
-    load_trainable_state(model, read_weights(checkpoint, "best"), checkpoint)
+    load_trained_state(model, read_weights(checkpoint, "best"), checkpoint)
     return model.to(device).eval(), cfg, read_setup(checkpoint)
 
 

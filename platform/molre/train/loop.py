@@ -40,12 +40,12 @@ from molre.models import build_model, parameter_groups
 from molre.models.runtime import prepare_runtime, uses_bf16
 from molre.train.checkpoint import (
     TrainState,
-    load_trainable_state,
+    load_trained_state,
     read_config,
     read_state,
     read_weights,
     save_checkpoint,
-    trainable_state,
+    trained_state,
 )
 from molre.train.loss import FocalLoss
 from molre.train.metrics import per_finding_auc, summarize
@@ -77,10 +77,13 @@ def autocast(cfg: RunConfig, device: torch.device):
     return contextlib.nullcontext()
 
 
+def _stream_seed(seed: int, epoch: int, rank: int, stream: int) -> int:
+    """Streams: 0 augmentation, 1 validation, 2 the global RNG (dropout)."""
+    return int(np.random.SeedSequence([seed, epoch, rank, stream]).generate_state(1)[0])
+
+
 def _generator(seed: int, epoch: int, rank: int, stream: int) -> torch.Generator:
-    return torch.Generator().manual_seed(
-        int(np.random.SeedSequence([seed, epoch, rank, stream]).generate_state(1)[0])
-    )
+    return torch.Generator().manual_seed(_stream_seed(seed, epoch, rank, stream))
 
 
 def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
@@ -112,6 +115,9 @@ def train_one_epoch(model, core, optimizer, loss_fn, cfg, shard, setup, epoch, d
     model.train()
     rank = ray.train.get_context().get_world_rank()
     gen = _generator(cfg.train.seed, epoch, rank, 0)
+    # the global RNG (dropout in LoRA / MoLRE) from (seed, epoch, rank) too: a run resumed at this epoch draws
+    # the masks an uninterrupted run would have, and each rank its own masks
+    torch.manual_seed(_stream_seed(cfg.train.seed, epoch, rank, 2))
     # RFS copies are drawn per (seed, epoch, study): the same whichever worker holds the study
     batches = rfs_batches(
         shard, np.asarray(setup["class_factors"]), epoch, cfg.train.seed, cfg.train.batch_size
@@ -207,7 +213,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     model = ray.train.torch.prepare_model(core)
     optimizer = make_optimizer(core, cfg)
     loss_fn = FocalLoss(cfg.loss.gamma, _alpha(cfg, setup)).to(device)
-    state, best_weights, best_outputs = TrainState(), trainable_state(core), None
+    state, best_weights, best_outputs = TrainState(), trained_state(core), None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
@@ -234,7 +240,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         metrics.update({"time/train_s": trained - start, "time/val_s": time.perf_counter() - trained,
                         "data/train_cached": int(train_shard.state == "cached")})  # fmt: skip
         if state.record(epoch, _scalars(metrics), METRIC):
-            best_weights, best_outputs = trainable_state(core), outputs
+            best_weights, best_outputs = trained_state(core), outputs
         state.finished = state.should_stop(cfg.train.min_epochs, cfg.train.patience, cfg.train.max_epochs)
         report = {
             **metrics,
@@ -331,7 +337,7 @@ def _restore(directory, core, optimizer, cfg, device):
             f"this config asks for {cfg.backbone.preset}; use another train.run_name"
         )
     state = read_state(directory)
-    load_trainable_state(core, read_weights(directory, "last"), directory)
+    load_trained_state(core, read_weights(directory, "last"), directory)
     optimizer.load_state_dict(
         torch.load(Path(directory) / "optimizer.pt", map_location=device, weights_only=True)
     )

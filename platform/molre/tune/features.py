@@ -359,7 +359,7 @@ def train_on_features(
     epoch are the worker loop's (``val/mean_auc`` and the AUC summary), passed to ``on_epoch`` (e.g. tune.report).
     """
     from molre.data.sampling import epoch_indices, image_repeat_factors
-    from molre.train.checkpoint import TrainState, trainable_state
+    from molre.train.checkpoint import TrainState, trained_state
     from molre.train.loop import METRIC, make_optimizer
     from molre.train.loss import FocalLoss, prevalence_alpha
     from molre.train.metrics import per_finding_auc, summarize
@@ -381,7 +381,7 @@ def train_on_features(
     x_val = val.features.to(device)
     batch = cfg.train.batch_size * cfg.scaling.num_workers
     params = [p for p in model.parameters() if p.requires_grad]
-    state, best = TrainState(), trainable_state(model)
+    state, best = TrainState(), trained_state(model)
     for epoch in range(cfg.train.max_epochs):
         model.train()
         order = torch.as_tensor(epoch_indices(repeat, epoch, cfg.train.seed), device=device)
@@ -407,7 +407,7 @@ def train_on_features(
                    **summarize(aucs).as_dict("val/"), "val/volumes": len(val),
                    **{f"val/auc/{fid}": float(a) for fid, a in zip(FINDING_IDS, aucs, strict=True)}}  # fmt: skip
         if state.record(epoch, metrics, METRIC):
-            best = trainable_state(model)
+            best = trained_state(model)
         metrics.update(
             {"epoch": epoch, "best_epoch": state.best_epoch, "val/best_mean_auc": state.best_metric}
         )

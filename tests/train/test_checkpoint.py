@@ -1,0 +1,48 @@
+"""What a checkpoint stores: the trained state (trainable parameters + persistent buffers), never frozen weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from molre.config import build_config
+from molre.errors import WeightsError
+from molre.models import build_model
+from molre.train.checkpoint import load_trained_state, trained_state
+
+
+def _model(preset: str, **adapter):
+    cfg = build_config({"backbone": {"preset": preset}, "adapter": adapter or {"kind": "none"}})
+    torch.manual_seed(0)
+    return build_model(cfg)
+
+
+def test_batchnorm_running_statistics_are_saved_and_restored():
+    model = _model("tiny-cnn3d")  # MONAI DenseNet, fully fine-tuned: BatchNorm everywhere
+    x = torch.randn(2, 3, 8, 64, 64) * 3 + 1  # far from the initial running mean 0 / var 1
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(x)  # train-mode forwards move the running statistics
+    state = trained_state(model)
+    assert any(k.endswith("running_mean") for k in state)
+    fresh = _model("tiny-cnn3d")
+    before = fresh.eval()(x)
+    load_trained_state(fresh, state, "test")
+    torch.testing.assert_close(fresh.eval()(x), model.eval()(x), rtol=0, atol=0)
+    assert not torch.allclose(before, fresh(x))  # without the statistics the scores differ
+
+
+def test_a_lora_model_stores_its_trainable_tensors_only():
+    model = _model("tiny-vit", kind="molre")
+    state = trained_state(model)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert set(state) == trainable  # the ViT has no buffers; frozen weights are rebuilt from the config
+    assert sum(t.numel() for t in state.values()) < sum(p.numel() for p in model.parameters())
+
+
+def test_a_checkpoint_without_the_buffers_is_refused_by_name():
+    model = _model("tiny-cnn3d")
+    state = {k: v for k, v in trained_state(model).items() if not k.endswith("running_var")}
+    with pytest.raises(WeightsError, match="running_var"):
+        load_trained_state(_model("tiny-cnn3d"), state, "old.safetensors")
