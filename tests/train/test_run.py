@@ -120,3 +120,12 @@ def _copy_without_split(src: str, dst: Path, split: str) -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_bytes(storage.read_bytes(storage.join(src, info.path)))
     (dst / "manifest.json").write_text(manifest.to_json())
+
+
+def test_an_odd_train_split_loses_no_volume_to_the_workers(ray_local, tmp_path):
+    from tests.tiny_data import write_tiny_dataset
+
+    data = write_tiny_dataset(str(tmp_path / "odd"), counts={"train": 9, "val": 4})
+    # rfs_threshold ~0: every repeat factor is 1, so an epoch trains each study once
+    cfg = _cfg(data, tmp_path, "odd", data={"rfs_threshold": 1e-6}, train={"max_epochs": 1})
+    assert _history(train(cfg))[0]["train/volumes"] == 10  # 9 + the first repeated for 2 workers (was 8)

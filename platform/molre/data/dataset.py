@@ -140,11 +140,23 @@ def read_split(
 
 
 class ExactSplitDataConfig(DataConfig):
-    """Ray Train's DataConfig, except that ``val`` is split with ``equal=False``: every validation volume is
-    scored exactly once (``equal=True`` would drop the remainder rows to balance the workers)."""
+    """Ray Train's DataConfig without losing a volume to the split. Its ``streaming_split(equal=True)`` drops the
+    rows left over after balancing the workers (up to ``world_size - 1``; the same ones every epoch), so
+
+    - ``val`` is split with ``equal=False``: every validation volume is scored exactly once;
+    - ``train`` keeps ``equal=True`` (with ``preserve_order`` its row -> worker assignment is deterministic, so a
+      fixed seed repeats a run) after being padded with its first rows to a multiple of the worker count, as
+      torch's ``DistributedSampler`` pads (``train_rows``: the split's row count, known to the driver).
+    """
+
+    def __init__(self, *args, train_rows: int | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.train_rows = train_rows
 
     def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
         balanced = {k: v for k, v in datasets.items() if k != "val"}
+        if "train" in balanced and self.train_rows:
+            balanced["train"] = pad_to_multiple(balanced["train"], self.train_rows, world_size)
         output = super().configure(balanced, world_size, worker_handles, worker_node_ids, **kwargs)
         if "val" in datasets:
             val = datasets["val"].copy(datasets["val"])
@@ -152,6 +164,15 @@ class ExactSplitDataConfig(DataConfig):
             for i, split in enumerate(val.streaming_split(world_size, equal=False)):
                 output[i]["val"] = split
         return output
+
+
+def pad_to_multiple(ds, rows: int, n: int):
+    """``ds`` (of ``rows`` rows) followed by its first rows, repeated as needed, up to a multiple of ``n`` rows."""
+    pad = -rows % n
+    if pad == 0 or rows == 0:
+        return ds
+    parts = [ds] * (pad // rows) + ([ds.limit(pad % rows)] if pad % rows else [])
+    return ds.union(*parts)
 
 
 def label_matrix(root: str, split: str, uris: list[str] | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -155,7 +155,8 @@ def build_trainer(
         dataset_config=dataset.ExactSplitDataConfig(
             execution_options=ExecutionOptions(
                 preserve_order=True
-            )  # deterministic shard -> worker assignment
+            ),  # deterministic shard -> worker assignment
+            train_rows=setup.get("train_volumes"),
         ),
     )
 
