@@ -5,16 +5,23 @@ from __future__ import annotations
 import logging
 import math
 import warnings
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pydicom
 import pytest
+from pydicom.data import get_testdata_file
 from pydicom.encaps import encapsulate
-from pydicom.uid import RLELossless
+from pydicom.pixels import get_decoder
+from pydicom.uid import JPEG2000Lossless, JPEGLosslessSV1, JPEGLSLossless, RLELossless
 
+from molre.data import labels
 from molre.data.dicom_write import nifti_affine, write_dicom_series, write_nifti
 from molre.data.ingest import DEFAULT_MIN_SLICES, discover, load_series
 from molre.errors import DataError
+from molre.findings import FINDING_IDS
+from tests.data.jpeg_lossless import encode_frame
 from tests.data.malformed import PHI_ID, PHI_NAME, SPACING, phantom, write_float_nifti, write_good_dicom
 
 
@@ -100,20 +107,176 @@ def test_rle_compressed_series_decodes(tmp_path):
     np.testing.assert_array_equal(load_series(_only(discover(tmp_path)[0])).hu, hu)
 
 
+def _loose_in_one_folder(folder: Path, *series: list[Path]) -> None:
+    """Move the files of several written series into ``folder`` itself, names interleaved (as RSNA's export)."""
+    for i, path in enumerate(p for paths in series for p in paths):
+        path.rename(folder / f"{i % 7:02d}-{i:03d}.dcm")
+
+
+def _outside_circle(shape=(10, 32, 32)) -> np.ndarray:
+    """Voxels outside the phantom's reconstruction circle (its corners), where scanners write padding."""
+    y, x = np.mgrid[: shape[1], : shape[2]]
+    corner = np.hypot(y - shape[1] / 2, x - shape[2] / 2) > 0.45 * shape[1]
+    return np.broadcast_to(corner, shape)
+
+
+def _set_padding_element(value: int, vr: str):
+    def hook(ds, k):
+        ds.add_new(0x00280120, vr, value)  # PixelPaddingValue, VR as the scanner wrote it
+
+    return hook
+
+
+@pytest.mark.parametrize(
+    "stored, representation, extra, hook",
+    [
+        pytest.param([-32768], 1, {"PixelPaddingValue": -32768}, None, id="signed -32768"),
+        pytest.param([63536], 0, {"PixelPaddingValue": 63536}, None, id="unsigned 63536"),
+        pytest.param(
+            [-32768], 1, {}, _set_padding_element(32768, "US"), id="signed pixels, padding as US 32768"
+        ),
+        pytest.param(
+            [-32768, -31000, -30000],
+            1,
+            {"PixelPaddingValue": -32768, "PixelPaddingRangeLimit": -30000},
+            None,
+            id="range -32768..-30000",
+        ),
+    ],
+)
+def test_pixel_padding_becomes_air(tmp_path, stored, representation, extra, hook):
+    hu = _marked()
+    corner = _outside_circle(hu.shape)
+    padded = hu.copy()
+    # stored = HU + 1024 (intercept -1024): padding values spread over the corner voxels
+    padded[corner] = np.resize(np.array(stored, dtype=np.float32), int(corner.sum())) - 1024.0
+    write_good_dicom(
+        tmp_path / "s", padded, pixel_representation=representation, extra=extra, per_slice_hook=hook
+    )
+    volume = load_series(_only(discover(tmp_path)[0]))
+    want = np.where(corner, -1024.0, hu)
+    np.testing.assert_array_equal(volume.hu, want)
+
+
+def test_pixel_padding_range_ends_at_its_limit(tmp_path):
+    hu = _marked()
+    padded = hu.copy()
+    padded[_outside_circle(hu.shape)] = -29999.0 - 1024.0  # one above the range limit: not padding
+    write_good_dicom(tmp_path / "s", padded, pixel_representation=1,
+                     extra={"PixelPaddingValue": -32768, "PixelPaddingRangeLimit": -30000})  # fmt: skip
+    with pytest.raises(DataError, match=r"implausible HU range -31023\.\."):
+        load_series(_only(discover(tmp_path)[0]))
+
+
+def _compress(syntax):
+    def hook(ds, k):
+        ds.compress(syntax)
+
+    return hook
+
+
+@pytest.mark.parametrize(
+    "syntax, intercept",
+    [(JPEG2000Lossless, -1024.0), (JPEG2000Lossless, 0.0), (RLELossless, 0.0)],
+    ids=["jpeg2000-unsigned", "jpeg2000-signed", "rle-signed"],
+)
+def test_compressed_series_equals_the_uncompressed_one(tmp_path, syntax, intercept):
+    hu = _marked()  # intercept 0: stored = HU, signed int16
+    write_good_dicom(tmp_path / "plain", hu, intercept=intercept)
+    write_good_dicom(tmp_path / "packed", hu, intercept=intercept, per_slice_hook=_compress(syntax))
+    refs = {Path(r.source).name: r for r in discover(tmp_path)[0]}
+    assert pydicom.dcmread(refs["packed"].files[0]).file_meta.TransferSyntaxUID == syntax
+    np.testing.assert_array_equal(load_series(refs["packed"]).hu, load_series(refs["plain"]).hu)
+
+
+def _encapsulated(syntax, frames: list[bytes]):
+    """A slice hook replacing slice k's pixels with the compressed ``frames[k]``."""
+
+    def hook(ds, k):
+        ds.file_meta.TransferSyntaxUID = syntax
+        ds.PixelData = encapsulate([frames[k]])
+        ds["PixelData"].VR = "OB"
+
+    return hook
+
+
+@pytest.mark.parametrize("representation", [0, 1], ids=["unsigned", "signed"])
+def test_jpeg_lossless_sv1_series_decodes(tmp_path, representation):
+    # the transfer syntax most CT exports use; pydicom cannot write it: tests/data/jpeg_lossless.py does
+    hu = _marked()
+    intercept = -1024.0 if representation == 0 else 0.0
+    stored = (hu - intercept).astype(np.uint16 if representation == 0 else np.int16)
+    frames = [encode_frame(stored[k]) for k in range(hu.shape[0])]
+    write_good_dicom(tmp_path / "s", hu, intercept=intercept, pixel_representation=representation,
+                     per_slice_hook=_encapsulated(JPEGLosslessSV1, frames))  # fmt: skip
+    np.testing.assert_array_equal(load_series(_only(discover(tmp_path)[0])).hu, hu)
+
+
+def test_jpeg_ls_series_decodes(tmp_path):
+    # pydicom's bundled 64x64 signed MR slice, JPEG-LS lossless and uncompressed, as the pixels of a CT series
+    jpeg_ls = pydicom.dcmread(get_testdata_file("MR_small_jpeg_ls_lossless.dcm"))
+    plain = pydicom.dcmread(get_testdata_file("MR_small.dcm")).pixel_array  # int16, 127 .. 2145
+    hu = np.repeat(plain[None].astype(np.float32) - 1024.0, 8, axis=0)  # -897 .. 1121 HU: air and bone
+
+    def swap(ds, k):
+        ds.file_meta.TransferSyntaxUID = JPEGLSLossless
+        ds.PixelData = jpeg_ls.PixelData  # already encapsulated
+        ds["PixelData"].VR = "OB"
+
+    write_good_dicom(tmp_path / "s", hu, pixel_representation=1, per_slice_hook=swap)
+    np.testing.assert_array_equal(load_series(_only(discover(tmp_path)[0])).hu, hu)
+
+
+def test_jpeg_decoders_are_installed():
+    for syntax in (JPEGLosslessSV1, JPEGLSLossless, JPEG2000Lossless):
+        assert "gdcm" in get_decoder(syntax).available_plugins, syntax.name
+    # pydicom's bundled JPEG Lossless SV1 (RGB) image decodes to the same pixels as its RLE twin
+    jpeg = pydicom.dcmread(get_testdata_file("SC_rgb_jpeg_gdcm.dcm"))
+    assert jpeg.file_meta.TransferSyntaxUID == JPEGLosslessSV1
+    np.testing.assert_array_equal(
+        jpeg.pixel_array, pydicom.dcmread(get_testdata_file("SC_rgb_rle.dcm")).pixel_array
+    )
+
+
+def test_pixel_padding_that_fits_no_pixel_value_is_a_clear_error(tmp_path):
+    write_good_dicom(tmp_path / "s", per_slice_hook=_set_padding_element(70000, "UL"))  # a damaged header
+    with pytest.raises(DataError, match="IM-0001.dcm: PixelPaddingValue 70000 does not fit 16-bit pixels"):
+        load_series(_only(discover(tmp_path)[0]))
+
+
 def test_series_are_grouped_by_uid_not_by_folder(tmp_path):
+    # RSNA's layout: one folder holding the slices of several studies
     flat = tmp_path / "flat"
     a = write_good_dicom(flat / "tmp_a", _marked(), series_uid="1.2.3.4.1", study_uid="1.2.3.9")
-    b = write_good_dicom(flat / "tmp_b", _marked(9), series_uid="1.2.3.4.2", study_uid="1.2.3.9")
-    for i, path in enumerate([*a, *b]):  # one folder holding both series, names interleaved
-        path.rename(flat / f"{i % 7:02d}-{i:03d}.dcm")
+    b = write_good_dicom(flat / "tmp_b", _marked(9), series_uid="1.2.3.4.2", study_uid="1.2.3.8")
+    _loose_in_one_folder(flat, a, b)
     refs, rejects = discover(tmp_path)
     assert rejects == [] and len(refs) == 2
     assert sorted(len(r.files) for r in refs) == [9, 10]
     for ref in refs:
         assert ref.source == ref.files[0]  # a shared folder cannot name one series
-        assert ref.study_keys == ("1.2.3.9",)  # the shared folder name is no study key
+        assert ref.study_keys == (ref.study_uid,)  # the name of a folder of several studies is no study key
         assert len(ref.sop_uids) == len(ref.files)
     assert sorted(load_series(r).shape[0] for r in refs) == [9, 10]
+
+
+def test_series_of_one_study_in_one_folder_keep_its_name_as_study_key(tmp_path):
+    # a hospital export: a thick and a thin reconstruction of one study loose in a folder named by the study id
+    for study, uid in (("studyA", "1.2.5.1"), ("studyB", "1.2.5.2")):
+        thick = write_good_dicom(tmp_path / study / "a", _marked(10), study_uid=uid)
+        thin = write_good_dicom(tmp_path / study / "b", _marked(12), spacing=(2.0, 0.9, 0.9), study_uid=uid)
+        _loose_in_one_folder(tmp_path / study, thick, thin)
+    refs, rejects = discover(tmp_path)
+    assert rejects == [] and len(refs) == 4
+    table_path = tmp_path / "labels.csv"
+    table_path.write_text(f"study_id,patient_id,{FINDING_IDS[0]}\nstudyA,P1,1\nstudyB,P2,0\n")
+    table = labels.load_labels(table_path)
+    for ref in refs:
+        study = Path(ref.files[0]).parent.name
+        assert ref.source == ref.files[0]  # two series: the folder still names neither
+        assert ref.study_keys == (study, ref.study_uid)
+        assert table.match(ref.study_keys) == study
+    assert sorted(len(r.files) for r in refs) == [10, 10, 12, 12]
 
 
 def test_study_keys_walk_up_nested_folders(tmp_path):
@@ -135,6 +298,18 @@ def test_discover_skips_sidecars_and_rejects_junk(tmp_path):
     assert len(refs) == 1
     assert [e.path for e in rejects] == [str(tmp_path / "stray.bin")]
     assert "not a DICOM file" in rejects[0].reason
+
+
+def test_dangling_symlink_is_a_reject_not_an_abort(tmp_path):
+    write_good_dicom(tmp_path / "s")
+    link = tmp_path / "s" / "IM-0099.dcm"
+    link.symlink_to(tmp_path / "moved-away.dcm")  # e.g. a file deleted or moved after the link was made
+    refs, rejects = discover(tmp_path)
+    assert len(_only(refs).files) == 10
+    assert [(e.path, e.reason) for e in rejects] == [
+        (str(link), "dangling symbolic link (its target does not exist)")
+    ]
+    assert load_series(refs[0]).shape == (10, 32, 32)
 
 
 def test_discover_missing_directory_is_a_data_error(tmp_path):

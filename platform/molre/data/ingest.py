@@ -4,9 +4,12 @@ Two steps, so that a caller can account for every input (``in = processed + quar
 
 - ``discover(input_dir) -> (refs, rejects)`` walks the tree reading DICOM *headers only*, groups DICOM files by
   SeriesInstanceUID (one ``SeriesRef`` per series, wherever its files lie) and takes each ``.nii``/``.nii.gz``
-  as one series. Files that are neither (junk, zero bytes, unreadable headers) come back as ``DataError`` rejects.
-- ``load_series(ref) -> Volume`` decodes pixels, applies the rescale to HU, validates and returns the volume, or
-  raises one ``DataError`` naming the series and the reason.
+  as one series. Files that are neither (junk, zero bytes, unreadable headers, dangling symbolic links) come back
+  as ``DataError`` rejects. A folder's name is a study key of the series in it unless it holds several studies
+  (see ``_dicom_refs``).
+- ``load_series(ref) -> Volume`` decodes pixels (uncompressed, RLE, and through python-gdcm JPEG baseline /
+  lossless, JPEG-LS and JPEG 2000), turns padding pixels into air, applies the rescale to HU, validates and
+  returns the volume, or raises one ``DataError`` naming the series and the reason.
 
 Volume convention (shared with ``molre.data.dicom_write``): ``hu`` is ``[D, H, W]`` float32, slice 0 the most
 inferior; ``direction`` rows are the unit vectors, in patient LPS, of the array axes z (slices), y (rows),
@@ -21,6 +24,9 @@ Validation bounds (module constants, so they are documented in one place):
   ``SHEAR_MAX_DEG`` = 0.5 deg off their normal (sheared geometry), or row/column directions not orthogonal;
 - slice spacing: every step within ``max(0.05 mm, 2 %)`` of the median step; a step that is a whole multiple of
   the median is a missing slice; steps under 0.01 mm are duplicate positions;
+- padding: stored values equal to PixelPaddingValue (0028,0120), or between it and PixelPaddingRangeLimit
+  (0028,0121) inclusive, are set to ``PADDING_HU`` = -1024 (air) after the rescale, whatever the rescale would
+  make of them (padding -32768 or 63536 would otherwise be -33792 or 62512 HU and fail the HU check);
 - HU: every voxel in ``[HU_FLOOR, HU_CEIL]`` = [-3100, 32767] (below: nothing a scanner writes, padding included
   at -3024; above: does not fit the int16 shards), the minimum at most ``AIR_MAX_HU`` = -500 (a head CT field of
   view always holds air) and the maximum at least ``BONE_MIN_HU`` = 200 (and skull); a volume failing these was
@@ -70,6 +76,7 @@ STEP_ABS_TOL_MM = 0.05  # slice step tolerance: max(0.05 mm, 2 % of the median s
 STEP_REL_TOL = 0.02
 HU_FLOOR, HU_CEIL = -3100.0, 32767.0
 AIR_MAX_HU, BONE_MIN_HU = -500.0, 200.0
+PADDING_HU = -1024.0  # what PixelPaddingValue pixels become: air, the floor of molre.data.resample's HU clip
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 # Sidecar files that are neither images nor junk: skipped, not counted. Hidden files and DICOMDIR indexes too.
@@ -79,7 +86,7 @@ _HEADER_TAGS = ["SeriesInstanceUID", "StudyInstanceUID", "SOPInstanceUID"]
 _TEXT_ELEMENTS = ("Modality", "PatientID")
 _NUMERIC_ELEMENTS = ("Rows", "Columns", "PixelSpacing", "ImageOrientationPatient", "ImagePositionPatient",
                      "GantryDetectorTilt", "RescaleSlope", "RescaleIntercept", "SamplesPerPixel", "BitsAllocated",
-                     "NumberOfFrames")  # fmt: skip
+                     "NumberOfFrames", "PixelPaddingValue", "PixelPaddingRangeLimit")  # fmt: skip
 _MULTI_VALUED = {"PixelSpacing": 2, "ImageOrientationPatient": 6, "ImagePositionPatient": 3}
 MAX_MATRIX = 4096  # rows / columns per slice: CT is 512 or 1024; a larger value is a damaged header
 MAX_SLICES = 4096  # NIfTI slices (a DICOM series' slice count is its file count)
@@ -142,8 +149,7 @@ def discover(
     rejects: list[DataError] = []
     for path in _walk(root, ignore):
         try:
-            if path.stat().st_size == 0:
-                raise DataError(str(path), "empty file (0 bytes)")
+            _check_readable(path)
             if path.name.lower().endswith(NIFTI_SUFFIXES):
                 nifti.append(_nifti_ref(path, root))
             else:
@@ -167,6 +173,18 @@ def _ignored(name: str, patterns: Sequence[str]) -> bool:
     return any(fnmatch.fnmatch(name, pattern) for pattern in patterns)
 
 
+def _check_readable(path: Path) -> None:
+    """A DataError for a file discovery cannot read: a dangling symbolic link, an unreadable entry, 0 bytes."""
+    try:
+        size = path.stat().st_size  # follows a symbolic link to its target
+    except OSError as exc:
+        if isinstance(exc, FileNotFoundError) and path.is_symlink():
+            raise DataError(str(path), "dangling symbolic link (its target does not exist)") from None
+        raise DataError(str(path), f"cannot read file ({type(exc).__name__})") from None
+    if size == 0:
+        raise DataError(str(path), "empty file (0 bytes)")
+
+
 def _dicom_header(path: Path) -> tuple[str, str, str]:
     """(SeriesInstanceUID, StudyInstanceUID, SOPInstanceUID) read without pixels, or a DataError."""
     from pydicom.errors import InvalidDicomError
@@ -186,24 +204,29 @@ def _dicom_header(path: Path) -> tuple[str, str, str]:
 
 
 def _dicom_refs(headers: dict[str, list[tuple[str, str, str]]], root: Path) -> list[SeriesRef]:
-    """One ref per series; a folder holding one series is named by its path, else by the series' first file."""
-    series_per_folder: dict[str, int] = defaultdict(int)
-    for entries in headers.values():
-        for folder in {str(Path(p).parent) for p, _, _ in entries}:
-            series_per_folder[folder] += 1
+    """One ref per series. A folder holding one series names it (else the series' first file does). The folder's
+    own name is a study key when every series in it belongs to one study (a thick and a thin reconstruction
+    exported loose into a folder named by the study id), not when it holds several studies (RSNA's one folder of
+    every slice): there the StudyInstanceUID and the folders above tell the studies apart."""
+    series_in: dict[str, set[str]] = defaultdict(set)  # folder -> SeriesInstanceUIDs with a file in it
+    studies_in: dict[str, set[str]] = defaultdict(set)  # folder -> StudyInstanceUIDs ("" = none given)
+    for series_uid, entries in headers.items():
+        for path, study_uid, _ in entries:
+            series_in[str(Path(path).parent)].add(series_uid)
+            studies_in[str(Path(path).parent)].add(study_uid)
     refs = []
-    for entries in headers.values():
+    for series_uid, entries in headers.items():
         entries = sorted(entries)
         paths = [p for p, _, _ in entries]
+        # files spread over sub-folders: their common parent (a folder holding none of them directly)
         folder = Path(os.path.commonpath(paths)) if len(paths) > 1 else Path(paths[0]).parent
-        sole = (
-            series_per_folder.get(str(folder), 1) == 1
-        )  # files spread over sub-folders: their common parent
         study_uid = entries[0][1]
-        keys = _folder_keys(folder, root, include_self=sole) + ((study_uid,) if study_uid else ())
+        sole_series = len(series_in.get(str(folder), {series_uid})) == 1
+        one_study = len(studies_in.get(str(folder), {study_uid})) == 1
+        keys = _folder_keys(folder, root, include_self=one_study) + ((study_uid,) if study_uid else ())
         refs.append(
             SeriesRef(
-                source=str(folder) if sole else paths[0],
+                source=str(folder) if sole_series else paths[0],
                 kind="dicom",
                 files=tuple(paths),
                 study_keys=_unique(keys),
@@ -471,7 +494,36 @@ def _slice_hu(ds, name: str, source: str) -> np.ndarray:
         )
     slope = float(ds.get("RescaleSlope", 1) or 1)
     intercept = float(ds.get("RescaleIntercept", 0) or 0)
-    return (pixels.astype(np.float32) * np.float32(slope) + np.float32(intercept)).astype(np.float32)
+    hu = (pixels.astype(np.float32) * np.float32(slope) + np.float32(intercept)).astype(np.float32)
+    padding = _padding_mask(ds, pixels, name, source)
+    if padding is not None:  # outside the reconstructed field of view: air, whatever the rescale made of it
+        hu[padding] = PADDING_HU
+    return hu
+
+
+def _padding_mask(ds, pixels: np.ndarray, name: str, source: str) -> np.ndarray | None:
+    """Stored values equal to PixelPaddingValue (0028,0120), or in the inclusive range between it and
+    PixelPaddingRangeLimit (0028,0121) when that is given; None without padding (or for non-integer pixels)."""
+    pad = ds.get("PixelPaddingValue")
+    if pad in (None, "") or not np.issubdtype(pixels.dtype, np.integer):
+        return None
+    limit = ds.get("PixelPaddingRangeLimit")
+    bounds = [_as_stored(v, pixels.dtype, keyword, name, source)
+              for keyword, v in (("PixelPaddingValue", pad), ("PixelPaddingRangeLimit", limit))
+              if v not in (None, "")]  # fmt: skip
+    return (pixels >= min(bounds)) & (pixels <= max(bounds))
+
+
+def _as_stored(value, dtype: np.dtype, keyword: str, name: str, source: str) -> int:
+    """``value`` read with the bits of the pixels' integer ``dtype``: headers give a signed image's padding as
+    unsigned (32768 = 0x8000 = -32768 in int16) or an unsigned image's as signed (-2000 = 63536 in uint16)."""
+    bits = np.dtype(dtype).itemsize * 8
+    number = int(value)
+    if not -(2 ** (bits - 1)) <= number < 2**bits:  # neither a signed nor an unsigned value of that width
+        raise DataError(source, f"{name}: {keyword} {number} does not fit {bits}-bit pixels")
+    pattern = number % 2**bits  # the two's complement bits, 0 .. 2^bits - 1
+    signed = np.issubdtype(dtype, np.signedinteger)
+    return pattern - 2**bits if signed and pattern >= 2 ** (bits - 1) else pattern
 
 
 def _check_pixel_length(ds, name: str, source: str) -> None:
