@@ -407,3 +407,81 @@ def test_synth_phantoms_to_s3_read_back_equal(s3_bucket, tmp_path):
             planted.add(str(header.get(keyword)))
     assert_no_patient_leak([r["patient_hash"] for r in rows.values()], [r["split"] for r in rows.values()])
     assert_no_phi(output_texts(root), tuple(planted | {"SYNTH", "SYNACC"}))
+
+
+def test_thick_and_thin_series_loose_in_a_study_folder_give_one_row(tmp_path):
+    # a common hospital export: both reconstructions of ONE study in one folder named by the study id
+    input_dir = tmp_path / "input"
+    for i, (study, patient) in enumerate((("studyA", "P1"), ("studyB", "P2"))):
+        uid = f"1.2.826.0.1.3680043.8.498.{2000 + i}"
+        thick = write_dicom_series(
+            head_ct(i), SPACING_IN, input_dir / study / "a", **phi_headers(patient, uid)
+        )
+        thin = write_dicom_series(head_ct(i, shape=(32, 64, 64)), (2.5, 3.0, 3.0), input_dir / study / "b",
+                                  **phi_headers(patient, uid))  # fmt: skip
+        for n, path in enumerate([*thick, *thin]):
+            path.rename(input_dir / study / f"{n:03d}.dcm")
+    labels_path = tmp_path / "labels.csv"
+    labels_path.write_text(f"study_id,patient_id,{LABELLED[0]}\nstudyA,P1,1\nstudyB,P2,0\n")
+    manifest = preprocess.preprocess(input_dir, labels_path, "generic", str(tmp_path / "out"),
+                                     executor="inline", **SETTINGS)  # fmt: skip
+    c = manifest.counts
+    assert (c["in"], c["processed"]) == (4, 2)
+    assert c["quarantined_by_reason"] == {preprocess.SERIES_NOT_USED: 2}
+    rows = {r["study_hash"]: r for r in read_all_rows(str(tmp_path / "out"))}
+    thin_refs = [r for r in ingest.discover(input_dir)[0] if len(r.files) == 32]
+    assert len(rows) == len(thin_refs) == 2
+    for ref in thin_refs:  # the larger (thin, 32-slice) series of each study was used
+        study = Path(ref.files[0]).parent.name
+        vol = ingest.load_series(ref)
+        want = align_volume(vol.hu, vol.spacing, vol.direction, out_spacing=SPACING_OUT, grid=GRID)
+        row = rows[preprocess.salted_hash(SALT, "study", study)]
+        np.testing.assert_array_equal(shards.decode_volume(row), want)
+        assert row["labels"][0] == (study == "studyA")
+
+
+def test_antialias_is_a_recorded_setting_that_a_resume_must_match(tmp_path):
+    cohort = write_cohort(tmp_path, n_studies=3, n_patients=3)
+    plain_root, smooth_root = str(tmp_path / "plain"), str(tmp_path / "smooth")
+    run = dict(executor="inline", **SETTINGS)
+    smooth = preprocess.preprocess(cohort["input"], cohort["labels"], "generic", smooth_root, **run)
+    plain = preprocess.preprocess(
+        cohort["input"], cohort["labels"], "generic", plain_root, antialias=False, **run
+    )
+    assert smooth.config["antialias"] is True and plain.config["antialias"] is False
+    smooth_rows = {r["study_hash"]: r for r in read_all_rows(smooth_root)}
+    plain_rows = {r["study_hash"]: r for r in read_all_rows(plain_root)}
+    refs = {r.study_keys[0]: r for r in ingest.discover(cohort["input"])[0]}
+    for key in ("study_00", "study_01"):
+        vol = ingest.load_series(refs[key])
+        study_hash = preprocess.salted_hash(SALT, "study", key)
+        for rows, antialias in ((smooth_rows, True), (plain_rows, False)):
+            want = align_volume(vol.hu, vol.spacing, vol.direction, out_spacing=SPACING_OUT, grid=GRID,
+                                antialias=antialias)  # fmt: skip
+            np.testing.assert_array_equal(shards.decode_volume(rows[study_hash]), want)
+        assert not np.array_equal(
+            shards.decode_volume(smooth_rows[study_hash]), shards.decode_volume(plain_rows[study_hash])
+        )
+    with pytest.raises(DataError, match=r"different config \(antialias\)"):
+        preprocess.preprocess(
+            cohort["input"], cohort["labels"], "generic", smooth_root, antialias=False, **run
+        )
+
+
+def test_cli_no_antialias_flag():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    preprocess.add_arguments(parser)
+    required = ["--input", "in", "--labels", "l.csv", "--output", "out"]
+    assert parser.parse_args(required).antialias is True
+    assert parser.parse_args([*required, "--no-antialias"]).antialias is False
+
+
+def test_default_dataset_built_before_antialias_is_not_reused():
+    from molre.data.default import DEFAULT, dataset_key
+
+    before = {k: v for k, v in DEFAULT.items() if k != "antialias"}  # the settings a pre-antialias cache used
+    assert DEFAULT["antialias"] is True
+    assert dataset_key(DEFAULT) != dataset_key(before)
+    assert dataset_key(DEFAULT) != dataset_key({**DEFAULT, "antialias": False})

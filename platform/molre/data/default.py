@@ -24,6 +24,8 @@ DEFAULT = {
     "difficulty": 0.5,  # lesions ~1.15x nominal size and 0.85 of the noise: learnable by a tiny model on CPU
     "spacing": (8.0, 3.75, 3.75),
     "grid": (20, 64, 64),
+    # part of the cache key: datasets built before the anti-aliasing prefilter existed are not reused
+    "antialias": True,
 }
 
 
@@ -51,5 +53,6 @@ def ensure_default_dataset(output_uri: str | None = None, **overrides) -> str:
                             difficulty=settings["difficulty"])  # fmt: skip
     print(f"molre: preprocessing to {uri}", flush=True)
     preprocess(raw_dir, labels, "generic", uri, spacing=tuple(settings["spacing"]), grid=tuple(settings["grid"]),
-               seed=settings["seed"], salt=f"molre-synthetic-{key}")  # fmt: skip
+               seed=settings["seed"], salt=f"molre-synthetic-{key}",
+               antialias=bool(settings["antialias"]))  # fmt: skip
     return uri

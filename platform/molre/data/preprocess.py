@@ -77,6 +77,7 @@ class PreprocessConfig:
     labels_format: str = "generic"
     shard_size: int = DEFAULT_SHARD_SIZE
     min_slices: int = ingest.DEFAULT_MIN_SLICES
+    antialias: bool = True  # Gaussian prefilter along downsampled axes (molre.data.resample, step 4)
 
     def __post_init__(self):
         check_geometry(self.spacing, "spacing")
@@ -103,6 +104,7 @@ class PreprocessConfig:
             "labels_format": self.labels_format,
             "shard_size": int(self.shard_size),
             "min_slices": int(self.min_slices),
+            "antialias": bool(self.antialias),
             "hu_range": [HU_MIN, HU_MAX],
             "pad_value": HU_MIN,
             "alignment": "canonical LPS orientation + skull-based centring + fixed field of view (no registration)",
@@ -322,6 +324,7 @@ class BatchContext:
     spacing: tuple[float, float, float]
     grid: tuple[int, int, int]
     min_slices: int
+    antialias: bool = True
 
 
 def shard_path(batch: Batch) -> str:
@@ -339,8 +342,9 @@ def process_study(job: StudyJob, ctx: BatchContext) -> tuple[dict | None, list[Q
         try:
             volume = ingest.load_series(ref, min_slices=ctx.min_slices)
             aligned = align_volume(
-                volume.hu, volume.spacing, volume.direction, out_spacing=ctx.spacing, grid=ctx.grid
-            )
+                volume.hu, volume.spacing, volume.direction,
+                out_spacing=ctx.spacing, grid=ctx.grid, antialias=ctx.antialias,
+            )  # fmt: skip
         except DataError as err:
             quarantined.append(_quarantine(ctx.paths, err.path, err.reason, job.split))
             continue
@@ -596,6 +600,7 @@ def preprocess(
     workers: int | None = None,
     shard_size: int = DEFAULT_SHARD_SIZE,
     min_slices: int = ingest.DEFAULT_MIN_SLICES,
+    antialias: bool = True,
     executor: str = "ray",
     progress: bool | None = None,
 ) -> shards.Manifest:
@@ -607,7 +612,7 @@ def preprocess(
     if not output_uri:
         raise ValueError("output_uri is required")
     cfg = PreprocessConfig(tuple(spacing), tuple(int(g) for g in grid), dict(splits or DEFAULT_SPLITS), seed,
-                           labels_format, shard_size, min_slices)  # fmt: skip
+                           labels_format, shard_size, min_slices, antialias)  # fmt: skip
     output_uri = output_uri.rstrip("/") if storage.is_s3(output_uri) else os.path.abspath(output_uri)
     salt = (
         resolve_salt(None, output_uri) if salt is None else (salt.encode() if isinstance(salt, str) else salt)
@@ -639,7 +644,7 @@ def preprocess(
     log.info("preprocess: %d series, %d studies to do in %d batches (%d batches already done)",
              len(refs), sum(len(b.studies) for b in batches), len(batches), len(done))  # fmt: skip
 
-    ctx = BatchContext(output_uri, paths, cfg.spacing, cfg.grid, cfg.min_slices)
+    ctx = BatchContext(output_uri, paths, cfg.spacing, cfg.grid, cfg.min_slices, cfg.antialias)
     new = _execute(batches, ctx, executor, workers, progress)
     markers = sorted([*done.values(), *new], key=lambda m: m["batch"])
     manifest, quarantined = build_manifest(
@@ -718,6 +723,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help="studies per shard")
     parser.add_argument("--min-slices", type=int, default=ingest.DEFAULT_MIN_SLICES)
     parser.add_argument(
+        "--no-antialias",
+        dest="antialias",
+        action="store_false",
+        help="no Gaussian prefilter along downsampled axes (a lesion thinner than the output spacing can vanish)",
+    )
+    parser.add_argument(
         "--salt-file", default=None, help=f"patient-hash salt (else ${SALT_ENV}, else ~/.molre/salt)"
     )
 
@@ -739,6 +750,7 @@ def run(args: argparse.Namespace) -> int:
         workers=args.workers,
         shard_size=args.shard_size,
         min_slices=args.min_slices,
+        antialias=args.antialias,
         executor="ray",
     )
     c = manifest.counts

@@ -14,12 +14,20 @@ What ``align_volume`` does, in order (all axis-aligned; there is no registration
    (slices holding at least 2 % of the fullest slice's bone voxels) is centred when it fits the field of view;
    when it is taller (neck or face in the scan) the top of the skull is kept one output slice below the grid's top
    and the inferior part is cropped.
-4. **Resampling** to ``spacing`` (default 4 x 1 x 1 mm, z/y/x) by trilinear interpolation, done as three
+4. **Anti-aliasing** (``antialias=True``, the default): along each axis whose output spacing is larger than its
+   input spacing, a Gaussian prefilter with sigma = (factor - 1) / 2 input voxels, factor = output / input
+   spacing (skimage's and MONAI ``Resize(anti_aliasing=True)``'s convention; edges extended, scipy's mode
+   "nearest"). E.g. 0.625 -> 4 mm slices: factor 6.4, sigma 2.7 slices (1.7 mm). Without it linear
+   interpolation reads only the ~2 input slices around each output slice, so a lesion thinner than the output
+   spacing shows at full contrast, partly, or not at all depending on where it lies; with it every input slice
+   contributes and its contrast hardly depends on its position. No filter along an axis that keeps or refines
+   its spacing (factor <= 1).
+5. **Resampling** to ``spacing`` (default 4 x 1 x 1 mm, z/y/x) by trilinear interpolation, done as three
    separable 1D linear passes (exactly trilinear for an axis-aligned grid), straight onto the fixed ``grid``
    (default 40 x 256 x 256 voxels = 160 x 256 x 256 mm): this is the crop/pad step too; anything outside the
    scan is air (-1024). The grid origin is snapped to the nearest input voxel, so a scan already at the target
-   spacing is copied without blur. No anti-aliasing filter is applied when downsampling (as MONAI's Spacing).
-5. **int16** HU: rounded to the nearest integer, clipped to [-1024, 3071].
+   spacing is copied without blur.
+6. **int16** HU: rounded to the nearest integer, clipped to [-1024, 3071].
 
 Not done: rigid/affine registration to an atlas, tilt or head-roll correction, brain extraction, intensity
 normalisation (HU windows are applied at train time).
@@ -142,6 +150,59 @@ def _positions(centre_mm: float, n_out: int, s_out: float, s_in: float) -> tuple
     return float(np.round(first)), s_out / s_in
 
 
+def antialias_sigma(s_in: float, s_out: float) -> float:
+    """Sigma, in input voxels, of the Gaussian anti-aliasing prefilter: (factor - 1) / 2 with factor = s_out / s_in
+    (0.625 -> 4 mm: 2.7 voxels); 0 (no filter) when the axis is not downsampled (factor <= 1)."""
+    factor = s_out / s_in
+    return (factor - 1.0) / 2.0 if factor > 1.0 else 0.0
+
+
+def _smooth_interp_axis(arr: np.ndarray, axis: int, first: float, step: float, n_out: int, sigma: float):
+    """``_interp_axis`` of ``arr`` smoothed along ``axis`` by a Gaussian of ``sigma`` voxels (truncated at 4 sigma,
+    edges extended: scipy.ndimage.gaussian_filter1d with mode "nearest"), computed at the output samples only:
+    each is a weighted sum of a band of input voxels (one gather per band column), not a smoothed whole volume
+    (320 x 512 x 512 voxels of 0.5 x 0.45 x 0.45 mm to 4 x 1 x 1 mm: 0.35 s in all, where gaussian_filter1d
+    alone takes 1.5 s to smooth the whole volume along z)."""
+    lo, band, air = _band_weights(arr.shape[axis], first, step, n_out, sigma)
+    shape = [1, 1, 1]
+    shape[axis] = n_out
+    out = np.take(arr, lo, axis=axis)
+    out *= band[:, 0].reshape(shape)
+    for k in range(1, band.shape[1]):
+        term = np.take(arr, lo + k, axis=axis)
+        term *= band[:, k].reshape(shape)
+        out += term
+    out += (air * HU_MIN).astype(np.float32).reshape(shape)
+    return out
+
+
+def _band_weights(n_in: int, first: float, step: float, n_out: int, sigma: float):
+    """(lo [n_out], band [n_out, K] float32, air [n_out]) such that output sample j, at ``first + step * j``, is
+    ``sum_k band[j, k] * line[lo[j] + k] + air[j] * HU_MIN``: linear interpolation of the smoothed line.
+
+    Sample j blends its neighbours i0 = floor(pos) and i0 + 1 (shares 1 - frac, frac); a neighbour outside the
+    line is air, one inside the Gaussian average of voxels i + t, |t| <= radius = round(4 sigma), each index clipped
+    to the line (edge voxels repeat). So row j only touches i0 - radius .. i0 + 1 + radius: K = 2 radius + 2."""
+    radius = int(4.0 * sigma + 0.5)  # scipy's truncate=4.0
+    offsets = np.arange(-radius, radius + 1)
+    taps = np.exp(-0.5 * (offsets / sigma) ** 2)
+    taps /= taps.sum()
+    pos = first + step * np.arange(n_out, dtype=np.float64)
+    i0 = np.floor(pos).astype(np.int64)
+    frac = pos - i0
+    width = min(2 * radius + 2, n_in)
+    lo = np.clip(i0 - radius, 0, n_in - width)  # the band, kept inside the line
+    band = np.zeros((n_out, width), dtype=np.float64)
+    air = np.zeros(n_out, dtype=np.float64)
+    for neighbour, share in ((i0, 1.0 - frac), (i0 + 1, frac)):
+        inside = (neighbour >= 0) & (neighbour < n_in)
+        air += np.where(inside, 0.0, share)
+        rows = np.flatnonzero(inside)
+        cols = np.clip(neighbour[rows, None] + offsets[None, :], 0, n_in - 1) - lo[rows, None]  # [rows, taps]
+        np.add.at(band, (np.repeat(rows, len(offsets)), cols.ravel()), np.outer(share[rows], taps).ravel())
+    return lo, band.astype(np.float32), air
+
+
 def _interp_axis(arr: np.ndarray, axis: int, first: float, step: float, n_out: int) -> np.ndarray:
     """1D linear interpolation of float32 ``arr`` along ``axis`` at ``first + step * arange(n_out)`` (input voxel
     units); samples outside the array blend with air (-1024)."""
@@ -180,16 +241,24 @@ def resample_to_grid(
     centre_mm: tuple[float, float, float],
     out_spacing: tuple[float, float, float] = DEFAULT_SPACING,
     grid: tuple[int, int, int] = DEFAULT_GRID,
+    *,
+    antialias: bool = True,
 ) -> np.ndarray:
     """Trilinear resampling of float32 ``vol`` [D,H,W] onto ``grid`` voxels of ``out_spacing`` mm centred at
-    ``centre_mm``; returns int16 HU [grid] (air outside the scan, clipped to [HU_MIN, HU_MAX])."""
+    ``centre_mm``, each downsampled axis first smoothed (``antialias``, see the module doc); returns int16 HU
+    [grid] (air outside the scan, clipped to [HU_MIN, HU_MAX])."""
     plan = {a: _positions(centre_mm[a], grid[a], out_spacing[a], spacing[a]) for a in range(3)}
-    # most-shrinking axis first: later passes then touch fewer voxels
+    sigma = [antialias_sigma(spacing[a], out_spacing[a]) if antialias else 0.0 for a in range(3)]
+    # most-shrinking axis first: later passes then touch fewer voxels. Smoothing each axis within its own pass
+    # equals smoothing the whole volume first: linear operations along different axes commute.
     order = sorted(range(3), key=lambda a: grid[a] / vol.shape[a])
     out = vol
     for axis in order:
         first, step = plan[axis]
-        out = _interp_axis(out, axis, first, step, grid[axis])
+        if sigma[axis] > 0:
+            out = _smooth_interp_axis(out, axis, first, step, grid[axis], sigma[axis])
+        else:
+            out = _interp_axis(out, axis, first, step, grid[axis])
     np.rint(out, out=out)
     np.clip(out, HU_MIN, HU_MAX, out=out)
     return np.ascontiguousarray(out, dtype=np.int16)
@@ -202,11 +271,13 @@ def align_volume(
     *,
     out_spacing: tuple[float, float, float] = DEFAULT_SPACING,
     grid: tuple[int, int, int] = DEFAULT_GRID,
+    antialias: bool = True,
 ) -> np.ndarray:
     """HU volume [D,H,W] (any axis-aligned orientation) -> int16 HU on the standard frame, shape ``grid``.
 
     ``direction`` rows are the LPS unit vectors of the array axes (None = ``STANDARD_AXIAL``: slices inferior ->
-    superior, rows anterior -> posterior, columns right -> left)."""
+    superior, rows anterior -> posterior, columns right -> left). ``antialias``: Gaussian prefilter along each
+    downsampled axis (module doc, step 4)."""
     hu = np.asarray(hu)
     if hu.ndim != 3 or min(hu.shape) < 1:
         raise ValueError(f"expected a 3D volume, got shape {hu.shape}")
@@ -219,7 +290,9 @@ def align_volume(
     )
     vol = clip_hu(canon)
     frame = locate_head(vol, canon_spacing, out_spacing, grid)
-    return resample_to_grid(vol, canon_spacing, frame.centre_mm, out_spacing, tuple(int(g) for g in grid))
+    return resample_to_grid(
+        vol, canon_spacing, frame.centre_mm, out_spacing, tuple(int(g) for g in grid), antialias=antialias
+    )
 
 
 def check_geometry(spacing, name: str) -> None:
