@@ -2,7 +2,7 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 
 from molre.findings import FINDING_IDS
-from molre.train.metrics import per_finding_auc, summarize
+from molre.train.metrics import band_counts, per_finding_auc, summarize
 
 
 def test_aucs_equal_sklearn_and_undefined_findings_are_nan():
@@ -28,3 +28,21 @@ def test_stratified_counts():
     s = summarize(aucs, ids=list("abcdef"))
     assert (s.n_high, s.n_moderate, s.n_defined, s.undefined) == (2, 2, 5, ["f"])
     assert s.as_dict("val/")["val/n_auc_ge_090"] == 2
+
+
+def _exact_four_fifths() -> tuple[np.ndarray, np.ndarray]:
+    """One positive above 6 of 10 negatives and tied with 4: AUC = (6 + 4 / 2) / 10 = 4/5 exactly."""
+    labels = np.array([1] + [0] * 10)
+    scores = np.array([4.0, 0, 3, 4, 4, 2, 2, 4, 3, 4, 2])
+    return scores, labels
+
+
+def test_auc_exactly_on_a_band_threshold_is_counted_in_that_band():
+    scores, labels = _exact_four_fifths()
+    four_fifths = roc_auc_score(labels, scores)
+    assert four_fifths == 0.7999999999999999  # sklearn's trapezoid sums leave 4/5 just below 0.8
+    nine_tenths = float(np.mean([0.85, 0.95]))  # e.g. a seed-averaged AUC
+    assert nine_tenths == 0.8999999999999999
+    assert band_counts([four_fifths, nine_tenths, 0.79, np.nan]) == (1, 1)
+    s = summarize(np.array([four_fifths, nine_tenths, 0.79]), ids=list("abc"))
+    assert (s.n_high, s.n_moderate) == (1, 1)

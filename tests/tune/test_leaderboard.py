@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import math
 
@@ -180,6 +181,23 @@ def test_stratified_counts_equal_a_direct_count(trials):
     assert np.isnan(counts.loc["deepcntd", (">= 0.90", "+MoLRE")])
 
 
+def test_seed_averaged_auc_on_a_band_threshold_counts_in_that_band():
+    """Seed means that float arithmetic puts a hair below a threshold: mean(0.85, 0.95) = 0.8999999999999999
+    and mean(0.5, 0.9, 1.0) = 0.7999999999999999; they belong to the >= 0.90 and 0.80-0.90 bands."""
+    seeds = [(0.85, 0.5), (0.95, 0.9), (np.nan, 1.0)]  # finding 0 undefined in the third seed
+    rows = []
+    for seed, (first, second) in enumerate(seeds):
+        aucs = np.full(len(FINDING_IDS), np.nan)
+        aucs[:2] = first, second
+        rows.append(_trial_row(f"s{seed}", "dinov3-base", "none", seed, aucs, rng=np.random.default_rng(0)))
+    (setting,) = lb.best_settings(pd.DataFrame(rows)).values()
+    assert setting.per_finding.iloc[:2].tolist() == [0.8999999999999999, 0.7999999999999999]
+    assert lb.band_counts(setting.per_finding) == (1, 1, 2)
+    counts = lb.stratified_counts({("dinov3-base", "none"): setting})
+    assert counts.loc["dinov3-base", (">= 0.90", "LoRA")] == 1
+    assert counts.loc["dinov3-base", ("0.80-0.90", "LoRA")] == 1
+
+
 def test_ranking_is_sorted_and_shows_varying_config(trials):
     r = lb.ranking_table(lb.finished_trials(trials))
     values = r["val mean AUC"].astype(float).to_numpy()
@@ -205,12 +223,58 @@ def test_importances_computed_or_skipped(trials):
 
 
 def test_importances_with_a_none_choice(trials):
-    t = lb.finished_trials(trials).copy()
+    t = lb.finished_trials(trials)
+    t = t[t["config/adapter.kind"] == "molre"].copy()  # top_k is a MoLRE key: it applies to these trials only
     t["config/adapter.molre.top_k"] = [None if i % 2 else 2 for i in range(len(t))]
     t["searched"] = json.dumps([*SEARCHED, "adapter.molre.top_k", "loss.gamma"])
     series, message = lb.hyperparameter_importances(t)
     assert series is not None and "adapter.molre.top_k" in series.index
     assert "loss.gamma: one value only" in message
+
+
+def _mixed_sweep_table() -> pd.DataFrame:
+    """Trials rows as the sweep writes them (``trial_row``) for LoRA and MoLRE with experts in {2, 6}, 3 seeds;
+    objective: LoRA 0.80, MoLRE 0.82 with 2 experts and 0.86 with 6, + seed noise."""
+    from molre.tune.space import SweepSpec
+    from molre.tune.sweep import trial_row
+
+    spec = SweepSpec.model_validate({"name": "mixed", "space": {
+        "adapter.kind": {"choice": ["none", "molre"]},
+        "adapter.molre.experts": {"choice": [2, 6], "when": {"adapter.kind": "molre"}}}})  # fmt: skip
+    points = [({"adapter.kind": "none"}, 0.80)]
+    points += [({"adapter.kind": "molre", "adapter.molre.experts": k}, v) for k, v in ((2, 0.82), (6, 0.86))]
+    rows = []
+    for n, ((point, objective), seed) in enumerate(itertools.product(points, range(3))):
+        metrics = {"val/best_mean_auc": objective + 0.002 * seed, "params/total": 1_000, "epochs": 20}
+        rows.append(trial_row(f"t{n}", "TERMINATED", {"point": point, "seed": seed}, metrics, spec))
+    return pd.DataFrame(rows)
+
+
+def test_importance_study_leaves_out_keys_whose_condition_failed():
+    table = _mixed_sweep_table()
+    assert (table.loc[table["config/adapter.kind"] == "none", "config/adapter.molre.experts"] == 6).all()
+    study, notes = lb.importance_study(table)
+    for trial, kind in zip(study.trials, table["config/adapter.kind"], strict=True):
+        assert ("adapter.molre.experts" in trial.params) == (kind == "molre")  # LoRA: no experts=6 default
+    assert set(study.trials[0].params) == {"adapter.kind", "train.seed"}
+    series, message = lb.hyperparameter_importances(table)
+    assert series is not None and set(series.index) == {"adapter.kind", "train.seed"}
+    assert series["adapter.kind"] > series["train.seed"]
+    assert "adapter.molre.experts: conditional, applies to 6 of 9 trials" in message
+    (within,) = lb.conditional_importances(table)
+    assert within.keys == ("adapter.molre.experts",) and within.trials == 6
+    assert within.importances is not None and within.importances.idxmax() == "adapter.molre.experts"
+
+
+def test_importances_of_an_older_table_without_active_keys():
+    """Tables written before the ``active_keys`` column: LoRA trials ignore adapter.molre.* (no effect there)."""
+    table = _mixed_sweep_table().drop(columns="active_keys")
+    study, _ = lb.importance_study(table)
+    assert ["adapter.molre.experts" in t.params for t in study.trials] == [False] * 3 + [True] * 6
+    blocks = lb._importances(lb.Analysis.of(table))
+    assert any(
+        "Within the 6 trials where adapter.molre.experts apply" in getattr(b, "text", "") for b in blocks
+    )
 
 
 def test_infer_distribution():

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from molre.errors import ConfigError
-from molre.tune.space import grid_points, load_sweep, random_point, run_config_for
+from molre.tune.space import active_keys, grid_points, load_sweep, random_point, run_config_for
 
 SPACES = sorted(Path(__file__).resolve().parents[2].joinpath("search_spaces").glob("*.yaml"))
 
@@ -126,3 +126,40 @@ def test_objectives_name_metrics_that_trials_report(tmp_path):
         spec.search.objectives = [(name, "max")]
         with pytest.raises(ConfigError, match=hint):
             check_objectives(spec, "s.yaml")
+
+
+def test_paper_table2_runs_deepcntd_without_an_adapter():
+    spec = load_sweep(Path(__file__).resolve().parents[2] / "search_spaces" / "paper_table2.yaml")
+    configs = [run_config_for(spec, p, 0) for p in grid_points(spec)]
+    deepcntd = [c for c in configs if c.backbone.preset == "deepcntd"]
+    assert [c.adapter.kind for c in deepcntd] == ["none"]  # one point: the Base row, no MoLRE
+    kinds = {(c.backbone.preset, c.adapter.kind) for c in configs if c.backbone.preset != "deepcntd"}
+    assert len(kinds) == 5 * 2  # the five other presets: Base and +MoLRE each
+    assert active_keys(spec, {"backbone.preset": "deepcntd"}) == ["backbone.preset"]  # kind: not searched
+    assert active_keys(spec, {"backbone.preset": "medgemma"}) == ["backbone.preset", "adapter.kind"]
+
+
+@pytest.mark.parametrize("algorithm", ["grid", "optuna"])
+def test_a_preset_that_cannot_take_molre_is_refused_at_load(tmp_path, algorithm):
+    path = tmp_path / "pairs.yaml"
+    path.write_text(
+        "name: t\n"
+        "space:\n"
+        "  backbone.preset: {choice: [tiny-vit, deepcntd]}\n"
+        "  adapter.kind: {choice: [none, molre]}\n"
+        f"search: {{algorithm: {algorithm}}}\n"
+    )
+    with pytest.raises(ConfigError, match="preset deepcntd cannot take adapter.kind=molre") as info:
+        load_sweep(path)
+    message = str(info.value)
+    assert str(path) in message and "'backbone.preset': 'deepcntd'" in message and "'molre'" in message
+
+
+def test_an_unknown_preset_is_refused_at_load(tmp_path):
+    path = tmp_path / "typo.yaml"
+    path.write_text(
+        "name: t\nspace:\n  backbone.preset: {choice: [tiny-vit, dinov3-bas]}\nsearch: {algorithm: grid}\n"
+    )
+    with pytest.raises(ConfigError, match="unknown backbone preset 'dinov3-bas'") as info:
+        load_sweep(path)
+    assert str(path) in str(info.value)

@@ -26,6 +26,20 @@ def per_finding_auc(scores: np.ndarray, labels: np.ndarray, known: np.ndarray | 
     return out
 
 
+HIGH, MODERATE = 0.90, 0.80  # paper Fig. 2 bands: AUC >= 0.90 and 0.80 <= AUC < 0.90
+# compare at 12 decimals: float noise is ~1e-16 (sklearn's 4/5 is 0.7999999999999999, mean(0.85, 0.95) is
+# 0.8999999999999999) and no real AUC difference is that small (4/5 - 1e-12 needs over 10^6 pairs)
+BAND_DECIMALS = 12
+
+
+def band_counts(aucs) -> tuple[int, int]:
+    """(AUC >= 0.90, 0.80 <= AUC < 0.90) over the defined (non-NaN) AUCs, compared after rounding to 12 decimals,
+    so that a value on a threshold up to float error lands in the band it belongs to."""
+    a = np.asarray(aucs, dtype=np.float64)
+    a = np.round(a[~np.isnan(a)], BAND_DECIMALS)
+    return int((a >= HIGH).sum()), int(((a >= MODERATE) & (a < HIGH)).sum())
+
+
 @dataclass
 class AUCSummary:
     mean: float  # over defined findings
@@ -48,11 +62,12 @@ class AUCSummary:
 def summarize(aucs: np.ndarray, ids=FINDING_IDS) -> AUCSummary:
     aucs = np.asarray(aucs, dtype=np.float64)
     defined = aucs[~np.isnan(aucs)]
+    n_high, n_moderate = band_counts(defined)
     return AUCSummary(
         mean=float(defined.mean()) if defined.size else float("nan"),
         std=float(defined.std()) if defined.size else float("nan"),
         n_defined=int(defined.size),
-        n_high=int((defined >= 0.90).sum()),
-        n_moderate=int(((defined >= 0.80) & (defined < 0.90)).sum()),
+        n_high=n_high,
+        n_moderate=n_moderate,
         undefined=[fid for fid, a in zip(ids, aucs, strict=True) if np.isnan(a)],
     )

@@ -422,9 +422,12 @@ def comparison_table(comps: dict[str, Comparison]) -> pd.DataFrame:
 
 
 def band_counts(aucs: pd.Series) -> tuple[int, int, int]:
-    """(AUC >= 0.90, 0.80 <= AUC < 0.90, defined) over the defined findings, the rule of metrics.summarize."""
+    """(AUC >= 0.90, 0.80 <= AUC < 0.90, defined) over the defined findings, by metrics.band_counts (the rule
+    of metrics.summarize, float noise on a threshold included)."""
+    from molre.train.metrics import band_counts as auc_band_counts
+
     a = aucs.dropna().to_numpy(dtype=float)
-    return int((a >= 0.90).sum()), int(((a >= 0.80) & (a < 0.90)).sum()), int(a.size)
+    return (*auc_band_counts(a), int(a.size))
 
 
 def stratified_counts(best: dict[tuple[str, str], Setting]) -> pd.DataFrame:
@@ -467,28 +470,52 @@ def infer_distribution(values: Iterable[object]):
     return FloatDistribution(float(low), float(high), log=log)
 
 
+def active_keys(row: pd.Series, searched: list[str]) -> set[str]:
+    """The searched keys a trial was searched over: its ``active_keys`` (keys whose ``when`` condition held, as
+    the sweep writes them); a table without that column: all of them, less adapter.molre.* on LoRA trials."""
+    raw = _plain(row.get("active_keys"))
+    if raw is not None:
+        return set(json.loads(raw)) & set(searched)
+    lora = _plain(row.get(KIND)) == LORA
+    return {k for k in searched if not (lora and f"config/{k}".startswith(MOLRE_KEYS))}
+
+
+def active_mask(finished: pd.DataFrame, searched: list[str]) -> np.ndarray:
+    """``[trials, keys]`` bool: key j applied to trial i (its condition held)."""
+    rows = [active_keys(row, searched) for _, row in finished.iterrows()]
+    return np.array([[k in a for k in searched] for a in rows], dtype=bool).reshape(len(rows), len(searched))
+
+
 def importance_study(finished: pd.DataFrame):
     """``(optuna Study | None, notes)``: the finished trials re-added to an in-memory study, one parameter
-    per searched key that took more than one value."""
+    per searched key that took more than one value among the trials it applied to. A trial carries only the
+    keys whose condition held for it (Optuna's conditional parameters): a LoRA trial has no experts parameter,
+    rather than posing as an experts=6 trial with the MoLRE default."""
     import optuna
 
+    searched = searched_keys(finished)
+    mask = active_mask(finished, searched)
     notes, dists = [], {}
-    for key in searched_keys(finished):
+    for j, key in enumerate(searched):
         column = f"config/{key}"
         if column not in finished:
             notes.append(f"{key}: not in the table")
-        elif (dist := infer_distribution(finished[column])) is None:
+        elif (dist := infer_distribution(finished[column][mask[:, j]])) is None:
             notes.append(f"{key}: one value only")
         else:
             dists[key] = dist
     if not dists:
         return None, notes
     study = optuna.create_study(direction="maximize", study_name="leaderboard")
-    for _, row in finished.iterrows():
-        params = {k: _cast(_plain(row[f"config/{k}"]), d) for k, d in dists.items()}
-        study.add_trial(
-            optuna.trial.create_trial(params=params, distributions=dists, value=float(row[OBJECTIVE]))
+    column = {k: searched.index(k) for k in dists}
+    for i, (_, row) in enumerate(finished.iterrows()):
+        applies = [k for k in dists if mask[i, column[k]]]
+        params = {k: _cast(_plain(row[f"config/{k}"]), dists[k]) for k in applies}
+        distributions = {k: dists[k] for k in applies}
+        trial = optuna.trial.create_trial(
+            params=params, distributions=distributions, value=float(row[OBJECTIVE])
         )
+        study.add_trial(trial)
     return study, notes
 
 
@@ -501,7 +528,9 @@ def _cast(value: object, dist) -> object:
 
 
 def hyperparameter_importances(finished: pd.DataFrame) -> tuple[pd.Series | None, str]:
-    """fANOVA importances (Optuna, seeded) of the searched keys for the objective, or (None, why not)."""
+    """fANOVA importances (Optuna, seeded) for the objective of the searched keys that apply to every finished
+    trial, or (None, why not). fANOVA needs every trial to have every parameter, so Optuna leaves a conditional
+    key (e.g. adapter.molre.experts, MoLRE trials only) out; ``conditional_importances`` covers it."""
     import optuna
 
     if len(finished) < MIN_TRIALS_FOR_IMPORTANCE:
@@ -514,6 +543,7 @@ def hyperparameter_importances(finished: pd.DataFrame) -> tuple[pd.Series | None
         study, notes = importance_study(finished)
         if study is None:
             return None, "skipped: no searched key took more than one value (" + "; ".join(notes) + ")"
+        notes += _conditional_notes(study)
         evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)
         values = optuna.importance.get_param_importances(study, evaluator=evaluator)
     except Exception as err:  # a degenerate study (e.g. a constant objective) must not sink the report
@@ -521,10 +551,47 @@ def hyperparameter_importances(finished: pd.DataFrame) -> tuple[pd.Series | None
     finally:
         optuna.logging.set_verbosity(verbosity)
     series = pd.Series(values, dtype=float).sort_values(ascending=False)
-    if series.empty or not np.isfinite(series.to_numpy()).all():
-        return None, "skipped: importances undefined (the objective does not vary)"
     extra = f" Not included: {'; '.join(notes)}." if notes else ""
+    if series.empty:
+        return None, f"skipped: no searched key that varies applies to every trial.{extra}"
+    if not np.isfinite(series.to_numpy()).all():
+        return None, "skipped: importances undefined (the objective does not vary)"
     return series, f"fANOVA over {len(finished)} finished trials.{extra}"
+
+
+def _conditional_notes(study) -> list[str]:
+    """One note per parameter that some of the study's trials lack (fANOVA leaves it out)."""
+    trials = study.get_trials(deepcopy=False)
+    counts = pd.Series([k for t in trials for k in t.params], dtype=object).value_counts()
+    return [f"{k}: conditional, applies to {n} of {len(trials)} trials (importance within those below)"
+            for k, n in counts.items() if n < len(trials)]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ConditionalImportance:
+    keys: tuple[str, ...]  # conditional keys that apply to the same trials
+    trials: int  # how many
+    importances: pd.Series | None
+    message: str
+
+
+def conditional_importances(finished: pd.DataFrame) -> list[ConditionalImportance]:
+    """fANOVA within the trials a conditional key applies to (its condition held, e.g. the MoLRE trials for
+    adapter.molre.experts), one study per set of keys that apply to the same trials; keys that vary there only."""
+    searched = searched_keys(finished)
+    mask = active_mask(finished, searched)
+    groups: dict[bytes, list[str]] = {}
+    for j, key in enumerate(searched):
+        applies = mask[:, j]
+        conditional = applies.any() and not applies.all() and f"config/{key}" in finished
+        if conditional and infer_distribution(finished[f"config/{key}"][applies]) is not None:
+            groups.setdefault(applies.tobytes(), []).append(key)
+    out = []
+    for raw, keys in groups.items():
+        subset = finished[np.frombuffer(raw, dtype=bool)]
+        series, message = hyperparameter_importances(subset)
+        out.append(ConditionalImportance(tuple(keys), len(subset), series, message))
+    return out
 
 
 # ---- 7. router analysis ------------------------------------------------------------------------------------
@@ -700,12 +767,25 @@ def _importances(a: Analysis) -> list[Block]:
     blocks: list[Block] = [Heading("Hyperparameter importances")]
     series, message = hyperparameter_importances(a.finished)
     if series is None:
-        return [*blocks, Text(f"Importances {message}.")]
-    frame = pd.DataFrame({"hyperparameter": series.index, "importance": [f"{v:.3f}" for v in series]})
-    image = Image(
-        "importances.png", plots.importance_bars(series), "Optuna fANOVA importances for the objective"
-    )
-    return [*blocks, Text(message), Table(frame), image]
+        blocks.append(Text(f"Importances {message.rstrip('.')}."))
+    else:
+        image = Image(
+            "importances.png", plots.importance_bars(series), "Optuna fANOVA importances for the objective"
+        )
+        blocks += [Text(message), Table(_importance_frame(series)), image]
+    if len(a.finished) < MIN_TRIALS_FOR_IMPORTANCE:
+        return blocks
+    for c in conditional_importances(a.finished):
+        text = f"Within the {c.trials} trials where {', '.join(c.keys)} apply: "
+        if c.importances is None:
+            blocks.append(Text(text + f"importances {c.message.rstrip('.')}."))
+        else:
+            blocks += [Text(text + c.message), Table(_importance_frame(c.importances))]
+    return blocks
+
+
+def _importance_frame(series: pd.Series) -> pd.DataFrame:
+    return pd.DataFrame({"hyperparameter": series.index, "importance": [f"{v:.3f}" for v in series]})
 
 
 def _router(a: Analysis) -> list[Block]:

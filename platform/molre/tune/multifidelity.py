@@ -31,6 +31,7 @@ from molre.errors import ConfigError
 from molre.findings import FINDING_IDS
 from molre.tune.space import SweepSpec, grid_points, random_point, run_config_for
 from molre.tune.sweep import (
+    BestEpochAUCs,
     end_to_end_trainable,
     fit_experiment,
     table_from_results,
@@ -55,10 +56,11 @@ def run_cached_trial(config: dict, spec: dict, data_uri: str, experiment_uri: st
         config, sweep, data_uri, experiment_uri, ray.tune.get_context().get_trial_id()
     )
     tag = {"fidelity": "cached", "point": json.dumps(point, default=str)}  # on every report: ASHA may stop it
+    best_aucs = BestEpochAUCs()  # every report carries the best epoch's per-finding AUCs, for the same reason
     result = cached_trial(
         cfg,
         cache_root,
-        on_epoch=lambda metrics: ray.tune.report({**_numeric(metrics), **tag}),
+        on_epoch=lambda metrics: ray.tune.report(epoch_report(metrics, best_aucs, tag)),
         augment_copies=augment_copies(sweep),
     )
     best = result.history[result.best_epoch] if result.best_epoch >= 0 else {}
@@ -67,6 +69,11 @@ def run_cached_trial(config: dict, spec: dict, data_uri: str, experiment_uri: st
     final.update({f"params/{k}": v for k, v in count_config_params(cfg).items()})
     ray.tune.report({**_numeric(final), "epochs": len(result.history), "best_epoch": result.best_epoch,
                      "val/best_mean_auc": result.best_metric, **tag})  # fmt: skip
+
+
+def epoch_report(metrics: dict, best: BestEpochAUCs, tag: dict) -> dict:
+    """A screen epoch's Tune report: its numbers, the best epoch's per-finding AUCs so far, the trial's tag."""
+    return {**_numeric(metrics), **best.update(metrics), **tag}
 
 
 def augment_copies(spec: SweepSpec) -> int:

@@ -16,7 +16,8 @@
     multi_fidelity: {confirm_top: 2, cache: null}   # optional: screen on cached features, confirm the best
 
 Everything is validated before any trial starts (``load_sweep``): unknown keys, empty choices, low > high, a
-condition on a key the space does not define, and every sampled point must build a valid run config.
+condition on a key the space does not define, and every sampled point must build a valid run config whose
+backbone preset exists and takes its adapter (no MoLRE on an attention-free preset).
 """
 
 from __future__ import annotations
@@ -181,6 +182,16 @@ def random_point(spec: SweepSpec, rng) -> dict[str, Any]:
     return point
 
 
+def active_keys(spec: SweepSpec, values: dict[str, Any]) -> list[str]:
+    """The space's keys searched for a trial whose keys take ``values`` (e.g. its run config, flattened): those
+    whose condition holds, judged in declaration order as ``random_point`` and ``grid_points`` judge it."""
+    active: dict[str, Any] = {}
+    for key, dim in spec.space.items():
+        if dim.holds(active):
+            active[key] = values.get(key)
+    return list(active)
+
+
 def grid_points(spec: SweepSpec) -> list[dict[str, Any]]:
     """The exhaustive grid over the space, conditional keys only where their condition holds."""
     points: list[dict[str, Any]] = [{}]
@@ -284,7 +295,7 @@ def check_objectives(spec: SweepSpec, source: str) -> None:
 
 
 def validate_points(spec: SweepSpec, source: str, samples: int = 16) -> None:
-    """Every grid point (or a sample of random points) must build a valid run config."""
+    """Every grid point (or a sample of random points) must build a valid run config its preset can take."""
     import numpy as np
 
     build_config(spec.base, source=f"{source}: base")
@@ -304,10 +315,28 @@ def validate_points(spec: SweepSpec, source: str, samples: int = 16) -> None:
             cfg = run_config_for(spec, point, seed)
         except ConfigError as err:
             raise ConfigError(f"{source}: the space reaches an invalid run config:\n{err}") from None
+        _check_preset_takes_adapter(cfg, point, source)
         if spec.multi_fidelity is not None:
             _check_screenable(cfg, point, source)
     if spec.multi_fidelity is not None and len(spec.search.objectives) > 1:
         raise ConfigError(f"{source}: multi_fidelity ranks the screen by one metric; give one objective")
+
+
+def _check_preset_takes_adapter(cfg: RunConfig, point: dict, source: str) -> None:
+    """A valid config can still name a preset the model builder refuses (unknown, or MoLRE on an attention-free
+    preset such as deepcntd): ask the preset registry now, not at the trial's first step."""
+    from molre.errors import ModelError
+    from molre.models.backbones import get_preset
+
+    try:
+        preset = get_preset(cfg.backbone.preset)
+    except ModelError as err:
+        raise ConfigError(f"{source}: point {point}: {err}") from None
+    if cfg.adapter.kind == "molre" and not preset.supports_molre:
+        raise ConfigError(
+            f"{source}: point {point}: preset {preset.name} cannot take adapter.kind=molre (attention-free); "
+            "give it adapter.kind=none, e.g. with a `when` condition that leaves it out and a base of none"
+        )
 
 
 def _check_screenable(cfg: RunConfig, point: dict, source: str) -> None:

@@ -1,7 +1,8 @@
 """The sweep driver: Ray Tune over a search-space file, one trial = one TorchTrainer (Ray Train V2 pattern).
 
     spec (search_spaces/*.yaml) -> searcher (Optuna TPE via OptunaSearch, repeated over seeds; or a grid)
-      -> ASHA -> trial: run config -> TorchTrainer.fit() (epoch metrics forwarded by TuneReportCallback)
+      -> ASHA -> trial: run config -> TorchTrainer.fit() (epoch metrics forwarded by BestEpochReportCallback,
+         each with the best epoch's per-finding AUCs, so that an ASHA-stopped trial's row is its best epoch's)
       -> final report (best-epoch per-finding AUCs, router analysis, parameter counts)
       -> trials.parquet + leaderboard (Markdown, HTML) in <storage>/<name>/, rewritten as trials finish
 
@@ -11,6 +12,7 @@ trials are not re-run, the searcher keeps its state, and an interrupted trial re
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -19,13 +21,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import ray.tune
+from ray.tune.integration.ray_train import TuneReportCallback
 
 from molre.config import config_to_dict
 from molre.data import storage
 from molre.errors import ConfigError
 from molre.findings import CATEGORY_SIZES, FINDING_IDS, FINDINGS
 from molre.train.metrics import per_finding_auc, summarize
-from molre.tune.space import OptunaSpace, SweepSpec, grid_points, run_config_for
+from molre.tune.space import OptunaSpace, SweepSpec, active_keys, grid_points, run_config_for
 
 TRIALS_FILE = "trials.parquet"
 
@@ -53,17 +56,69 @@ def trial_run_config(config: dict, spec: SweepSpec, data_uri: str, experiment_ur
     return cfg, point
 
 
+class BestEpochAUCs:
+    """The per-finding val AUCs of a trial's best epoch so far, to carry on every epoch report as ``auc/<id>``.
+
+    An ASHA-stopped trial has no final report: its objective is ``val/best_mean_auc`` (the best epoch), so its
+    per-finding AUCs, and the std and band counts ``trial_row`` derives from them, must be that epoch's too.
+    """
+
+    def __init__(self):
+        self.epoch, self.aucs = -1, {}
+
+    def update(self, metrics: dict) -> dict:
+        """Keep this epoch's AUCs if it is the best (``epoch == best_epoch``); ``{auc/<id>: best epoch's}``,
+        or ``{}`` while the best epoch's AUCs are unknown (e.g. it came before a resume)."""
+        epoch, best = metrics.get("epoch"), metrics.get("best_epoch")
+        if epoch is not None and epoch == best and f"val/auc/{FINDING_IDS[0]}" in metrics:
+            self.remember(best, {fid: metrics[f"val/auc/{fid}"] for fid in FINDING_IDS})
+        return dict(self.aucs) if best is not None and best == self.epoch else {}
+
+    def remember(self, epoch: int, aucs: dict) -> None:
+        self.epoch = epoch
+        self.aucs = {f"auc/{fid}": float(aucs.get(fid, math.nan)) for fid in FINDING_IDS}
+
+
+class BestEpochReportCallback(TuneReportCallback):
+    """Ray Train -> Tune forwarding (``TuneReportCallback``) that adds the best epoch's per-finding AUCs to each
+    report; after a resume it reads them once from the checkpoint's best-epoch validation outputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.best = BestEpochAUCs()
+
+    def after_report(self, run_context, metrics, checkpoint):
+        first = metrics[0]
+        extra = self.best.update(first)
+        if not extra and checkpoint is not None and first.get("best_epoch", -1) >= 0:
+            aucs = best_aucs_in_checkpoint(checkpoint)
+            if aucs is not None:
+                self.best.remember(first["best_epoch"], aucs)
+                extra = self.best.update(first)
+        super().after_report(run_context, [{**first, **extra}, *metrics[1:]], checkpoint)
+
+
+def best_aucs_in_checkpoint(checkpoint) -> dict | None:
+    """``{finding: AUC}`` from a checkpoint's ``val_outputs.npz`` (the best epoch's); None when it has none."""
+    path = f"{checkpoint.path}/val_outputs.npz"
+    try:
+        with checkpoint.filesystem.open_input_file(path) as f:
+            outputs = dict(np.load(io.BytesIO(f.read())))
+    except OSError:  # FileNotFoundError included
+        return None
+    aucs = per_finding_auc(outputs["scores"], outputs["labels"], outputs["known"])
+    return dict(zip(FINDING_IDS, map(float, aucs), strict=True))
+
+
 def run_trial(config: dict, spec: dict, data_uri: str, experiment_uri: str) -> None:
     """Tune trial: build and fit a TorchTrainer, then report the best epoch's full metrics."""
-    from ray.tune.integration.ray_train import TuneReportCallback
-
     from molre.train.run import build_trainer, fit, prepare
 
     sweep = SweepSpec.model_validate(spec)
     trial_id = ray.tune.get_context().get_trial_id()
     cfg, point = trial_run_config(config, sweep, data_uri, experiment_uri, trial_id)
     setup = prepare(cfg, verify=False)  # the driver verified the shards' checksums once for the sweep
-    result = fit(build_trainer(cfg, setup, callbacks=[TuneReportCallback()]))
+    result = fit(build_trainer(cfg, setup, callbacks=[BestEpochReportCallback()]))
     with result.checkpoint.as_directory() as directory:
         final = final_metrics(directory, cfg)
     ray.tune.report(
@@ -123,7 +178,10 @@ def trial_row(trial_id: str, status: str, config: dict, metrics: dict, spec: Swe
     point, seed = _point_and_seed(config, spec) if config else ({}, 0)
     cfg = run_config_for(spec, point, seed)
     row = {"trial_id": trial_id, "status": status, "searched": json.dumps([*spec.space, "train.seed"])}
-    row.update({f"config/{k}": v for k, v in _flat(config_to_dict(cfg)).items()})
+    values = _flat(config_to_dict(cfg))
+    searched_here = active_keys(spec, {**values, **point})  # the keys whose `when` condition held
+    row["active_keys"] = json.dumps([*searched_here, "train.seed"])
+    row.update({f"config/{k}": v for k, v in values.items()})
     metrics = metrics or {}
     final = "params/total" in metrics  # the trial's last report is the final one
     row["stopped_early"] = status == "TERMINATED" and not final
@@ -135,9 +193,21 @@ def trial_row(trial_id: str, status: str, config: dict, metrics: dict, spec: Swe
     for key, value in metrics.items():
         if key.startswith(("val/", "auc/", "params/", "router/")) and isinstance(value, int | float):
             row[key] = value
-    if not final:  # ASHA-stopped or running: fall back to the last epoch's per-finding AUCs
-        row.update({f"auc/{fid}": metrics.get(f"val/auc/{fid}", math.nan) for fid in FINDING_IDS})
+    if not final:  # ASHA-stopped or running: per-finding AUCs and their summary from the best epoch
+        row.update(unfinished_trial_aucs(metrics))
     return {k: v for k, v in row.items() if not k.startswith("val/auc/")}
+
+
+def unfinished_trial_aucs(metrics: dict) -> dict:
+    """Per-finding AUCs of a trial without a final report, and the std / band counts they give: the best
+    epoch's (``auc/<id>``, carried by each epoch report), else (older results) the last epoch's ``val/auc/<id>``.
+    ``val/mean_auc`` stays the last epoch's; the best epoch's mean is the objective, val/best_mean_auc."""
+    prefix = "auc/" if f"auc/{FINDING_IDS[0]}" in metrics else "val/auc/"
+    aucs = np.array([metrics.get(f"{prefix}{fid}", math.nan) for fid in FINDING_IDS], dtype=float)
+    out = {f"auc/{fid}": float(a) for fid, a in zip(FINDING_IDS, aucs, strict=True)}
+    if f"{prefix}{FINDING_IDS[0]}" in metrics:  # no epoch reported yet: no summary either
+        out.update({k: v for k, v in summarize(aucs).as_dict("val/").items() if k != "val/mean_auc"})
+    return out
 
 
 def trials_table(trials, spec: SweepSpec) -> pd.DataFrame:
