@@ -18,7 +18,6 @@ from molre.models.runtime import (
     prepare_runtime,
     set_tf32,
 )
-from tests.models.helpers import unit_layer_scale
 
 
 def _model(**adapter):
@@ -26,7 +25,7 @@ def _model(**adapter):
     model = build_model(build_config({"backbone": {"preset": "tiny-vit"}, "adapter": adapter}))
     for m in model.molre_modules():
         torch.nn.init.normal_(m.B, std=0.1)  # trained-looking experts, so their path is visible in the output
-    return unit_layer_scale(model)  # blocks that matter (see helpers)
+    return model
 
 
 @pytest.mark.parametrize("placement", ["features", "blocks"])

@@ -156,10 +156,14 @@ def register(preset: Preset) -> Preset:
     return preset
 
 
+# DINOv3's image embedding is its normed CLS token (upstream's, and Hugging Face's pooler_output); timm's default
+# for the architecture is the mean of the patch tokens, so the pooling is set explicitly.
 register(Preset("dinov3-base", 2, 768, 224, 0, "Natural", "lora", _VIT, True,
-                _timm("vit_base_patch16_dinov3"), "timm safetensors of vit_base_patch16_dinov3.lvd1689m"))  # fmt: skip
+                _timm("vit_base_patch16_dinov3", global_pool="token"),
+                "timm safetensors of vit_base_patch16_dinov3.lvd1689m"))  # fmt: skip
 register(Preset("dinov3-large", 2, 1024, 224, 0, "Natural", "lora", _VIT, True,
-                _timm("vit_large_patch16_dinov3"), "timm safetensors of vit_large_patch16_dinov3.lvd1689m"))  # fmt: skip
+                _timm("vit_large_patch16_dinov3", global_pool="token"),
+                "timm safetensors of vit_large_patch16_dinov3.lvd1689m"))  # fmt: skip
 # MedGemma's vision tower is SigLIP so400m/14 at its native 896^2 (4,096 patches); timm's gap variant pools tokens.
 register(Preset("medgemma", 2, 1152, 896, 0, "Medical", "lora", _VIT, True,
                 _timm("vit_so400m_patch14_siglip_gap_896"), "MedGemma vision tower converted to timm keys"))  # fmt: skip
@@ -177,9 +181,12 @@ register(Preset("deepcntd", 3, 1016, 256, 32, "Head CT", "full", (), False,
                 _densenet(block_config=(6, 12, 24), init_features=32, growth_rate=32),
                 "none public; a MONAI DenseNet state dict of your own"))  # fmt: skip
 
-# Tiny models of the same architectures, for tests, CPU runs and the embedded default.
+# Tiny models of the same architectures, for tests, CPU runs and the embedded default. tiny-vit pools the CLS token
+# like the dinov3 presets; its LayerScale starts at 1, not DINOv3's 1e-5: random blocks that add 1e-5 of their
+# output would leave a random CLS token (and whatever LoRA does in the blocks) ~constant across slices.
 register(Preset("tiny-vit", 2, 64, 64, 0, "test", "lora", _VIT, True,
-                _timm("vit_small_patch16_dinov3", embed_dim=64, depth=2, num_heads=2),
+                _timm("vit_small_patch16_dinov3", embed_dim=64, depth=2, num_heads=2, global_pool="token",
+                      init_values=1.0),
                 "random (a 2-block, width-64 DINOv3-architecture ViT)"))  # fmt: skip
 register(Preset("tiny-davit", 2, 64, 64, 0, "test", "lora", _VIT, True,
                 _davit(embed_dims=(16, 32, 64, 128), depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8), window_size=4),

@@ -43,7 +43,8 @@ from molre.models.fp8 import apply_frozen_matmul
 from molre.models.molre import MoLRE
 from molre.models.pooling import AttentionPooling
 
-CACHE_VERSION = 1  # bump when the feature pipeline changes: old caches then miss instead of being reused
+CACHE_VERSION = 2  # bump when the feature pipeline changes: old caches then miss instead of being reused
+# 2: the DINOv3 presets and tiny-vit embed a slice as the CLS token (was the mean of the patch tokens)
 META = "meta.json"
 SPLITS = ("train", "val")
 
