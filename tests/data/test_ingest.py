@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import warnings
 from pathlib import Path
 
@@ -310,6 +311,31 @@ def test_dangling_symlink_is_a_reject_not_an_abort(tmp_path):
         (str(link), "dangling symbolic link (its target does not exist)")
     ]
     assert load_series(refs[0]).shape == (10, 32, 32)
+
+
+def test_linked_study_folders_are_followed_once_and_a_loop_ends(tmp_path):
+    write_good_dicom(tmp_path / "archive" / "s1")
+    (tmp_path / "export").mkdir()
+    (tmp_path / "export" / "s1").symlink_to(tmp_path / "archive" / "s1")  # a PACS export's linked folder
+    (tmp_path / "export" / "up").symlink_to(tmp_path / "export")  # a link back up the tree
+    refs, rejects = discover(tmp_path / "export")
+    assert len(_only(refs).files) == 10 and rejects == []
+    refs, rejects = discover(tmp_path)  # the same folder by its path and through the link: counted once
+    assert len(_only(refs).files) == 10 and rejects == []
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root lists any folder")
+def test_a_folder_that_cannot_be_listed_is_a_reject(tmp_path):
+    write_good_dicom(tmp_path / "s")
+    locked = tmp_path / "locked"
+    write_good_dicom(locked)
+    locked.chmod(0)
+    try:
+        refs, rejects = discover(tmp_path)
+    finally:
+        locked.chmod(0o755)
+    assert len(_only(refs).files) == 10
+    assert [(e.path, e.reason) for e in rejects] == [(str(locked), "cannot list folder (PermissionError)")]
 
 
 def test_discover_missing_directory_is_a_data_error(tmp_path):

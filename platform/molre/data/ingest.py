@@ -147,7 +147,7 @@ def discover(
     headers: dict[str, list[tuple[str, str, str]]] = defaultdict(list)  # series uid -> (path, study, sop)
     nifti: list[SeriesRef] = []
     rejects: list[DataError] = []
-    for path in _walk(root, ignore):
+    for path in _walk(root, ignore, rejects):
         try:
             _check_readable(path)
             if path.name.lower().endswith(NIFTI_SUFFIXES):
@@ -161,8 +161,21 @@ def discover(
     return sorted(refs, key=lambda r: r.source), rejects
 
 
-def _walk(root: Path, ignore: Sequence[str]) -> Iterator[Path]:
-    for folder, dirs, files in os.walk(root):
+def _walk(root: Path, ignore: Sequence[str], rejects: list[DataError]) -> Iterator[Path]:
+    """Files under ``root`` in sorted order. Symbolic links to folders are followed (PACS exports link study
+    folders), each real folder once (a link back up the tree would loop); a folder that cannot be listed is a
+    reject, so that its files are accounted for."""
+    seen: set[str] = set()
+
+    def unlisted(err: OSError) -> None:
+        rejects.append(DataError(str(err.filename), f"cannot list folder ({type(err).__name__})"))
+
+    for folder, dirs, files in os.walk(root, onerror=unlisted, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:  # reached again through a link: its files are already counted
+            dirs[:] = []
+            continue
+        seen.add(real)
         dirs[:] = sorted(d for d in dirs if not _ignored(d, ignore))
         for name in sorted(files):
             if not _ignored(name, ignore):
