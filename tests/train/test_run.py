@@ -34,12 +34,22 @@ def _history(result) -> list[dict]:
     return read_state(result.checkpoint_path).history
 
 
-def test_two_workers_learn_and_a_fixed_seed_repeats(ray_local, tiny_dataset, tmp_path):
-    first = train(_cfg(tiny_dataset, tmp_path, "repeat-a"))
+DROPOUT = {"lora": {"dropout": 0.2}, "molre": {"dropout": 0.2}}  # so that a resumed epoch draws masks too
+
+
+@pytest.fixture(scope="module")
+def steady(ray_local, tiny_dataset, tmp_path_factory):
+    """One uninterrupted 2-worker run with dropout: the reference a repeat and a resumed run must equal."""
+    storage_dir = tmp_path_factory.mktemp("steady")
+    return train(_cfg(tiny_dataset, storage_dir, "repeat-a", adapter=DROPOUT)), storage_dir
+
+
+def test_two_workers_learn_and_a_fixed_seed_repeats(steady, tiny_dataset, tmp_path):
+    first, storage_dir = steady
     assert first.best_metric > 0.6  # three planted findings; chance is 0.5
     assert first.metrics["val/volumes"] == 24  # every validation volume scored exactly once across 2 workers
     assert [h["epoch"] for h in _history(first)] == [0, 1, 2, 3]
-    second = train(_cfg(tiny_dataset, tmp_path, "repeat-b"))
+    second = train(_cfg(tiny_dataset, tmp_path, "repeat-b", adapter=DROPOUT))
     for a, b in zip(_history(first), _history(second), strict=True):
         assert a["val/mean_auc"] == pytest.approx(b["val/mean_auc"], abs=1e-9)
         assert a["train/loss"] == pytest.approx(b["train/loss"], rel=1e-6)
@@ -47,7 +57,7 @@ def test_two_workers_learn_and_a_fixed_seed_repeats(ray_local, tiny_dataset, tmp
     assert {"best.safetensors", "model.safetensors", "optimizer.pt", "config.yaml", "setup.json"} <= {
         p.name for p in ckpt.iterdir()
     }
-    assert any((tmp_path / "repeat-a" / "tensorboard").iterdir())
+    assert any((storage_dir / "repeat-a" / "tensorboard").iterdir())
 
 
 def test_fp8_frozen_matmuls_train_under_ddp(ray_local, tiny_dataset, tmp_path):
@@ -58,20 +68,18 @@ def test_fp8_frozen_matmuls_train_under_ddp(ray_local, tiny_dataset, tmp_path):
 
 
 def test_killed_worker_resumes_from_checkpoint_and_finished_run_is_not_retrained(
-    ray_local, tiny_dataset, tmp_path
+    steady, tiny_dataset, tmp_path
 ):
     marker = tmp_path / "killed.txt"
     fault = {"epoch": 1, "step": 1, "rank": 1, "marker": str(marker)}
-    dropout = {"lora": {"dropout": 0.2}, "molre": {"dropout": 0.2}}  # the resumed epochs draw masks too
-    result = train(_cfg(tiny_dataset, tmp_path, "faulty", adapter=dropout), fault=fault)
+    result = train(_cfg(tiny_dataset, tmp_path, "faulty", adapter=DROPOUT), fault=fault)
     assert marker.exists()  # the worker really was killed mid-epoch 1
     assert [h["epoch"] for h in _history(result)] == [0, 1, 2, 3]  # epoch 1 redone once, none counted twice
-    steady = train(_cfg(tiny_dataset, tmp_path, "steady", adapter=dropout))
-    for resumed, uninterrupted in zip(_history(result), _history(steady), strict=True):  # same run as without
+    for resumed, uninterrupted in zip(_history(result), _history(steady[0]), strict=True):  # as without it
         assert resumed["val/mean_auc"] == pytest.approx(uninterrupted["val/mean_auc"], abs=1e-9)
         assert resumed["train/loss"] == pytest.approx(uninterrupted["train/loss"], rel=1e-6)
     checkpoints = sorted(p.name for p in (tmp_path / "faulty").glob("checkpoint_*"))
-    again = train(_cfg(tiny_dataset, tmp_path, "faulty", adapter=dropout))
+    again = train(_cfg(tiny_dataset, tmp_path, "faulty", adapter=DROPOUT))
     assert again.checkpoint_path == result.checkpoint_path  # restored, and nothing new was trained or saved
     assert sorted(p.name for p in (tmp_path / "faulty").glob("checkpoint_*")) == checkpoints
     assert [h["epoch"] for h in _history(again)] == [0, 1, 2, 3]
