@@ -91,3 +91,51 @@ def test_blocks_checkpoints_from_before_route_by_keep_token_routing(tmp_path):
     raw["adapter"]["molre"]["route_by"] = "slice"
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(raw))
     assert read_config(tmp_path).adapter.molre.route_by == "slice"
+
+
+@pytest.mark.parametrize("antialias", [True, False])
+def test_predict_prepares_a_study_as_preprocess_prepared_its_training_shard(tmp_path, antialias):
+    from molre.data import shards, storage
+    from molre.data.preprocess import preprocess
+    from molre.train.evaluate import study_volume
+    from molre.train.run import preprocessing_facts
+
+    labels = generate(tmp_path / "raw", 1, seed=3, shape=(64, 64, 64))  # 2.5 mm slices -> 8 mm: a 3.2x shrink
+    manifest = preprocess(tmp_path / "raw", labels, "generic", str(tmp_path / "shards"), spacing=(8.0, 4.0, 4.0),
+                          grid=(20, 48, 48), antialias=antialias, executor="inline", salt="t")  # fmt: skip
+    (info,) = manifest.shards  # one study, one shard
+    row = shards.read_shard(storage.join(str(tmp_path / "shards"), info.path)).to_pylist()[0]
+    setup = {"grid": [20, 48, 48], "spacing": [8.0, 4.0, 4.0], **preprocessing_facts(manifest.config)}
+    assert setup["antialias"] is antialias
+    series = next(p for p in (tmp_path / "raw").iterdir() if p.is_dir())
+    np.testing.assert_array_equal(study_volume(str(series), setup), shards.decode_volume(row))
+    other = study_volume(str(series), {**setup, "antialias": not antialias})
+    assert (other != shards.decode_volume(row)).sum() > 1000  # the setting matters for this study
+
+
+def test_predict_takes_a_nifti_file_or_a_dicom_file_and_refuses_several_studies(tmp_path):
+    from molre.errors import DataError
+    from molre.train.evaluate import study_volume
+
+    setup = {"grid": [8, 32, 32], "spacing": [8.0, 4.0, 4.0], "antialias": True, "min_slices": 8}
+    generate(tmp_path / "nii", 1, seed=4, fmt="nifti", shape=(16, 64, 64))
+    (nifti,) = (tmp_path / "nii").glob("*.nii.gz")
+    assert study_volume(str(nifti), setup).shape == (8, 32, 32)  # a file, not only a folder
+    generate(tmp_path / "dcm", 2, seed=4, shape=(16, 64, 64), studies_per_patient=(1, 1))
+    folders = sorted(p for p in (tmp_path / "dcm").iterdir() if p.is_dir())
+    one_file = sorted(folders[0].iterdir())[3]
+    np.testing.assert_array_equal(study_volume(str(one_file), setup), study_volume(str(folders[0]), setup))
+    with pytest.raises(DataError, match="holds 2 studies"):
+        study_volume(str(tmp_path / "dcm"), setup)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no DICOM series or NIfTI file found"):
+        study_volume(str(tmp_path / "empty"), setup)
+
+
+def test_a_checkpoint_from_before_the_preprocessing_facts_reads_as_not_anti_aliased(checkpoint, tmp_path):
+    from molre.train.checkpoint import read_setup
+
+    directory, _ = checkpoint
+    assert read_setup(directory)["antialias"] is False and read_setup(directory)["min_slices"] == 8
+    with pytest.raises(WeightsError, match="setup.json: not a readable molre setup"):
+        read_setup(tmp_path)

@@ -7,7 +7,8 @@ A checkpoint directory holds
   optimizer.pt        AdamW state of this epoch
   state.json          epoch, best epoch and metric, epochs without gain, history of per-epoch metrics, finished
   config.yaml         the full run config (the frozen backbone is rebuilt from it: preset + weights URI)
-  setup.json          data facts of the run: voxel spacing, grid, model input size (predict resamples to them)
+  setup.json          data facts of the run: voxel spacing, grid, model input size, the preprocessing's
+                      anti-aliasing and minimum slice count (predict prepares a series the same way)
   val_outputs.npz     validation scores / labels / known / mean routing weights of the best epoch
 Frozen weights are not stored (they are rebuilt from the config), so a DINOv3-Base LoRA+MoLRE checkpoint is ~3 MB,
 not 350 MB. Buffers are, since training changes them even under a frozen backbone: a BatchNorm in train mode
@@ -26,7 +27,10 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from molre.config import RunConfig, build_config, config_to_dict, read_yaml
+from molre.data.ingest import DEFAULT_MIN_SLICES
 from molre.errors import WeightsError
+
+SETUP_FACTS = ("grid", "spacing", "input_size", "antialias", "min_slices")
 
 
 @dataclass
@@ -100,7 +104,7 @@ def save_checkpoint(
     torch.save(optimizer.state_dict(), d / "optimizer.pt")
     (d / "state.json").write_text(json.dumps(asdict(state), indent=1))
     (d / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-    facts = {k: setup[k] for k in ("grid", "spacing", "input_size") if k in setup}
+    facts = {k: setup[k] for k in SETUP_FACTS if k in setup}
     (d / "setup.json").write_text(json.dumps(facts))
     if val_outputs is not None:
         np.savez_compressed(d / "val_outputs.npz", **val_outputs)
@@ -126,7 +130,14 @@ def read_config(directory: str | Path) -> RunConfig:
 
 
 def read_setup(directory: str | Path) -> dict:
-    return json.loads((Path(directory) / "setup.json").read_text())
+    """The run's data facts; a checkpoint written before ``antialias`` / ``min_slices`` were recorded trained on
+    data preprocessed without anti-aliasing (it did not exist) and the default minimum slice count."""
+    path = Path(directory) / "setup.json"
+    try:
+        facts = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise WeightsError(f"{path}: not a readable molre setup ({type(err).__name__})") from None
+    return {"antialias": False, "min_slices": DEFAULT_MIN_SLICES, **facts}
 
 
 def read_weights(directory: str | Path, which: str = "best") -> dict[str, torch.Tensor]:

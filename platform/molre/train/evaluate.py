@@ -17,7 +17,7 @@ import torch
 from molre.config import RunConfig
 from molre.data import shards
 from molre.data.augment import augment_batch
-from molre.errors import WeightsError
+from molre.errors import DataError, WeightsError
 from molre.findings import FINDING_IDS, FINDINGS
 from molre.models import MoLREClassifier, build_model
 from molre.train.checkpoint import load_trained_state, read_config, read_setup, read_weights
@@ -99,17 +99,11 @@ def _markdown(table: pd.DataFrame, summary, split: str) -> str:
 
 
 def predict(checkpoint: str, series: str, device: str = "cpu") -> dict:
-    """Probabilities, per-slice routing weights and per-slice attention for one DICOM series dir or NIfTI file."""
-    from molre.data.ingest import discover, load_series
-    from molre.data.resample import align_volume
-
+    """Probabilities, per-slice routing weights and per-slice attention for one study: a DICOM series folder (or
+    one of its files), a study folder (its series with the most slices that loads, as preprocess picks), or a
+    NIfTI file."""
     model, cfg, setup = load_checkpoint_model(checkpoint, device)
-    refs, rejects = discover(series)
-    if rejects and not refs:
-        raise rejects[0]
-    series_volume = load_series(refs[0])  # the same alignment and grid as preprocess gave the training shards
-    volume = align_volume(series_volume.hu, series_volume.spacing, series_volume.direction,
-                          out_spacing=tuple(setup["spacing"]), grid=tuple(setup["grid"]))  # fmt: skip
+    volume = study_volume(series, setup)
     probs = score_volumes(model, cfg, setup, torch.from_numpy(volume)[None])[0].cpu().numpy()
     routing, attention = model.router_weights(), model.slice_attention()
     return {
@@ -117,6 +111,52 @@ def predict(checkpoint: str, series: str, device: str = "cpu") -> dict:
         "router_weights": routing[0].cpu().numpy().round(5).tolist() if routing is not None else None,
         "slice_attention": attention[0].cpu().numpy().round(5).tolist() if attention is not None else None,
     }
+
+
+def study_volume(path: str, setup: dict) -> np.ndarray:
+    """int16 HU ``[grid]`` of the study at ``path``, prepared as preprocess prepared the run's training shards:
+    its alignment, grid, spacing, anti-aliasing and minimum slice count (``setup``, from the checkpoint)."""
+    from molre.data.resample import align_volume
+
+    loaded = _load_study(path, setup["min_slices"])
+    return align_volume(loaded.hu, loaded.spacing, loaded.direction, out_spacing=tuple(setup["spacing"]),
+                        grid=tuple(setup["grid"]), antialias=setup["antialias"])  # fmt: skip
+
+
+def _load_study(path: str, min_slices: int):
+    """The HU volume of the one study at ``path``; several studies there, or none that loads, is a DataError."""
+    from molre.data.ingest import load_series
+
+    refs = _study_series(path)
+    errors = []
+    for ref in sorted(refs, key=lambda r: -len(r.files)):  # most slices first, as preprocess tries them
+        try:
+            return load_series(ref, min_slices=min_slices)
+        except DataError as err:
+            errors.append(err)
+    raise errors[0]
+
+
+def _study_series(path: str) -> list:
+    """The series of one study at ``path`` (a folder, a DICOM file's series, or a NIfTI file)."""
+    from molre.data.ingest import discover
+
+    target = Path(path)
+    if not target.exists():
+        raise DataError(path, "does not exist")
+    folder = target if target.is_dir() else target.parent
+    refs, rejects = discover(folder)
+    if not target.is_dir():  # the series holding that file
+        name = str(folder / target.name)
+        refs = [r for r in refs if name in r.files]
+        rejects = [e for e in rejects if e.path == name]
+    if not refs:
+        raise rejects[0] if rejects else DataError(path, "no DICOM series or NIfTI file found")
+    studies = {r.study_uid or r.source for r in refs}  # a NIfTI file is a study of its own
+    if len(studies) > 1:
+        shown = ", ".join(sorted(r.source for r in refs)[:3])
+        raise DataError(path, f"holds {len(studies)} studies ({shown}, ...); give one study's folder or file")
+    return refs
 
 
 # ---- CLI (two commands share this module) -----------------------------------------------------------------
@@ -129,7 +169,9 @@ def add_arguments(parser) -> None:
         parser.add_argument("--split", default="test", choices=["train", "val", "test"])
         parser.add_argument("--out", help="output directory (default: CHECKPOINT/eval-SPLIT)")
     else:
-        parser.add_argument("--input", required=True, help="one DICOM series directory or NIfTI file")
+        parser.add_argument(
+            "--input", required=True, help="one study: a DICOM folder or file, or a NIfTI file"
+        )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
 

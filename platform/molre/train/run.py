@@ -91,7 +91,16 @@ def prepare(cfg: RunConfig, verify: bool = True) -> dict:
     train_uris = [s.uri for s in checked["train"]]
     stats = dataset.training_statistics(cfg.data.uri, cfg.data.rfs_threshold, cfg.loss.alpha_clip, train_uris)
     return {**stats, "grid": list(grid), "spacing": list(spacing), "input_size": list(input_size),
-            SHARDS_KEY: checked}  # fmt: skip
+            **preprocessing_facts(manifest.config), SHARDS_KEY: checked}  # fmt: skip
+
+
+def preprocessing_facts(config: dict) -> dict:
+    """What ``predict`` must repeat of the data's preprocessing (a manifest written before ``antialias``
+    existed was made without it)."""
+    from molre.data.ingest import DEFAULT_MIN_SLICES
+
+    return {"antialias": bool(config.get("antialias", False)),
+            "min_slices": int(config.get("min_slices", DEFAULT_MIN_SLICES))}  # fmt: skip
 
 
 def use_gpu(cfg: RunConfig) -> bool:
