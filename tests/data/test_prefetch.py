@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from molre.data.prefetch import device_batches, host_batches
+from molre.data.prefetch import device_batches, held_back, host_batches
 
 KEYS = ("hu", "labels")
 
@@ -50,6 +50,17 @@ def test_an_error_in_the_iterator_surfaces_at_its_batch():
             seen.append(int(hu[0, 0]))
     assert seen == [0, 1, 2]  # every good batch before the bad one was delivered
     assert not _prefetch_threads()
+
+
+def test_held_back_items_still_come_before_an_error():  # the CUDA path holds one batch back while it copies
+    issued, seen = [], []
+    with pytest.raises(OSError, match=r"shard-00003\.parquet"):
+        for item in held_back(_batches(6, fail_at=3), lambda b: issued.append(int(b["raw"][0, 0])) or b):
+            seen.append(int(item["raw"][0, 0]))
+            assert (
+                issued[-1] == seen[-1] + 1 or len(issued) == 3
+            )  # the next one is issued before this is used
+    assert seen == [0, 1, 2]
 
 
 def test_the_thread_runs_at_most_depth_ahead_and_stops_when_the_consumer_leaves():

@@ -103,17 +103,36 @@ def device_batches(
             yield tuple(t.to(device) for t in tensors), arrays
         return
     side = torch.cuda.Stream(device)
-    pending = None  # (tensors on device, copy-done event, host batch) of the batch issued last
-    for tensors, arrays in host:
+
+    def issue(batch):  # -> (tensors on device, copy-done event, host batch)
+        tensors, arrays = batch
         with torch.cuda.stream(side):
             moved = tuple(t.to(device, non_blocking=True) for t in tensors)
             done = torch.cuda.Event()
             done.record(side)
-        if pending is not None:
-            yield _hand_over(*pending)
-        pending = (moved, done, arrays)
-    if pending is not None:
-        yield _hand_over(*pending)
+        return moved, done, arrays
+
+    for moved, done, arrays in held_back(host, issue):
+        yield _hand_over(moved, done, arrays)
+
+
+def held_back(items: Iterable, issue: Callable) -> Iterator:
+    """``issue(item)`` as soon as each item arrives, yielded one item later (item k+1's copy is under way while
+    item k is used). An error from ``items`` or ``issue`` is raised after the item before it was yielded, so
+    it still comes at the batch where it happened."""
+    pending = _END
+    try:
+        for item in items:
+            issued = issue(item)
+            if pending is not _END:
+                yield pending
+            pending = issued
+    except Exception:
+        if pending is not _END:
+            yield pending
+        raise
+    if pending is not _END:
+        yield pending
 
 
 def _hand_over(tensors, done, arrays):
