@@ -46,9 +46,16 @@ def test_checkpoint_reloads_the_same_model(checkpoint):
         load_checkpoint_model(directory, preset="tiny-davit")
 
 
-def test_evaluate_writes_per_finding_aucs(checkpoint, tiny_dataset, tmp_path):
+def test_evaluate_writes_per_finding_aucs(checkpoint, tiny_dataset, tmp_path, capsys):
     directory, _ = checkpoint
     result = evaluate(directory, tiny_dataset, "test", str(tmp_path / "eval"))
+    assert (
+        main(
+            ["evaluate", directory, "--data", tiny_dataset, "--out", str(tmp_path / "cli"), "--device", "cpu"]
+        )
+        == 0
+    )
+    assert "over 3 findings on 12 volumes" in capsys.readouterr().out
     table = pd.read_parquet(tmp_path / "eval" / "per_finding_auc.parquet")
     assert list(table["finding"]) == list(FINDING_IDS)
     assert table["auc"].notna().sum() == result["n_defined"] == 3  # the tiny set plants three findings

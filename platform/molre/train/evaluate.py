@@ -178,8 +178,12 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     if hasattr(args, "data"):
         result = evaluate(args.checkpoint, args.data, args.split, args.out, args.device)
-        print(f"mean AUC {result['mean_auc']:.4f} +- {result['std_auc']:.4f} on {result['volumes']} volumes; "
-              f"written to {result['out_dir']}")  # fmt: skip
+        scored = (
+            f"mean AUC {result['mean_auc']:.4f} +- {result['std_auc']:.4f} over {result['n_defined']} findings"
+            if result["n_defined"]
+            else "no AUC: no finding has both classes among the split's known labels"
+        )
+        print(f"{scored} on {result['volumes']} volumes; written to {result['out_dir']}")
     else:
         print(json.dumps(predict(args.checkpoint, args.input, args.device), indent=1))
     return 0
