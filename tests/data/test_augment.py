@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import scipy.ndimage as ndi
 import torch
+import torch.nn.functional as F
 from scipy.spatial.transform import Rotation
 
 from molre.config import AugmentConfig, DataConfig
@@ -15,6 +16,7 @@ from molre.data.augment import (
     augment_batch,
     elastic_displacement,
     resize_volume,
+    sampling_theta,
     window_hu,
 )
 
@@ -172,6 +174,53 @@ def test_folded_resize_equals_resize_volume():
     x = torch.rand(2, 3, 8, 32, 32, generator=_gen())
     out = VolumeAugmenter(AugmentConfig(**IDENTITY))(x, _gen(), out_size=(6, 24, 20))
     torch.testing.assert_close(out, resize_volume(x, (6, 24, 20)), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "out_size",
+    [(16, 16, 16), (10, 28, 36), (16, 24, 12), (6, 40, 16)],
+    ids=["depth-up", "in-plane-up", "depth-up-in-plane-down", "mixed"],
+)
+def test_folded_upsample_equals_resize_volume(out_size):
+    """Upsampling: the outermost output voxels clamp to the edge voxel like F.interpolate, no zero padding."""
+    x = torch.rand(2, 3, 10, 16, 16, generator=_gen())
+    out = VolumeAugmenter(AugmentConfig(**IDENTITY))(x, _gen(), out_size=out_size)
+    torch.testing.assert_close(out, resize_volume(x, out_size), atol=1e-5, rtol=0)
+
+
+def test_augment_batch_upsampled_edges_match_validation():
+    """The audit's case: uniform brain tissue (window 0 -> 0.5), 40 -> 64 slices and 32 -> 48 in-plane."""
+    cfg = DataConfig(num_slices=64, augment=AugmentConfig(**IDENTITY))
+    hu = torch.full((1, 40, 32, 32), 40, dtype=torch.int16)
+    train = augment_batch(hu, cfg, _gen(), train=True, out_size=(64, 48, 48))
+    val = augment_batch(hu, cfg, _gen(), train=False, out_size=(64, 48, 48))
+    torch.testing.assert_close(train, val, atol=1e-5, rtol=0)
+    torch.testing.assert_close(train[:, 0], torch.full_like(train[:, 0], 0.5), atol=1e-6, rtol=0)
+
+
+def test_downsampling_grid_is_plain_affine_grid():
+    aug = _affine_only()
+    params = _params(angles=(0.2, -0.1, 0.05), scales=(1.1, 0.9, 1.0), flips=(1, -1, 1))
+    theta = sampling_theta(params, (8, 32, 32), aug.spacing_zyx)
+    for out_size in [(8, 32, 32), (6, 24, 20)]:
+        grid = aug.sampling_grid(params, (8, 32, 32), out_size, _gen())
+        assert torch.equal(grid, F.affine_grid(theta, [1, 1, *out_size], align_corners=False))
+
+
+def test_upsampling_keeps_air_outside_the_field_of_view():
+    """Edge clamping only affects the identity grid: rotated or shrunk content still brings zeros in."""
+    x = torch.ones(1, 1, 8, 32, 32)
+    aug = _affine_only()
+    ident = aug.augment(x, _params(), _gen(), out_size=(12, 48, 48))
+    torch.testing.assert_close(ident, torch.ones_like(ident), atol=1e-6, rtol=0)  # no zeros at the border
+    rot = aug.augment(x, _params(angles=(0.3, 0, 0)), _gen(), out_size=(12, 48, 48))[0, 0]
+    corners = rot[:, [0, 0, -1, -1], [0, -1, 0, -1]]
+    assert corners.abs().max() < 1e-6  # rotated in-plane: the corners sample outside the input
+    assert rot[:, 24, 24].min() > 0.999 and rot[:, 0, 24].min() > 0.999  # mid-edge stays inside
+    shrunk = aug.augment(x, _params(scales=(0.6, 0.6, 0.6)), _gen(), out_size=(12, 48, 48))[0, 0]
+    # shrunk content: the border slices and columns are air
+    assert shrunk[0].abs().max() < 1e-6 and shrunk[:, :, 0].abs().max() < 1e-6
+    assert shrunk[6, 24, 24] > 0.999
 
 
 def test_elastic_keeps_constant_interior_and_coarse_field_matches_full_resolution():

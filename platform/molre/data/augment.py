@@ -7,6 +7,13 @@ Volumes are ``[B, C, D, H, W]`` with axes (z, y, x); ``spacing_zyx`` is the voxe
 
 The spatial part of ``VolumeAugmenter`` is ONE sampling grid per batch and ONE ``grid_sample`` call:
 
+- resize folded in: the output grid ``[D',H',W']`` spans the input's physical box (``align_corners=False``). Along an
+  axis where the output is larger than the input, the identity grid is first clamped to the input's outermost voxel
+  centres, ``+-(1 - 1/n_in)`` normalised (what ``F.interpolate``'s source-index clamp amounts to), so the outermost
+  output voxels repeat the edge voxel instead of mixing in the zero padding; ``theta`` then maps the clamped grid
+  and the elastic displacement is added. Identity parameters thus give ``resize_volume`` (trilinear
+  ``F.interpolate``) up to float error, upsampling or downsampling; a downsampled axis needs no clamp, and with no
+  upsampled axis the grid is ``F.affine_grid``'s as before. Content moved out of the field of view still reads 0.
 - affine, in physical space (mm, origin at the volume centre): the content moves ``p -> T p`` with ``T = R S F``:
   F flips each axis with ``flip_prob``, S scales each axis by ``U(scale)`` (anisotropic, > 1 enlarges content),
   R = Rz Ry Rx rotates by ``U(-rotate, rotate)`` about each axis (right-handed). Spacing enters through
@@ -190,6 +197,30 @@ def elastic_displacement(
 # ---- the augmenter ------------------------------------------------------------------------------------------
 
 
+def _affine_grid_edge_clamped(theta: Tensor, in_size: Size3, out_size: Size3) -> Tensor:
+    """``F.affine_grid(theta, out_size)`` with the identity grid clamped, along each axis where the output is
+    larger than the input, to the input's outermost voxel centres ``+-(1 - 1/n_in)`` before ``theta`` acts.
+
+    ``F.interpolate`` (trilinear, ``align_corners=False``) clamps its source index to ``[0, n_in - 1]``; without the
+    clamp an upsampled grid's outermost points fall in the outer half voxel, where ``grid_sample``'s zero padding
+    pulls them towards 0 (a uniform 0.5 volume, 40 -> 64 slices: edge slices 0.406). With no upsampled axis this
+    is ``F.affine_grid`` itself, bit for bit. ``theta`` has no translation (``sampling_theta``).
+    """
+    b = theta.shape[0]
+    up = [
+        (axis, n_in) for axis, (n_in, n_out) in enumerate(zip(in_size, out_size, strict=True)) if n_out > n_in
+    ]
+    if not up:
+        return F.affine_grid(theta, [b, 1, *out_size], align_corners=False)
+    eye = torch.eye(3, 4, device=theta.device, dtype=theta.dtype).unsqueeze(0)
+    base = F.affine_grid(eye, [1, 1, *out_size], align_corners=False)  # [1,Do,Ho,Wo,3], (x, y, z)
+    for axis, n_in in up:  # axis in (z, y, x) order -> grid component 2 - axis
+        edge = 1.0 - 1.0 / n_in
+        base[..., 2 - axis].clamp_(-edge, edge)
+    grid = base.view(1, -1, 3) @ theta[:, :, :3].transpose(1, 2)  # [B,Do*Ho*Wo,3]
+    return grid.view(b, *out_size, 3)
+
+
 def _device_generator(generator: torch.Generator, device: torch.device) -> torch.Generator:
     """The caller's generator if it lives on ``device``, else a fresh one there seeded from it."""
     gdev = torch.device(generator.device)
@@ -275,9 +306,8 @@ class VolumeAugmenter(nn.Module):
 
     def sampling_grid(self, params: AugmentParams, in_size: Size3, out_size: Size3, generator) -> Tensor:
         """Affine grid + elastic displacement: ``[B,Do,Ho,Wo,3]`` normalised (x,y,z) input coordinates."""
-        b = params.angles_zyx.shape[0]
         theta = sampling_theta(params, in_size, self.spacing_zyx)  # [B,3,4]
-        grid = F.affine_grid(theta, [b, 1, *out_size], align_corners=False)
+        grid = _affine_grid_edge_clamped(theta, in_size, out_size)
         if self.cfg.elastic_alpha[1] > 0:
             field = elastic_displacement(
                 params, in_size, out_size, self.elastic_coarse, generator, sigma_max=self.cfg.elastic_sigma[1]
