@@ -172,11 +172,13 @@ register(Preset("medimageinsight", 2, 1024, 480, 0, "Medical", "lora", _VIT, Tru
                 _davit(embed_dims=(256, 512, 1024, 2048), depths=(1, 1, 9, 1), num_heads=(8, 16, 32, 64),
                        window_size=12),
                 "MedImageInsight image encoder (timm DaViT keys + proj.weight)", project_to=1024))  # fmt: skip
-# Pillar0-HeadCT stand-in: a MONAI 3D ViT of width 1152; 7 layers x 12 d^2 + embeddings = 117.5M (paper 113.9M).
+# Pillar0-HeadCT stand-in: a MONAI 3D ViT of width 1152; 7 layers x 12 d^2 + embeddings = 117.48M backbone,
+# 117.97M in the Table-2 setting (+ head and MoLRE; `molre params`) against the paper's 113.9M.
 register(Preset("pillar0-headct", 3, 1152, 256, 32, "Head CT", "full", _MONAI_VIT, True,
                 _monai_vit((4, 16, 16), hidden_size=1152, mlp_dim=4608, num_layers=7, num_heads=16),
                 "Pillar0-HeadCT export converted to MONAI ViT keys"))  # fmt: skip
-# DeepCNTD stand-in: MONAI 3D DenseNet (6,12,24) = 7.3M params (paper 6.9M); attention-free, so no MoLRE.
+# DeepCNTD stand-in: MONAI 3D DenseNet (6,12,24) = 7.30M backbone, 7.38M with the head (paper 6.9M);
+# attention-free, so no MoLRE.
 register(Preset("deepcntd", 3, 1016, 256, 32, "Head CT", "full", (), False,
                 _densenet(block_config=(6, 12, 24), init_features=32, growth_rate=32),
                 "none public; a MONAI DenseNet state dict of your own"))  # fmt: skip
