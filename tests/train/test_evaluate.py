@@ -104,8 +104,8 @@ def test_blocks_checkpoints_from_before_route_by_keep_token_routing(tmp_path):
 def test_predict_prepares_a_study_as_preprocess_prepared_its_training_shard(tmp_path, antialias):
     from molre.data import shards, storage
     from molre.data.preprocess import preprocess
+    from molre.train.checkpoint import preprocessing_facts
     from molre.train.evaluate import study_volume
-    from molre.train.run import preprocessing_facts
 
     labels = generate(tmp_path / "raw", 1, seed=3, shape=(64, 64, 64))  # 2.5 mm slices -> 8 mm: a 3.2x shrink
     manifest = preprocess(tmp_path / "raw", labels, "generic", str(tmp_path / "shards"), spacing=(8.0, 4.0, 4.0),

@@ -130,14 +130,20 @@ def read_config(directory: str | Path) -> RunConfig:
 
 
 def read_setup(directory: str | Path) -> dict:
-    """The run's data facts; a checkpoint written before ``antialias`` / ``min_slices`` were recorded trained on
-    data preprocessed without anti-aliasing (it did not exist) and the default minimum slice count."""
+    """The run's data facts (``preprocessing_facts`` gives the ones a checkpoint from before them lacks)."""
     path = Path(directory) / "setup.json"
     try:
         facts = json.loads(path.read_text())
     except (OSError, ValueError) as err:
         raise WeightsError(f"{path}: not a readable molre setup ({type(err).__name__})") from None
-    return {"antialias": False, "min_slices": DEFAULT_MIN_SLICES, **facts}
+    return {**facts, **preprocessing_facts(facts)}
+
+
+def preprocessing_facts(config: dict) -> dict:
+    """What ``predict`` must repeat of the data's preprocessing, from a manifest's config (or a checkpoint's
+    setup.json): one written before ``antialias`` existed was made without it, with the default minimum."""
+    return {"antialias": bool(config.get("antialias", False)),
+            "min_slices": int(config.get("min_slices", DEFAULT_MIN_SLICES))}  # fmt: skip
 
 
 def read_weights(directory: str | Path, which: str = "best") -> dict[str, torch.Tensor]:

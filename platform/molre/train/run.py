@@ -17,6 +17,7 @@ from molre.config import RunConfig, config_to_dict, load_config
 from molre.data import dataset, shards, storage
 from molre.errors import ModelError, MolreError
 from molre.models import build_model
+from molre.train.checkpoint import preprocessing_facts
 from molre.train.loop import METRIC, train_loop_per_worker
 
 HEALTH_CHECK_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
@@ -92,15 +93,6 @@ def prepare(cfg: RunConfig, verify: bool = True) -> dict:
     stats = dataset.training_statistics(cfg.data.uri, cfg.data.rfs_threshold, cfg.loss.alpha_clip, train_uris)
     return {**stats, "grid": list(grid), "spacing": list(spacing), "input_size": list(input_size),
             **preprocessing_facts(manifest.config), SHARDS_KEY: checked}  # fmt: skip
-
-
-def preprocessing_facts(config: dict) -> dict:
-    """What ``predict`` must repeat of the data's preprocessing (a manifest written before ``antialias``
-    existed was made without it)."""
-    from molre.data.ingest import DEFAULT_MIN_SLICES
-
-    return {"antialias": bool(config.get("antialias", False)),
-            "min_slices": int(config.get("min_slices", DEFAULT_MIN_SLICES))}  # fmt: skip
 
 
 def use_gpu(cfg: RunConfig) -> bool:
