@@ -275,6 +275,11 @@ def _nifti_ref(path: Path, root: Path) -> SeriesRef:
 # ---------------------------------------------------------------------------------------------------- load
 
 
+def largest_first(refs: Sequence[SeriesRef]) -> list[SeriesRef]:
+    """A study's series in the order to try them: most slices first, ties by source."""
+    return sorted(refs, key=lambda r: (-len(r.files), r.source))
+
+
 def load_series(ref: SeriesRef, *, min_slices: int = DEFAULT_MIN_SLICES) -> Volume:
     """Decode, validate and return one series as HU; any problem is a ``DataError`` naming ``ref.source``."""
     min_slices = max(2, int(min_slices))  # two positions are needed to know the slice step

@@ -267,7 +267,7 @@ def plan_studies(
         groups[table.match(ref.study_keys)].append(ref)
     jobs, anonymous = [], 0
     for key, members in groups.items():
-        members.sort(key=lambda r: (-len(r.files), r.source))
+        members = ingest.largest_first(members)
         row = table.rows[key]
         patient = _patient_id(members[0], row)
         if not patient:

@@ -125,11 +125,10 @@ def study_volume(path: str, setup: dict) -> np.ndarray:
 
 def _load_study(path: str, min_slices: int):
     """The HU volume of the one study at ``path``; several studies there, or none that loads, is a DataError."""
-    from molre.data.ingest import load_series
+    from molre.data.ingest import largest_first, load_series
 
-    refs = _study_series(path)
     errors = []
-    for ref in sorted(refs, key=lambda r: -len(r.files)):  # most slices first, as preprocess tries them
+    for ref in largest_first(_study_series(path)):  # as preprocess tries a study's series
         try:
             return load_series(ref, min_slices=min_slices)
         except DataError as err:
