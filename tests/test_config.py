@@ -1,3 +1,6 @@
+import re
+
+import numpy as np
 import pytest
 
 from molre.config import build_config, load_config
@@ -22,6 +25,14 @@ def test_yaml_and_dotted_overrides(tmp_path):
     assert cfg.loss.alpha == 0.25 and cfg.adapter.lora.blocks == [0, 1]
 
 
+def test_numbers_from_yaml_strings_numpy_and_whole_floats_still_read():
+    # YAML 1.1 reads 1e-3 (no dot) as a string; Tune / Optuna hand numpy scalars to a trial's config
+    cfg = load_config(None, ["optim.lr_head=1e-3", "train.max_epochs=3.0", "scaling.use_gpu=false"])
+    assert (cfg.optim.lr_head, cfg.train.max_epochs, cfg.scaling.use_gpu) == (1e-3, 3, False)
+    cfg = build_config({"adapter": {"molre": {"experts": np.int64(3)}}, "train": {"tf32": np.bool_(False)}})
+    assert cfg.adapter.molre.experts == 3 and cfg.train.tf32 is False
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
@@ -32,10 +43,20 @@ def test_yaml_and_dotted_overrides(tmp_path):
         (["adapter.molre.top_k=9"], "top_k=9 exceeds experts=6"),
         (["train=3"], "train: Input should be a valid dictionary"),
         (["trainbatch_size"], "not of the form dotted.key=value"),
+        # no crossings between numbers and flags (pydantic's lax mode reads true as 1 and 0 as false)
+        (["train.max_epochs=true"], "train.max_epochs: expected a number, not true/false"),
+        (["train.tf32=0"], "train.tf32: expected true or false (got 0)"),
+        (["scaling.use_gpu=2"], "scaling.use_gpu: expected true or false (got 2)"),
+        (["loss.gamma=false"], "loss.gamma: expected a number, not true/false"),
+        (["data.augment.scale=[0.9, true]"], "data.augment.scale.1: expected a number"),
+        (
+            ["adapter.lora.blocks=[0, true]"],
+            "adapter.lora.blocks.1: expected a number",
+        ),  # no union tags in keys
     ],
 )
 def test_bad_keys_and_types_name_the_key(overrides, message):
-    with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         load_config(None, overrides)
 
 

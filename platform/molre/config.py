@@ -7,13 +7,42 @@ Unknown keys and wrong types are ``ConfigError``s naming the dotted key. Default
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
+import numpy as np
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from molre.errors import ConfigError
+
+
+def _not_a_bool(value):
+    if isinstance(value, bool | np.bool_):  # pydantic's lax mode would read true as 1
+        raise ValueError("expected a number, not true/false")
+    return value
+
+
+def _only_a_bool(value):
+    if not isinstance(value, bool | np.bool_):  # lax mode would read 0 / "yes" / "off" as booleans
+        raise ValueError("expected true or false")
+    return bool(value)
+
+
+# numbers and flags without pydantic's lax crossings between them (strings like "1e-3" still read as numbers:
+# YAML 1.1 parses 1e-3 without a dot as a string)
+Int = Annotated[int, BeforeValidator(_not_a_bool)]
+Float = Annotated[float, BeforeValidator(_not_a_bool)]
+Bool = Annotated[bool, BeforeValidator(_only_a_bool)]
 
 
 class _Strict(BaseModel):
@@ -25,31 +54,31 @@ class BackboneConfig(_Strict):
     weights: str | None = (
         None  # local path or s3:// URI (safetensors or torch); "{preset}" is filled in; None = random
     )
-    image_size: int | None = Field(
+    image_size: Int | None = Field(
         None, gt=0
     )  # slice (2D) or volume side (3D); None = the preset's native size
     finetune: Literal["lora", "full", "frozen"] | None = None  # None = the preset's default (paper protocol)
 
 
 class LoRAConfig(_Strict):
-    rank: int = Field(8, gt=0)
-    alpha: float = Field(16.0, gt=0)  # update scale = alpha / rank
-    dropout: float = Field(0.0, ge=0, lt=1)
+    rank: Int = Field(8, gt=0)
+    alpha: Float = Field(16.0, gt=0)  # update scale = alpha / rank
+    dropout: Float = Field(0.0, ge=0, lt=1)
     targets: list[str] | None = None  # attention linear names (suffix match); None = the preset's
-    blocks: Literal["all"] | list[int] = "all"  # which transformer blocks get adapters
+    blocks: Literal["all"] | list[Int] = "all"  # which transformer blocks get adapters
 
 
 class MoLREConfig(_Strict):
-    experts: int = Field(6, gt=0)  # K
-    rank: int = Field(8, gt=0)  # r of each expert
-    router_hidden: int = Field(256, gt=0)  # d_h
+    experts: Int = Field(6, gt=0)  # K
+    rank: Int = Field(8, gt=0)  # r of each expert
+    router_hidden: Int = Field(256, gt=0)  # d_h
     placement: Literal["features", "blocks"] = "features"  # paper: on slice features before pooling
     # blocks placement: one gate per slice (mean of its tokens; the paper's per-slice routing, +3.7% FLOPs over
     # LoRA on dinov3-base) or per token (+11.4%). features placement routes each slice either way.
     route_by: Literal["slice", "token"] = "slice"
-    top_k: int | None = Field(None, gt=0)  # None = soft routing over all K (paper)
-    balance_loss_weight: float = Field(0.0, ge=0)  # load-balancing auxiliary loss, off in the paper
-    dropout: float = Field(0.0, ge=0, lt=1)  # on the expert input
+    top_k: Int | None = Field(None, gt=0)  # None = soft routing over all K (paper)
+    balance_loss_weight: Float = Field(0.0, ge=0)  # load-balancing auxiliary loss, off in the paper
+    dropout: Float = Field(0.0, ge=0, lt=1)  # on the expert input
 
     @model_validator(mode="after")
     def _top_k_fits(self):
@@ -67,46 +96,46 @@ class AdapterConfig(_Strict):
 class AugmentConfig(_Strict):
     """The paper's augmentations (Sec. 3.1), applied batched on the training device."""
 
-    enabled: bool = True
-    elastic_alpha: tuple[float, float] = (0.0, 200.0)
-    elastic_sigma: tuple[float, float] = (10.0, 13.0)
-    rotate: float = Field(0.1, ge=0)  # +- radians, each axis
-    scale: tuple[float, float] = (0.85, 1.15)  # anisotropic, per axis
-    brightness: tuple[float, float] = (0.99, 1.01)  # multiplicative
-    noise_variance: tuple[float, float] = (0.0, 0.03)  # additive Gaussian, variance drawn per volume
-    flip_prob: float = Field(0.5, ge=0, le=1)  # per axis
+    enabled: Bool = True
+    elastic_alpha: tuple[Float, Float] = (0.0, 200.0)
+    elastic_sigma: tuple[Float, Float] = (10.0, 13.0)
+    rotate: Float = Field(0.1, ge=0)  # +- radians, each axis
+    scale: tuple[Float, Float] = (0.85, 1.15)  # anisotropic, per axis
+    brightness: tuple[Float, Float] = (0.99, 1.01)  # multiplicative
+    noise_variance: tuple[Float, Float] = (0.0, 0.03)  # additive Gaussian, variance drawn per volume
+    flip_prob: Float = Field(0.5, ge=0, le=1)  # per axis
 
 
 class DataConfig(_Strict):
     uri: str = ""  # preprocessed shard root (local path or s3://); empty = the synthetic default
-    windows: list[tuple[float, float]] = [(0.0, 80.0), (-20.0, 180.0), (-800.0, 2000.0)]  # HU -> 3 channels
-    num_slices: int | None = Field(
+    windows: list[tuple[Float, Float]] = [(0.0, 80.0), (-20.0, 180.0), (-800.0, 2000.0)]  # HU -> 3 channels
+    num_slices: Int | None = Field(
         None, gt=0
     )  # slices fed to the model (resampled along z); None = grid depth
-    rfs_threshold: float = Field(0.1, gt=0, le=1)  # LVIS t in r(c) = max(1, sqrt(t / f(c)))
+    rfs_threshold: Float = Field(0.1, gt=0, le=1)  # LVIS t in r(c) = max(1, sqrt(t / f(c)))
     augment: AugmentConfig = AugmentConfig()
 
 
 class OptimConfig(_Strict):
-    lr_head: float = Field(1e-3, gt=0)  # attention pooling + classifier
-    lr_adapter: float = Field(1e-4, gt=0)  # LoRA + MoLRE
-    lr_backbone: float = Field(1e-5, gt=0)  # only for finetune=full
-    weight_decay: float = Field(0.01, ge=0)
-    grad_clip: float | None = Field(1.0, gt=0)
+    lr_head: Float = Field(1e-3, gt=0)  # attention pooling + classifier
+    lr_adapter: Float = Field(1e-4, gt=0)  # LoRA + MoLRE
+    lr_backbone: Float = Field(1e-5, gt=0)  # only for finetune=full
+    weight_decay: Float = Field(0.01, ge=0)
+    grad_clip: Float | None = Field(1.0, gt=0)
 
 
 class LossConfig(_Strict):
-    gamma: float = Field(2.0, ge=0)
-    alpha: Literal["prevalence"] | float | None = "prevalence"  # per-class alpha_t from train prevalence
-    alpha_clip: tuple[float, float] = (0.25, 0.95)  # bounds for prevalence-based alpha
+    gamma: Float = Field(2.0, ge=0)
+    alpha: Literal["prevalence"] | Float | None = "prevalence"  # per-class alpha_t from train prevalence
+    alpha_clip: tuple[Float, Float] = (0.25, 0.95)  # bounds for prevalence-based alpha
 
 
 class TrainConfig(_Strict):
-    max_epochs: int = Field(50, gt=0)
-    min_epochs: int = Field(20, ge=0)  # paper: at least 20 epochs
-    patience: int = Field(5, gt=0)  # early stop after this many epochs without val mean-AUC gain
-    batch_size: int = Field(2, gt=0)  # volumes per worker per step
-    seed: int = 0
+    max_epochs: Int = Field(50, gt=0)
+    min_epochs: Int = Field(20, ge=0)  # paper: at least 20 epochs
+    patience: Int = Field(5, gt=0)  # early stop after this many epochs without val mean-AUC gain
+    batch_size: Int = Field(2, gt=0)  # volumes per worker per step
+    seed: Int = 0
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto = bf16 autocast on GPU, fp32 on CPU
     # torch.compile: regional = each transformer block (one block's compile time, reused by the others), model =
     # the whole classifier, auto = regional on GPU and off on CPU; true/false mean regional/off
@@ -114,11 +143,11 @@ class TrainConfig(_Strict):
     # frozen backbone linears' matrix products: auto = as the precision (bf16 weights under bf16 autocast), fp8 =
     # e4m3 with row-wise scales on FP8 tensor cores (compute capability >= 8.9; molre.models.fp8)
     frozen_matmul: Literal["auto", "fp8"] = "auto"
-    tf32: bool = True  # TF32 tensor cores for the fp32 matmuls / convs left on a GPU (all of them with fp32)
+    tf32: Bool = True  # TF32 tensor cores for the fp32 matmuls / convs left on a GPU (all of them with fp32)
     # keep this worker's validation volumes (decoded int16, host RAM) from the first epoch on
-    cache_val: bool = True
+    cache_val: Bool = True
     # keep this worker's train rows (as read, host RAM) after the first epoch when every worker's fit; 0 = never
-    cache_train_gb: float = Field(4.0, ge=0)
+    cache_train_gb: Float = Field(4.0, ge=0)
     run_name: str = "molre"
     storage: str = "runs"  # local path or s3:// for checkpoints and results
 
@@ -129,11 +158,11 @@ class TrainConfig(_Strict):
 
 
 class ScalingConfig(_Strict):
-    num_workers: int = Field(1, gt=0)
-    use_gpu: bool | Literal["auto"] = "auto"
-    cpus_per_worker: float = Field(1.0, gt=0)
-    gpus_per_worker: float = Field(1.0, gt=0)  # fractions share a GPU between small-backbone trials
-    max_failures: int = Field(0, ge=-1)  # Ray Train FailureConfig; -1 = unlimited
+    num_workers: Int = Field(1, gt=0)
+    use_gpu: Bool | Literal["auto"] = "auto"
+    cpus_per_worker: Float = Field(1.0, gt=0)
+    gpus_per_worker: Float = Field(1.0, gt=0)  # fractions share a GPU between small-backbone trials
+    max_failures: Int = Field(0, ge=-1)  # Ray Train FailureConfig; -1 = unlimited
 
 
 class RunConfig(_Strict):
@@ -146,14 +175,19 @@ class RunConfig(_Strict):
     scaling: ScalingConfig = ScalingConfig()
 
 
+# the parts of an error's location that name a union member's type, not a key: "literal['all']", "float",
+# "function-before[_not_a_bool(), int]", "list[...]"
+_TYPE_TAG = re.compile(r"[a-z-]+\[.*\]|int|float|bool|str|none")
+
+
 def _format_error(err: ValidationError, source: str) -> str:
     lines = []
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        key = ".".join(str(p) for p in e["loc"] if not _TYPE_TAG.fullmatch(str(p))) or "<root>"
         got = f" (got {e['input']!r})" if e["type"] != "missing" and "input" in e else ""
-        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"].removeprefix("Value error, ")
         lines.append(f"  {key}: {msg}{got}")
-    return f"invalid config {source}:\n" + "\n".join(lines)
+    return f"invalid config {source}:\n" + "\n".join(dict.fromkeys(lines))
 
 
 def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
