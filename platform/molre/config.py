@@ -175,9 +175,9 @@ class RunConfig(_Strict):
     scaling: ScalingConfig = ScalingConfig()
 
 
-# the parts of an error's location that name a union member's type, not a key: "literal['all']", "float",
-# "function-before[_not_a_bool(), int]", "list[...]"
-_TYPE_TAG = re.compile(r"[a-z-]+\[.*\]|int|float|bool|str|none")
+# the parts of an error's location that name a union member's type, not a key: "literal['all']",
+# "function-before[_not_a_bool(), int]", "list[...]" (keys never hold brackets)
+_TYPE_TAG = re.compile(r"[a-z-]+\[.*\]")
 
 
 def _format_error(err: ValidationError, source: str) -> str:

@@ -89,6 +89,13 @@ def test_conditional_keys_only_where_the_condition_holds(tmp_path):
         ),
         ("name: t\nsearch: {seeds: []}\n", "search.seeds: List should have at least 1 item"),
         ("name: t\nbase: " + "[" * 3000 + "\n", "nested too deeply"),
+        # numbers and flags do not cross (pydantic's lax mode read true as 1)
+        (
+            "name: t\nspace:\n  adapter.molre.rank: {int: [1, true]}\n",
+            "space.adapter.molre.rank.int.1: expected a number",
+        ),
+        ("name: t\nsearch: {num_samples: true}\n", "search.num_samples: expected a number, not true/false"),
+        ("name: t\nresources: {reuse_actors: 0}\n", "resources.reuse_actors: expected true or false"),
     ],
 )
 def test_bad_space_fails_before_any_trial_naming_the_problem(tmp_path, body, message):

@@ -22,7 +22,6 @@ backbone preset exists and takes its adapter (no MoLRE on an attention-free pres
 
 from __future__ import annotations
 
-import builtins
 import itertools
 import math
 from pathlib import Path
@@ -30,7 +29,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from molre.config import RunConfig, _format_error, build_config, read_yaml
+from molre.config import Bool, Float, Int, RunConfig, _format_error, build_config, read_yaml
 from molre.errors import ConfigError
 
 KINDS = ("choice", "int", "float", "logfloat")
@@ -45,11 +44,11 @@ class _Strict(BaseModel):
 class Dimension(_Strict):
     """One searched key: exactly one of choice / int / float / logfloat, optionally conditional."""
 
-    # the field names are the YAML words; builtins.* keeps the types unambiguous inside the class body
+    # the field names are the YAML words; config's Int / Float keep the types unambiguous in the class body
     choice: list[Any] | None = None
-    int: tuple[builtins.int, builtins.int] | None = None
-    float: tuple[builtins.float, builtins.float] | None = None
-    logfloat: tuple[builtins.float, builtins.float] | None = None
+    int: tuple[Int, Int] | None = None
+    float: tuple[Float, Float] | None = None
+    logfloat: tuple[Float, Float] | None = None
     when: dict[str, Any] | None = None  # {other.key: value or [values]}: searched only when it holds
 
     @model_validator(mode="after")
@@ -95,9 +94,9 @@ class Dimension(_Strict):
 
 class SearchConfig(_Strict):
     algorithm: Literal["optuna", "grid"] = "optuna"
-    num_samples: int = Field(8, gt=0)  # optuna: configurations to try (each repeated over the seeds)
-    limit: int | None = Field(None, gt=0)  # grid: only the first N points (smoke runs)
-    seeds: list[int] = Field([0], min_length=1)
+    num_samples: Int = Field(8, gt=0)  # optuna: configurations to try (each repeated over the seeds)
+    limit: Int | None = Field(None, gt=0)  # grid: only the first N points (smoke runs)
+    seeds: list[Int] = Field([0], min_length=1)
     objectives: list[tuple[str, Literal["max", "min"]]] = Field([("val/best_mean_auc", "max")], min_length=1)
 
     @property
@@ -110,8 +109,8 @@ class SearchConfig(_Strict):
 
 
 class ASHAConfig(_Strict):
-    grace_period: int = Field(2, gt=0)  # epochs before a trial can be stopped
-    reduction_factor: float = Field(2.0, gt=1)
+    grace_period: Int = Field(2, gt=0)  # epochs before a trial can be stopped
+    reduction_factor: Float = Field(2.0, gt=1)
 
 
 class SchedulerConfig(_Strict):
@@ -119,28 +118,28 @@ class SchedulerConfig(_Strict):
 
 
 class BudgetConfig(_Strict):
-    time_s: float | None = Field(None, gt=0)  # stop starting new trials after this long
+    time_s: Float | None = Field(None, gt=0)  # stop starting new trials after this long
 
 
 class ResourcesConfig(_Strict):
-    num_workers: int = Field(1, gt=0)  # Ray Train workers per trial
-    cpus_per_worker: float = Field(1.0, gt=0)
-    gpus_per_worker: float = Field(1.0, gt=0)  # used when GPUs exist; < 1 packs small backbones on one GPU
-    max_concurrent_trials: int | None = Field(None, gt=0)  # None: as many as the cluster's resources allow
+    num_workers: Int = Field(1, gt=0)  # Ray Train workers per trial
+    cpus_per_worker: Float = Field(1.0, gt=0)
+    gpus_per_worker: Float = Field(1.0, gt=0)  # used when GPUs exist; < 1 packs small backbones on one GPU
+    max_concurrent_trials: Int | None = Field(None, gt=0)  # None: as many as the cluster's resources allow
     # a finished trial's actor runs the next trial (Tune's reuse_actors): saves a process start and the
     # torch/timm imports per trial; false gives every trial a fresh process
-    reuse_actors: bool = True
+    reuse_actors: Bool = True
 
 
 class MultiFidelityConfig(_Strict):
     """Screen every point on cached frozen-backbone features (``molre.tune.features``), then re-run the
     ``confirm_top`` best points end to end over all seeds (``molre.tune.multifidelity``)."""
 
-    confirm_top: int = Field(2, gt=0)
+    confirm_top: Int = Field(2, gt=0)
     cache: str | None = None  # feature cache root (local or s3://); default: <storage>/features
     # train features cached for this many augmented copies of each volume (0: un-augmented); a screen epoch
     # trains on copy epoch % N, as the end-to-end run sees a fresh augmentation every epoch
-    augment_copies: int = Field(0, ge=0, le=64)
+    augment_copies: Int = Field(0, ge=0, le=64)
 
 
 class SweepSpec(_Strict):
