@@ -44,6 +44,7 @@ PHI_ID = "PHI-MRN-4711"
 PHI_INSTITUTION = "Planted PHI General Hospital"
 PHI_ACCESSION = "PHIACC90210"
 PHI_STRINGS = (PHI_NAME, "Plantedphi", "Johanna", PHI_ID, PHI_INSTITUTION, PHI_ACCESSION)
+PHI_SHORT_MRN = "483920"  # label files only: an MRN short enough to pass for a bad 0/1 cell
 
 SPACING = (4.0, 0.9, 0.9)  # dz, dy, dx mm
 DEPTH = 10  # slices of a good series (ingest needs >= 8)
@@ -603,6 +604,34 @@ LABEL_CASES: tuple[LabelCase, ...] = (
         "of 18 characters for",
         _generic([["s1", PHI_ID, 0, PHI_NAME, 0, 0]]),
         line=2,
+    ),
+    LabelCase(
+        "generic_short_mrn_in_finding_column",  # patient_id and a finding swapped: a 6-digit MRN is no bad 0/1
+        "generic",
+        "value of 6 digits for",
+        _generic([["s1", 0, PHI_SHORT_MRN, 0, 0, 0]]),
+        line=2,
+    ),
+    LabelCase(  # the first row is a patient's, not a header: no cell of it is quoted
+        "generic_without_header_row",
+        "generic",
+        "missing required column 'study_id': the first row has 6 cells, none a column molre knows",
+        _generic(
+            [[PHI_ACCESSION, PHI_SHORT_MRN, 1, 0, 0, 0]], [PHI_ACCESSION, PHI_ID, PHI_NAME, "0", "1", "x"]
+        ),
+    ),
+    LabelCase(
+        "generic_without_header_row_repeating_a_cell",
+        "generic",
+        "columns 4 and 5 of the header have the same name (is the header row missing?)",
+        _generic([[PHI_ACCESSION, 0, 1, 0, 0, 0]], [PHI_ACCESSION, PHI_ID, PHI_NAME, "0", "0", "1"]),
+    ),
+    LabelCase(  # study ids are often accession numbers: the line names the row
+        "generic_conflicting_rows_of_an_accession_number",
+        "generic",
+        "line 3: study id repeated with conflicting labels (first at line 2)",
+        _generic([[PHI_ACCESSION, PHI_ID, *_ZEROS], [PHI_ACCESSION, PHI_ID, 1, 0, 0, 0]]),
+        line=3,
     ),
     LabelCase(
         "rsna_binary_file",

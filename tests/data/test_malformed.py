@@ -12,11 +12,11 @@ import pytest
 from molre.data.ingest import discover, load_series
 from molre.data.labels import load_labels
 from molre.errors import DataError
-from tests.data.malformed import LABEL_CASES, PHI_STRINGS, VOLUME_CASES, write_corpus
+from tests.data.malformed import LABEL_CASES, PHI_SHORT_MRN, PHI_STRINGS, VOLUME_CASES, write_corpus
 
 
 def _assert_no_phi(text: str) -> None:
-    for phi in PHI_STRINGS:
+    for phi in (*PHI_STRINGS, PHI_SHORT_MRN):
         assert phi.lower() not in text.lower(), f"planted PHI {phi!r} leaked: {text}"
 
 

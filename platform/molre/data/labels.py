@@ -68,7 +68,18 @@ CQ500_FINDINGS: dict[str, str] = {
     "MidlineShift": "midline_shift",
 }
 
-SHOWN_CELL_MAX = 6  # longest bad cell value a message quotes
+# the bad cells a message may quote: small numbers and common non-0/1 words ('2', '0.5', 'yes', 'maybe');
+# anything else (a shifted column can put a name or an MRN where a 0/1 belongs) is shown by its length only
+_SHOWABLE_CELL = re.compile(
+    r"-?\d{1,2}(?:\.\d{1,3})?|true|false|yes|no|[ynt]|f|x|-|\?|na|n/a|nan|none|null|pos|neg|positive|negative"
+    r"|maybe|unknown|present|absent",
+    re.IGNORECASE,
+)
+# header cells a message may quote (a file without a header row puts a patient's row there)
+_KNOWN_COLUMNS = frozenset(
+    ["study_id", "patient_id", "ID", "Label", "name", "Category", *FINDING_IDS]
+    + [f"{reader}:{code}" for reader in CQ500_READERS for code in [*CQ500_FINDINGS, "ICH", "Fracture"]]
+)
 _UNKNOWN_CELLS = {"", "na", "nan", "n/a", "none", "null"}  # generic format: these cells mean "not annotated"
 _TRUE_FALSE = {"0": 0, "1": 1, "0.0": 0, "1.0": 1}
 
@@ -184,9 +195,14 @@ def _read_csv(path: Path) -> tuple[list[str], Iterator[tuple[int, list[str]]]]:
     if not header:
         raise DataError(str(path), "label file is empty (no header row)")
     header = [name.strip() for name in header]
-    repeated = sorted({name for name in header if header.count(name) > 1})
+    repeated = [i for i, name in enumerate(header) if header.index(name) != i]
     if repeated:
-        raise DataError(str(path), f"column {repeated[0]!r} appears more than once in the header")
+        first = header.index(header[repeated[0]])
+        raise DataError(
+            str(path),
+            f"columns {first + 1} and {repeated[0] + 1} of the header have the same name"
+            f"{_named(header[first])} (is the header row missing?)",
+        )
 
     def rows() -> Iterator[tuple[int, list[str]]]:
         for cells in reader:
@@ -198,8 +214,23 @@ def _read_csv(path: Path) -> tuple[list[str], Iterator[tuple[int, list[str]]]]:
 
 def _require(header: list[str], column: str, path: Path) -> int:
     if column not in header:
-        raise DataError(str(path), f"missing required column {column!r} (header: {', '.join(header[:6])}...)")
+        known = [name for name in header if name in _KNOWN_COLUMNS]
+        raise DataError(
+            str(path),
+            f"missing required column {column!r}: the first row has {len(header)} cells"
+            + (
+                f", known columns {known[:6]}"
+                if known
+                else ", none a column molre knows (is the header row missing?)"
+            ),
+        )
     return header.index(column)
+
+
+def _named(name: str) -> str:
+    """A header cell as messages may quote it: only the column names molre knows. The first row of a file without
+    a header is a patient's row, so other cells are never quoted."""
+    return f" {name!r}" if name in _KNOWN_COLUMNS else ""
 
 
 def _binary(cell: str) -> int:
@@ -210,9 +241,11 @@ def _binary(cell: str) -> int:
 
 
 def _shown(cell: str) -> str:
-    """A bad cell as messages may show it: short values as they are ('yes', '2', 'maybe'), longer ones by length
-    only: a shifted column can put a name or an id where a 0/1 belongs, and messages must never quote PHI."""
-    return repr(cell) if len(cell) <= SHOWN_CELL_MAX else f"of {len(cell)} characters"
+    """A bad cell as messages may show it: small numbers and common words as they are ('yes', '2', 'maybe'), others
+    by length only: a shifted column can put a name or an id where a 0/1 belongs, and messages never quote PHI."""
+    if _SHOWABLE_CELL.fullmatch(cell):
+        return repr(cell)
+    return f"of {len(cell)} {'digits' if cell.isdigit() else 'characters'}"
 
 
 class _Collector:
@@ -225,8 +258,8 @@ class _Collector:
         self.rejected: dict[str, DataError] = {}
 
     def bad(self, line: int, key: str | None, reason: str) -> None:
-        where = f"line {line}" + (f" (study {key!r})" if key else "")
-        error = DataError(str(self.path), f"{where}: {reason}")
+        # the line, not the study id: ids are often accession numbers, and quarantine.csv quotes this message
+        error = DataError(str(self.path), f"line {line}: {reason}")
         self.problems.append(error)
         if key:
             self.rejected.setdefault(key, error)
