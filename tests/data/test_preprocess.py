@@ -23,7 +23,7 @@ from molre.data.dicom_write import write_dicom_series, write_nifti
 from molre.data.resample import align_volume
 from molre.data.split import assert_no_patient_leak
 from molre.errors import DataError
-from molre.findings import FINDING_IDS
+from molre.findings import FINDING_IDS, NUM_FINDINGS
 from tests import tiny_data
 from tests.data.malformed import (
     PHI_ACCESSION,
@@ -310,10 +310,22 @@ def test_salt_sources_and_guards(cohort, tmp_path, monkeypatch):
     salt_path = tmp_path / "home" / ".molre" / "salt"
     assert stat.S_IMODE(salt_path.stat().st_mode) == 0o600 and len(generated) == 64
     assert preprocess.resolve_salt() == generated
-    monkeypatch.setenv(preprocess.SALT_ENV, "from-env")
-    assert preprocess.resolve_salt() == b"from-env"
-    (tmp_path / "salt.txt").write_text("from-file\n")
-    assert preprocess.resolve_salt(tmp_path / "salt.txt") == b"from-file"
+    assert [p.name for p in salt_path.parent.iterdir()] == ["salt"]  # written beside it, then linked
+    monkeypatch.setenv(preprocess.SALT_ENV, "from-env-" + "e" * 32)
+    assert preprocess.resolve_salt() == b"from-env-" + b"e" * 32
+    (tmp_path / "salt.txt").write_text("from-file-" + "f" * 32 + "\n")
+    assert preprocess.resolve_salt(tmp_path / "salt.txt") == b"from-file-" + b"f" * 32
+    # a guessable salt is refused wherever it comes from (the manifest's fingerprint would confirm a guess)
+    (tmp_path / "weak.txt").write_text("mercy2023\n")
+    with pytest.raises(DataError, match="weak.txt: the salt has 9 characters, fewer than 32"):
+        preprocess.resolve_salt(tmp_path / "weak.txt")
+    monkeypatch.setenv(preprocess.SALT_ENV, "mercy2023")
+    with pytest.raises(DataError, match=r"\$MOLRE_PATIENT_SALT: the salt has 9 characters"):
+        preprocess.resolve_salt()
+    monkeypatch.delenv(preprocess.SALT_ENV)
+    salt_path.write_bytes(b"")  # the default file emptied: refused, never an empty HMAC key
+    with pytest.raises(DataError, match="salt: the salt is empty"):
+        preprocess.resolve_salt()
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "salt").write_text("x")
     with pytest.raises(DataError, match="must not lie inside the output"):
@@ -485,3 +497,48 @@ def test_default_dataset_built_before_antialias_is_not_reused():
     assert DEFAULT["antialias"] is True
     assert dataset_key(DEFAULT) != dataset_key(before)
     assert dataset_key(DEFAULT) != dataset_key({**DEFAULT, "antialias": False})
+
+
+def test_a_file_name_with_spaces_stays_out_of_the_reason_counts(tmp_path):
+    """quarantined_by_reason (manifest, summary log line) counts reasons, not files: a leading file name with
+    spaces in it (hospital exports name files after patients) is dropped like one without."""
+    cohort = write_cohort(tmp_path, n_studies=3, n_patients=3)
+    victim = sorted((cohort["input"] / "study_00").glob("IM-*.dcm"))[3]
+    victim.write_bytes(victim.read_bytes()[:-500])  # truncated pixel data
+    victim.rename(victim.with_name(f"{PHI_NAME.replace('^', ' ')} 3.dcm"))
+    manifest = preprocess.preprocess(
+        cohort["input"], cohort["labels"], "generic", str(tmp_path / "out"), executor="inline", **SETTINGS
+    )
+    reasons = manifest.counts["quarantined_by_reason"]
+    assert "truncated pixel data" in reasons, reasons
+    assert not any("Plantedphi" in reason for reason in reasons), reasons
+    assert preprocess.reason_category("Doe John 3.dcm: missing PixelSpacing", {"Doe John 3.dcm"}) == (
+        "missing PixelSpacing"
+    )
+
+
+def test_uuid_form_uids_are_blanked_in_quarantine_texts(tmp_path):
+    paths = preprocess.Paths(str(tmp_path), str(tmp_path))
+    uid = "2.25.329800735698586629295641978511506172918"  # a UUID-derived UID has three components
+    assert paths.redact(f"line 3: study {uid} / ID_{uid}_subdural / {uid}.dcm") == (
+        "line 3: study <uid> / ID_<uid>_subdural / <uid>.dcm"
+    )
+    assert paths.redact("spacing 0.5x0.5 mm, 1.5 and 0.25") == "spacing 0.5x0.5 mm, 1.5 and 0.25"
+
+
+def test_one_patient_id_for_many_studies_is_warned_of(caplog):
+    """A de-identification tool's constant PatientID puts every study in one split, silently before."""
+    cfg = preprocess.PreprocessConfig()
+    zeros = np.zeros(NUM_FINDINGS, np.uint8)
+
+    def jobs(patients: list[str]) -> list[preprocess.StudyJob]:
+        return [preprocess.StudyJob(f"s{i:03d}", p, zeros, zeros, []) for i, p in enumerate(patients)]
+
+    caplog.set_level(logging.WARNING, logger="molre.data.preprocess")
+    preprocess.assign_splits(jobs([f"p{i}" for i in range(40)]), cfg, {})
+    assert not caplog.records
+    constant = jobs(["anonymous"] * 10)
+    preprocess.assign_splits(constant, cfg, {})
+    assert {job.split for job in constant} == {"train"}
+    text = caplog.text
+    assert "one patient id holds 10 of 10 studies" in text and "split val/test is empty" in text

@@ -35,7 +35,7 @@ import secrets
 import time
 import warnings
 from collections import Counter, defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -58,10 +58,16 @@ log = logging.getLogger(__name__)
 
 SALT_ENV = "MOLRE_PATIENT_SALT"
 DEFAULT_SALT_FILE = Path("~/.molre/salt")
+# a salt shorter than this is refused: with the manifest's fingerprint or one known id, a guessable salt (a word,
+# a year) is found offline in seconds and every hash reverses to its MRN by enumeration. 32 characters is a
+# 128-bit hex token (python -c "import secrets; print(secrets.token_hex(32))" prints 64, as the default file has)
+MIN_SALT_CHARS = 32
 HASH_HEX = 16  # 64-bit ids: collision odds ~ n^2 / 2^65 (3e-8 for a million studies)
 DEFAULT_SHARD_SIZE = 16  # studies per shard (~16-40 MB at the default grid)
 RUN_FILE = "run.json"
-_UID = re.compile(r"\b\d+(?:\.\d+){3,}\b")  # DICOM UIDs (StudyInstanceUID, SOPInstanceUID ...)
+# DICOM UIDs (StudyInstanceUID, SOPInstanceUID ...): four or more numbers, or three from a 0/1/2 root (the UUID
+# form 2.25.<uuid as a decimal> has three), not part of a longer dotted number
+_UID = re.compile(r"(?<![\d.])(?:\d+(?:\.\d+){3,}|[0-2](?:\.\d+){2,})(?!\.?\d)")
 SERIES_NOT_USED = "another series of the same study was used"
 
 
@@ -130,26 +136,46 @@ def resolve_salt(salt_file: str | os.PathLike | None = None, output_uri: str | N
             salt = path.read_bytes().strip()
         except OSError as err:
             raise DataError(str(path), f"cannot read the salt file ({type(err).__name__})") from None
-        if not salt:
-            raise DataError(str(path), "the salt file is empty")
-        return salt
+        return _strong(salt, str(path))
     if os.environ.get(SALT_ENV, "").strip():
-        return os.environ[SALT_ENV].strip().encode()
-    return _default_salt(DEFAULT_SALT_FILE.expanduser())
+        return _strong(os.environ[SALT_ENV].strip().encode(), f"${SALT_ENV}")
+    return _strong(_default_salt(DEFAULT_SALT_FILE.expanduser()), str(DEFAULT_SALT_FILE))
+
+
+def _strong(salt: bytes, source: str) -> bytes:
+    if not salt:
+        raise DataError(source, "the salt is empty")
+    if len(salt) < MIN_SALT_CHARS:
+        raise DataError(
+            source,
+            f"the salt has {len(salt)} characters, fewer than {MIN_SALT_CHARS}: a short salt can be guessed and "
+            "the hashes reversed; make one with python -c 'import secrets; print(secrets.token_hex(32))'",
+        )
+    return salt
 
 
 def _default_salt(path: Path) -> bytes:
+    """~/.molre/salt, created on first use: written to a private temp file, then linked to its name, so that a
+    second first run never reads a half-written (empty) salt."""
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:  # another process created it just now
-            return path.read_bytes().strip()
+        tmp = path.with_name(f".salt-{os.getpid()}-{secrets.token_hex(4)}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(secrets.token_hex(32) + "\n")
-        log.warning(
-            "generated a new patient-hash salt in %s: keep it (re-runs on the same output need it)", path
-        )
+        try:
+            os.link(tmp, path)  # fails if another process linked its salt first: then that one is used
+            log.warning(
+                "generated a new patient-hash salt in %s: keep it (re-runs on the same output need it)", path
+            )
+        except FileExistsError:
+            pass
+        except OSError as err:  # a filesystem without hard links
+            raise DataError(
+                str(path), f"cannot create the salt file ({type(err).__name__}); pass --salt-file"
+            ) from None
+        finally:
+            tmp.unlink()
     return path.read_bytes().strip()
 
 
@@ -215,11 +241,12 @@ class Quarantined:
     split: str = ""
 
 
-def reason_category(reason: str) -> str:
+def reason_category(reason: str, file_names: Collection[str] = ()) -> str:
     """A short, countable reason: 'IM-0003.dcm: truncated pixel data (100 of 2048 bytes)' -> 'truncated pixel
-    data' (leading file name, details and numbers dropped)."""
+    data' (leading file name, details and numbers dropped). ``file_names``: the series' files, so that a leading
+    name with spaces in it ('Doe John 3.dcm: ...') is known for one; a head without spaces is taken for one."""
     head, sep, rest = reason.partition(": ")
-    if sep and " " not in head and rest:
+    if sep and rest and (head in file_names or " " not in head):
         reason = rest  # drop a leading file name
     short = re.split(r"[:(;]", reason, maxsplit=1)[0]
     short = re.sub(r"-?\d+(?:\.\d+)?", "#", short)
@@ -227,10 +254,10 @@ def reason_category(reason: str) -> str:
 
 
 def _quarantine(
-    paths: Paths, path: str, reason: str, split: str = "", category: str | None = None
+    paths: Paths, path: str, reason: str, split: str = "", category: str | None = None, file_names=()
 ) -> Quarantined:
     reason = paths.redact(reason)
-    return Quarantined(paths.relative(path), reason, category or reason_category(reason), split)
+    return Quarantined(paths.relative(path), reason, category or reason_category(reason, file_names), split)
 
 
 def _patient_id(ref: ingest.SeriesRef, row: labels.LabelRow) -> str:
@@ -295,6 +322,29 @@ def assign_splits(jobs: list[StudyJob], cfg: PreprocessConfig, pinned: dict[str,
     splits = split_patients([j.patient_hash for j in jobs], positives, cfg.splits, cfg.seed, fixed=pinned)
     for job, split in zip(jobs, splits, strict=True):
         job.split = split
+    _warn_of_lopsided_patients(jobs, cfg.splits)
+
+
+def _warn_of_lopsided_patients(jobs: list[StudyJob], fractions: dict[str, float]) -> None:
+    """A constant PatientID ('ANONYMOUS', a de-identification tool's placeholder) makes every study one patient's,
+    and patient-level splitting then puts them all in one split: say so rather than train without a val set."""
+    if not jobs:
+        return
+    studies_per_patient = Counter(j.patient_hash for j in jobs)
+    most = max(studies_per_patient.values())
+    if most >= 5 and most > 0.1 * len(jobs):
+        log.warning(
+            "one patient id holds %d of %d studies: if the export replaced patient ids with a constant, put "
+            "the real ones (or one per study) in the label file's patient_id column",
+            most, len(jobs),
+        )  # fmt: skip
+    filled = Counter(j.split for j in jobs)
+    empty = [name for name, fraction in fractions.items() if fraction > 0 and not filled[name]]
+    if empty and len(jobs) >= 2 * len(fractions):
+        log.warning(
+            "split %s is empty: %d studies of %d patients went to %s (splits are by patient)",
+            "/".join(empty), len(jobs), len(studies_per_patient), "/".join(sorted(filled)),
+        )  # fmt: skip
 
 
 def make_batches(jobs: Sequence[StudyJob], shard_size: int) -> list[Batch]:
@@ -346,7 +396,8 @@ def process_study(job: StudyJob, ctx: BatchContext) -> tuple[dict | None, list[Q
                 out_spacing=ctx.spacing, grid=ctx.grid, antialias=ctx.antialias,
             )  # fmt: skip
         except DataError as err:
-            quarantined.append(_quarantine(ctx.paths, err.path, err.reason, job.split))
+            names = {Path(f).name for f in ref.files}  # reasons may start with one of them
+            quarantined.append(_quarantine(ctx.paths, err.path, err.reason, job.split, file_names=names))
             continue
         except Exception as err:  # a bug or an odd input must not stop the run: it is counted and shown
             reason = f"unexpected error while loading/aligning ({type(err).__name__}: {err})"
