@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
+import shutil
 import warnings
 from pathlib import Path
 
@@ -15,11 +17,18 @@ import pytest
 from pydicom.data import get_testdata_file
 from pydicom.encaps import encapsulate
 from pydicom.pixels import get_decoder
-from pydicom.uid import JPEG2000Lossless, JPEGLosslessSV1, JPEGLSLossless, RLELossless
+from pydicom.uid import (
+    EnhancedCTImageStorage,
+    JPEG2000Lossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    RLELossless,
+    SecondaryCaptureImageStorage,
+)
 
 from molre.data import labels
 from molre.data.dicom_write import nifti_affine, write_dicom_series, write_nifti
-from molre.data.ingest import DEFAULT_MIN_SLICES, discover, load_series
+from molre.data.ingest import DEFAULT_MIN_SLICES, discover, largest_first, load_series
 from molre.errors import DataError
 from molre.findings import FINDING_IDS
 from tests.data.jpeg_lossless import encode_frame
@@ -438,3 +447,208 @@ def test_no_phi_when_decoding_fails(tmp_path, caplog):
         with pytest.raises(DataError, match="IM-0003.dcm: pixel data cannot be decoded") as info:
             load_series(_only(discover(tmp_path)[0]))
     assert _phi_free([str(w.message) for w in caught] + [caplog.text, str(info.value)])
+
+
+# ---------------------------------------------------------------------------------------------------- image kind
+
+
+def _set_sop_class(uid: str):
+    def hook(ds, k):
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = uid
+
+    return hook
+
+
+def _on_slice(index: int, **values):
+    def hook(ds, k):
+        if k == index:
+            for keyword, value in values.items():
+                setattr(ds, keyword, value)
+
+    return hook
+
+
+@pytest.mark.parametrize(
+    "extra, hook, reason",
+    [
+        pytest.param({}, _on_slice(3, BurnedInAnnotation="YES"), "IM-0004.dcm: BurnedInAnnotation is YES",
+                     id="burned-in annotation on one slice"),
+        pytest.param({"BurnedInAnnotation": "YES", "ImageType": ["DERIVED", "PRIMARY", "AXIAL"]}, None,
+                     "IM-0001.dcm: BurnedInAnnotation is YES", id="burned-in reformat"),
+        pytest.param({}, _set_sop_class(SecondaryCaptureImageStorage),
+                     "IM-0001.dcm: SOPClassUID is Secondary Capture Image Storage, not CT Image Storage",
+                     id="secondary capture"),
+        pytest.param({}, _set_sop_class("1.2.826.0.1.3680043.8.498.999.1"),
+                     "IM-0001.dcm: SOPClassUID is a non-standard SOP class, not CT Image Storage",
+                     id="private SOP class"),
+        pytest.param({}, _set_sop_class(EnhancedCTImageStorage),
+                     "IM-0001.dcm: multi-frame (enhanced) DICOM is not supported", id="enhanced CT"),
+        pytest.param({"ImageType": ["DERIVED", "SECONDARY", "AXIAL"]}, None, "IM-0001.dcm: ImageType SECONDARY",
+                     id="derived secondary reformat"),
+        pytest.param({}, _on_slice(6, ImageType=["DERIVED", "SECONDARY", "SCREEN SAVE"]),
+                     "IM-0007.dcm: ImageType SECONDARY", id="screen save in the series"),
+        pytest.param({"ImageType": ["ORIGINAL", "PRIMARY", "LOCALIZER"]}, None, "IM-0001.dcm: ImageType LOCALIZER",
+                     id="localizer"),
+        pytest.param({"ImageType": "DERIVED\\PRIMARY\\SCREEN SAVE"}, None, "IM-0001.dcm: ImageType SCREEN SAVE",
+                     id="screen save, one string"),
+    ],
+)  # fmt: skip
+def test_burned_in_secondary_and_localizer_series_are_refused(tmp_path, extra, hook, reason):
+    # the planted PHI, as a screen save or a workstation export would also draw it into the pixels
+    write_good_dicom(tmp_path / "s", extra=extra, per_slice_hook=hook)
+    with pytest.raises(DataError, match=re.escape(reason)) as info:
+        load_series(_only(discover(tmp_path)[0]))
+    assert info.value.path == str(tmp_path / "s")
+    assert _phi_free([str(info.value)]) and "1.2.826" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        pytest.param({"ImageType": None, "BurnedInAnnotation": None}, id="no ImageType, no BurnedInAnnotation"),
+        pytest.param({"SOPClassUID": None}, id="no SOPClassUID in the dataset (file meta: CT)"),
+        pytest.param({"ImageType": ["DERIVED", "PRIMARY", "AXIAL"], "BurnedInAnnotation": "NO"},
+                     id="derived primary reformat"),
+        pytest.param({"RecognizableVisualFeatures": "YES"}, id="recognizable visual features (a face)"),
+        pytest.param({"BurnedInAnnotation": "no"}, id="lower-case no"),
+    ],
+)  # fmt: skip
+def test_original_reformatted_and_anonymised_series_still_load(tmp_path, extra):
+    hu = _marked()
+    write_good_dicom(tmp_path / "s", hu, extra=extra)
+    np.testing.assert_array_equal(load_series(_only(discover(tmp_path)[0])).hu, hu)
+
+
+def test_original_series_are_tried_before_larger_derived_ones(tmp_path):
+    # one study: the 4 mm acquisition (ORIGINAL), a 2 mm DERIVED\PRIMARY reformat with more slices, a series
+    # whose export dropped ImageType, and a thinner ORIGINAL one: ORIGINAL by size, then unknown, then DERIVED
+    uid = "1.2.826.0.1.3680043.8.498.5"
+    write_good_dicom(tmp_path / "study" / "orig", _marked(10), study_uid=uid)
+    write_good_dicom(tmp_path / "study" / "orig_thin", _marked(11), study_uid=uid)
+    write_good_dicom(tmp_path / "study" / "mpr", _marked(20), spacing=(2.0, 0.9, 0.9), study_uid=uid,
+                     extra={"ImageType": ["DERIVED", "PRIMARY", "AXIAL", "MPR"]})  # fmt: skip
+    write_good_dicom(tmp_path / "study" / "anon", _marked(15), study_uid=uid, extra={"ImageType": None})
+    refs, rejects = discover(tmp_path)
+    assert rejects == [] and len(refs) == 4
+    order = [Path(r.source).name for r in largest_first(refs)]
+    assert order == ["orig_thin", "orig", "anon", "mpr"]
+    assert {Path(r.source).name: r.image_type for r in refs} == {
+        "orig": "ORIGINAL", "orig_thin": "ORIGINAL", "mpr": "DERIVED", "anon": ""
+    }  # fmt: skip
+    # the reformat is a fallback, not refused
+    assert load_series(next(r for r in refs if r.source.endswith("mpr"))).shape == (20, 32, 32)
+    # ImageType in only some of a series' files: one DERIVED file makes the series DERIVED
+    write_good_dicom(
+        tmp_path / "mixed", _marked(), per_slice_hook=_on_slice(2, ImageType=["DERIVED", "PRIMARY"])
+    )
+    assert _only(discover(tmp_path / "mixed")[0]).image_type == "DERIVED"
+
+
+# ---------------------------------------------------------------------------------------------------- rescale
+
+
+def _drop_rescale(index: int, *keywords: str):
+    def hook(ds, k):
+        if k == index:
+            for keyword in keywords:
+                delattr(ds, keyword)
+
+    return hook
+
+
+@pytest.mark.parametrize(
+    "keywords, reason",
+    [
+        (("RescaleSlope", "RescaleIntercept"), "IM-0006.dcm: no RescaleSlope / RescaleIntercept where other slices"),
+        (("RescaleIntercept",), "IM-0006.dcm: no RescaleIntercept where other slices of the series have it"),
+    ],
+    ids=["both", "intercept only"],
+)  # fmt: skip
+def test_a_slice_without_the_rescale_of_the_others_is_refused(tmp_path, keywords, reason):
+    # unsigned pixels, intercept -1024: read with the default 1 / 0, that slice alone would be 1024 HU too bright
+    write_good_dicom(tmp_path / "s", _marked(), per_slice_hook=_drop_rescale(5, *keywords))
+    with pytest.raises(DataError, match=re.escape(reason)):
+        load_series(_only(discover(tmp_path)[0]))
+
+
+def test_a_series_without_any_rescale_reads_stored_values_as_hu(tmp_path):
+    # no slice has them: slope 1, intercept 0 (signed pixels storing HU as they are), as before
+    hu = _marked()
+    write_good_dicom(
+        tmp_path / "s", hu, intercept=0.0, extra={"RescaleSlope": None, "RescaleIntercept": None}
+    )
+    assert "RescaleIntercept" not in pydicom.dcmread(tmp_path / "s" / "IM-0001.dcm")
+    np.testing.assert_array_equal(load_series(_only(discover(tmp_path)[0])).hu, hu)
+
+
+# ---------------------------------------------------------------------------------------------------- copies
+
+
+def _resend(path: Path, folder: Path, edit=None) -> Path:
+    """``path`` again under ``folder`` (same base name), as a PACS re-send or a second export writes it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / path.name
+    if edit is None:
+        shutil.copyfile(path, target)
+    else:
+        ds = pydicom.dcmread(path)
+        edit(ds)
+        ds.save_as(target)
+    return target
+
+
+def test_a_second_copy_of_an_instance_is_dropped(tmp_path):
+    hu = _marked()
+    paths = write_good_dicom(tmp_path / "study" / "export1", hu)
+    _resend(paths[5], tmp_path / "study" / "resend")  # one instance sent twice, byte for byte
+
+    def new_transfer_meta(
+        ds,
+    ):  # a re-send with other file meta and an extra element, same instance and pixels
+        ds.file_meta.ImplementationVersionName = "OTHER_PACS"
+        ds.StationName = "RESEND"
+
+    _resend(paths[6], tmp_path / "study" / "resend", new_transfer_meta)
+    for path in paths:  # and the whole study exported a second time
+        _resend(path, tmp_path / "study" / "export2")
+    refs, rejects = discover(tmp_path)
+    ref = _only(refs)
+    assert rejects == [] and len(ref.files) == 10 and len(set(ref.sop_uids)) == 10
+    assert all("export1" in f for f in ref.files)  # the first copy (by path) is kept
+    np.testing.assert_array_equal(load_series(ref).hu, hu)
+
+
+def test_slices_at_one_position_name_both_files_by_their_relative_paths(tmp_path):
+    paths = write_good_dicom(tmp_path / "study" / "export1")
+
+    def other_instance(ds):
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = "1.2.826.0.1.3680043.8.498.6.1"
+
+    _resend(paths[5], tmp_path / "study" / "resend", other_instance)
+    ref = _only(discover(tmp_path)[0])
+    assert len(ref.files) == 11
+    with pytest.raises(DataError) as info:
+        load_series(ref)
+    assert info.value.path == str(tmp_path / "study")
+    assert info.value.reason == (
+        f"duplicate slice positions: {os.path.join('export1', 'IM-0006.dcm')} and "
+        f"{os.path.join('resend', 'IM-0006.dcm')} (and 0 more)"
+    )
+
+
+def test_one_instance_uid_with_other_pixels_is_kept_and_named(tmp_path):
+    paths = write_good_dicom(tmp_path / "study" / "export1")
+
+    def other_pixels(ds):  # the same SOPInstanceUID, different pixel data: not a copy, which one is right?
+        pixels = ds.pixel_array.copy()
+        pixels[0, 0] += 1
+        ds.PixelData = pixels.tobytes()
+
+    _resend(paths[5], tmp_path / "study" / "resend", other_pixels)
+    ref = _only(discover(tmp_path)[0])
+    assert len(ref.files) == 11
+    with pytest.raises(DataError, match=re.escape(
+        f"duplicate slice positions: {os.path.join('export1', 'IM-0006.dcm')} and "
+        f"{os.path.join('resend', 'IM-0006.dcm')} (one SOPInstanceUID, different pixel data: keep one copy)"
+    )):  # fmt: skip
+        load_series(ref)

@@ -7,6 +7,9 @@
   date, accession, institution, referring physician, study description, other ids, address, dates, every UID)
   through the whole ``preprocess`` path, failures included (series that fail validation must not echo header
   values).
+- Pixels with the patient's details drawn in (BurnedInAnnotation YES, secondary captures / screen saves, derived
+  secondary reformats from a workstation) never reach a shard: ingest refuses them, and a study's original series
+  is used before a larger derived one.
 - The patient-id salt is never written out: not in any output byte (raw, hex), not in a log, and it is not even
   sent to the Ray workers (what is sent can be spilled to disk by Ray's object store).
 """
@@ -20,6 +23,7 @@ import pickle
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pydicom
 import pytest
 
@@ -31,8 +35,10 @@ from tests.reliability.helpers import (
     PHI,
     SALT,
     SETTINGS,
+    UID_ROOT,
     Records,
     find_secrets,
+    head_ct,
     output_blobs,
     phi_series,
     phi_values,
@@ -69,7 +75,8 @@ def write_phi_cohort(root: Path) -> dict:
 
     fails in discover: a junk file; in planning: a study without a label row, a study whose label row is bad (the
     patient's name in a finding column); in load_series: wrong modality, a missing slice, a number holding the
-    patient's name, undecodable pixels under a series UID that embeds the MRN (pydicom quotes invalid UIDs).
+    patient's name, undecodable pixels under a series UID that embeds the MRN (pydicom quotes invalid UIDs), a
+    series flagged BurnedInAnnotation YES.
     """
     cohort = write_cohort(root, n_studies=5, n_patients=3)
     input_dir, rows = cohort["input"], cohort["rows"]
@@ -79,6 +86,7 @@ def write_phi_cohort(root: Path) -> dict:
         "bad_missing_slice": dict(per_slice_hook=_missing_slice),
         "bad_phi_in_number": dict(per_slice_hook=_phi_in_number),
         "bad_undecodable": dict(per_slice_hook=_undecodable, series_uid=f"{patient}.5"),
+        "bad_burned_in": dict(extra={"BurnedInAnnotation": "YES"}),
         "bad_no_labels": {},
         "bad_label_row": {},
     }
@@ -159,7 +167,7 @@ def test_no_phi_or_salt_anywhere_through_preprocess_and_its_failures(tmp_path, c
     assert c["processed"] == good and c["in"] == c["processed"] + c["quarantined"]
     quarantine = storage.read_bytes(storage.join(root, shards.QUARANTINE)).decode()
     for name in ("bad_modality", "bad_missing_slice", "bad_phi_in_number", "bad_undecodable", "bad_no_labels",
-                 "bad_label_row", "bad_junk"):  # fmt: skip
+                 "bad_label_row", "bad_junk", "bad_burned_in"):  # fmt: skip
         assert name in quarantine, name  # every failure is accounted for ...
     assert "malformed RescaleIntercept element" in quarantine and "of 31 characters" in quarantine
 
@@ -232,6 +240,59 @@ def _ray_log_files() -> list[Path]:
     node = getattr(ray_worker, "_global_node", None)
     session = Path(node.get_session_dir_path()) if node is not None else Path("/tmp/ray/session_latest")
     return [p for p in (session / "logs").rglob("*") if p.is_file() and p.stat().st_size < 64 << 20]
+
+
+# ---------------------------------------------------------------------------------------------------- burned in
+
+BURNED_HU = 3000.0  # drawn-in text: brighter than anything in the phantom (bone 1100)
+
+
+def _burned(hu: np.ndarray) -> np.ndarray:
+    """``hu`` with a bright text line (the patient's name, as a screen save draws it) in the air above the head."""
+    out = hu.copy()
+    out[:, 1:4, 4:44] = BURNED_HU
+    return out
+
+
+def _secondary_capture(ds, k):
+    from pydicom.uid import SecondaryCaptureImageStorage
+
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+
+
+def test_burned_in_pixels_never_reach_a_shard(tmp_path):
+    """A screen-save series (Secondary Capture, BurnedInAnnotation YES, text drawn in) is quarantined with a clean
+    reason; a study with its original 5 mm series and a 2.5 mm DERIVED\\SECONDARY workstation reformat with the
+    text drawn in (twice the slices) gets the original series into its shard."""
+    input_dir, patient = tmp_path / "input", PHI["PatientID"]
+    phi_series(
+        input_dir / "screen_save",
+        70,
+        f"{patient}-1",
+        70,
+        hu=_burned(head_ct(70)),
+        per_slice_hook=_secondary_capture,
+        extra={"ImageType": ["DERIVED", "SECONDARY", "SCREEN SAVE"], "BurnedInAnnotation": "YES"},
+    )
+    phi_series(input_dir / "mixed" / "original", 71, f"{patient}-2", 71)
+    phi_series(input_dir / "mixed" / "reformat", 71, f"{patient}-2", 71, series_uid=f"{UID_ROOT}.2.72",
+               hu=_burned(head_ct(71, (24, 48, 48))), spacing=(2.5, 3.0, 3.0),
+               extra={"ImageType": ["DERIVED", "SECONDARY", "AXIAL"], "BurnedInAnnotation": "YES"})  # fmt: skip
+    labels = write_labels(tmp_path / "labels.csv", [["screen_save", f"{patient}-1", 1, 0, 0],
+                                                    ["mixed", f"{patient}-2", 0, 1, 0]])  # fmt: skip
+    root = str(tmp_path / "out")
+    manifest = preprocess.preprocess(input_dir, labels, "generic", root, executor="inline", **SETTINGS)
+
+    rows = [
+        r for info in manifest.shards for r in shards.read_shard(storage.join(root, info.path)).to_pylist()
+    ]
+    assert [r["study_hash"] for r in rows] == [preprocess.salted_hash(SALT, "study", "mixed")]
+    volume = shards.decode_volume(rows[0])
+    assert volume.max() < 2000  # bone, not the drawn-in text (which stays above 2500 after resampling)
+    quarantine = storage.read_bytes(storage.join(root, shards.QUARANTINE)).decode()
+    assert "screen_save,IM-0001.dcm: BurnedInAnnotation is YES" in quarantine
+    assert "mixed/reformat,another series of the same study was used" in quarantine
+    assert not find_secrets(output_blobs(root), [*phi_values(), PYDICOM_UID_ROOT])
 
 
 # ---------------------------------------------------------------------------------------------------- leakage

@@ -6,7 +6,10 @@ Two steps, so that a caller can account for every input (``in = processed + quar
   SeriesInstanceUID (one ``SeriesRef`` per series, wherever its files lie) and takes each ``.nii``/``.nii.gz``
   as one series. Files that are neither (junk, zero bytes, unreadable headers, dangling symbolic links) come back
   as ``DataError`` rejects. A folder's name is a study key of the series in it unless it holds several studies
-  (see ``_dicom_refs``).
+  (see ``_dicom_refs``). A second copy of an instance (the same SOPInstanceUID and the same pixel data bytes: a
+  study exported twice, a PACS re-send) is dropped, so that it does not read as a duplicate slice.
+- ``largest_first(refs)`` orders a study's series for trying: ORIGINAL ones (ImageType) before those without an
+  ImageType before DERIVED ones, then most slices first.
 - ``load_series(ref) -> Volume`` decodes pixels (uncompressed, RLE, and through python-gdcm JPEG baseline /
   lossless, JPEG-LS and JPEG 2000), turns padding pixels into air, applies the rescale to HU, validates and
   returns the volume, or raises one ``DataError`` naming the series and the reason.
@@ -34,6 +37,15 @@ Validation bounds (module constants, so they are documented in one place):
 - at least ``DEFAULT_MIN_SLICES`` = 8 slices (``min_slices`` argument, never below 2);
 - size: at most ``MAX_MATRIX`` = 4096 rows and columns per slice and, for NIfTI, ``MAX_SLICES`` = 4096 slices (a
   larger header value is damage, and decoding it would try to allocate that much);
+- image kind: a slice with BurnedInAnnotation (0028,0301) YES, a SOPClassUID other than CT Image Storage
+  (secondary captures: screen saves, dose reports, workstation exports; Enhanced CT is multi-frame, also refused),
+  or an ImageType (0008,0008) holding SECONDARY, SCREEN SAVE or LOCALIZER refuses its series: such pixels can
+  carry text drawn in (the patient's name) or are no diagnostic axial stack. A missing element refuses nothing
+  (anonymised exports often drop ImageType); RecognizableVisualFeatures is not read (a head CT always shows a
+  face: SECURITY.md);
+- rescale: when any slice of a series has RescaleSlope (RescaleIntercept), every slice must have it (a slice
+  without would be read with slope 1 / intercept 0, e.g. 1024 HU off); a series where no slice has them is read
+  with 1 / 0 and left to the HU check below;
 - header elements: every DICOM element ``load_series`` reads is converted and parsed up front (``_check_elements``);
   one that is malformed (unknown VR, a number that is not one, NaN, the wrong number of values, an unknown transfer
   syntax) is a ``DataError`` naming the file and the element, and anything the parsers still raise on damaged
@@ -41,14 +53,16 @@ Validation bounds (module constants, so they are documented in one place):
 
 De-identification: nothing read from a header leaves this module except geometry, pixels, the study keys used to
 match label rows, and ``Volume.patient_id`` in its own field (needed for the salted hash; hidden from ``repr``).
-Error messages name the file path and the reason only; pydicom's own warnings and log records, which can quote
-header values, are suppressed (importing this module raises the ``pydicom`` logger's level above CRITICAL).
+Error messages name the file path (a series' files relative to its folder) and the reason only; pydicom's own
+warnings and log records, which can quote header values, are suppressed (importing this module raises the
+``pydicom`` logger's level above CRITICAL).
 Paths are quoted as given: operators must not put patient names or ids in file or folder names.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import logging
 import math
 import os
@@ -81,9 +95,9 @@ PADDING_HU = -1024.0  # what PixelPaddingValue pixels become: air, the floor of 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 # Sidecar files that are neither images nor junk: skipped, not counted. Hidden files and DICOMDIR indexes too.
 DEFAULT_IGNORE = (".*", "DICOMDIR", "*.csv", "*.json", "*.txt", "*.md", "*.yaml", "*.yml")
-_HEADER_TAGS = ["SeriesInstanceUID", "StudyInstanceUID", "SOPInstanceUID"]
+_HEADER_TAGS = ["SeriesInstanceUID", "StudyInstanceUID", "SOPInstanceUID", "ImageType"]
 # elements load_series reads (converted and checked up front by _check_elements)
-_TEXT_ELEMENTS = ("Modality", "PatientID")
+_TEXT_ELEMENTS = ("Modality", "PatientID", "SOPClassUID", "ImageType", "BurnedInAnnotation")
 _NUMERIC_ELEMENTS = ("Rows", "Columns", "PixelSpacing", "ImageOrientationPatient", "ImagePositionPatient",
                      "GantryDetectorTilt", "RescaleSlope", "RescaleIntercept", "SamplesPerPixel", "BitsAllocated",
                      "NumberOfFrames", "PixelPaddingValue", "PixelPaddingRangeLimit")  # fmt: skip
@@ -92,6 +106,15 @@ MAX_MATRIX = 4096  # rows / columns per slice: CT is 512 or 1024; a larger value
 MAX_SLICES = 4096  # NIfTI slices (a DICOM series' slice count is its file count)
 _TEXT_VRS = {"PN", "LO", "SH", "LT", "ST", "UT", "UC", "DA", "DT", "TM", "AE", "AS", "UI", "CS"}
 _LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0])  # NIfTI world is RAS+, DICOM patient space is LPS+
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"  # the one SOP class accepted (single-frame CT slices)
+# Enhanced CT and Legacy Converted Enhanced CT: multi-frame objects (their geometry is per frame)
+ENHANCED_CT_STORAGE = ("1.2.840.10008.5.1.4.1.1.2.1", "1.2.840.10008.5.1.4.1.1.2.2")
+# ImageType values of images that are not a diagnostic axial stack, or are pictures of one (text drawn in)
+REFUSED_IMAGE_TYPES = ("SECONDARY", "SCREEN SAVE", "LOCALIZER")
+# largest_first tries a study's series in this order of ImageType's first value ("": not given)
+_IMAGE_TYPE_RANK = {"ORIGINAL": 0, "": 1, "DERIVED": 2}
+
+log = logging.getLogger(__name__)
 
 # pydicom logs (and warns) messages that can quote header values, e.g. an invalid UID. Its child loggers inherit
 # this level, so nothing from pydicom reaches any handler (pydicom.config.debug() would turn it back on).
@@ -110,6 +133,9 @@ class SeriesRef:
     study_uid: str = ""  # DICOM StudyInstanceUID ("" for NIfTI)
     # SOPInstanceUID per file in ``files`` (RSNA labels are per slice)
     sop_uids: tuple[str, ...] = field(default=(), repr=False)
+    # ImageType's first value over the series: "DERIVED" if any file says so, else "ORIGINAL" if any file says
+    # so, else "" (not given, or NIfTI); only these three values, for largest_first
+    image_type: str = ""
 
 
 @dataclass
@@ -139,12 +165,15 @@ def discover(
     """All series under ``input_dir`` and the files that could not be part of one.
 
     Every file not matching an ``ignore`` pattern ends up in exactly one ref or one reject, so
-    ``len(refs) + len(rejects)`` is the number of input items. Order is deterministic (sorted paths).
+    ``len(refs) + len(rejects)`` is the number of input items, except a second copy of a DICOM instance (the same
+    SOPInstanceUID and pixel data as a file kept; see ``_drop_copies``), which is skipped. Order is deterministic
+    (sorted paths).
     """
     root = Path(input_dir)
     if not root.is_dir():
         raise DataError(str(root), "input directory does not exist")
-    headers: dict[str, list[tuple[str, str, str]]] = defaultdict(list)  # series uid -> (path, study, sop)
+    # series uid -> (path, study uid, sop uid, ImageType's first value)
+    headers: dict[str, list[tuple[str, str, str, str]]] = defaultdict(list)
     nifti: list[SeriesRef] = []
     rejects: list[DataError] = []
     for path in _walk(root, ignore, rejects):
@@ -153,8 +182,8 @@ def discover(
             if path.name.lower().endswith(NIFTI_SUFFIXES):
                 nifti.append(_nifti_ref(path, root))
             else:
-                series_uid, study_uid, sop_uid = _dicom_header(path)
-                headers[series_uid].append((str(path), study_uid, sop_uid))
+                series_uid, study_uid, sop_uid, image_type = _dicom_header(path)
+                headers[series_uid].append((str(path), study_uid, sop_uid, image_type))
         except DataError as err:
             rejects.append(err)
     refs = _dicom_refs(headers, root) + nifti
@@ -198,39 +227,56 @@ def _check_readable(path: Path) -> None:
         raise DataError(str(path), "empty file (0 bytes)")
 
 
-def _dicom_header(path: Path) -> tuple[str, str, str]:
-    """(SeriesInstanceUID, StudyInstanceUID, SOPInstanceUID) read without pixels, or a DataError."""
+def _dicom_header(path: Path) -> tuple[str, str, str, str]:
+    """(SeriesInstanceUID, StudyInstanceUID, SOPInstanceUID, ImageType's first value: "ORIGINAL", "DERIVED" or
+    "") read without pixels, or a DataError."""
     from pydicom.errors import InvalidDicomError
 
     with _quiet():  # pydicom converts values lazily and may warn, quoting them, on first access: all inside
         try:
             ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
             # values are converted lazily, here: a damaged element (unknown VR, bad length) fails now
-            uids = tuple(str(ds.get(keyword, "") or "") for keyword in _HEADER_TAGS)
+            uids = tuple(str(ds.get(keyword, "") or "") for keyword in _HEADER_TAGS[:3])
         except InvalidDicomError:
             raise DataError(str(path), "not a DICOM file (no DICM preamble) nor NIfTI") from None
         except Exception as exc:  # any parser failure on untrusted bytes; its message may quote header values
             raise DataError(str(path), f"unreadable DICOM header ({type(exc).__name__})") from None
+        try:  # only orders a study's series: a damaged ImageType is load_series' to report, not a reject here
+            kind = _image_type_values(ds)[:1]
+        except Exception:
+            kind = []
     if not uids[0]:
         raise DataError(str(path), "DICOM header without SeriesInstanceUID (truncated file or not an image)")
-    return uids
+    return (*uids, kind[0] if kind and kind[0] in ("ORIGINAL", "DERIVED") else "")
 
 
-def _dicom_refs(headers: dict[str, list[tuple[str, str, str]]], root: Path) -> list[SeriesRef]:
+def _image_type_values(ds) -> list[str]:
+    """ImageType (0008,0008) as upper-case values, [] when absent (one string unsplit by the parser: split)."""
+    value = ds.get("ImageType")
+    if value in (None, ""):
+        return []
+    values = value if isinstance(value, MultiValue | list | tuple) else str(value).split("\\")
+    return [str(v).strip().upper() for v in values]
+
+
+def _dicom_refs(headers: dict[str, list[tuple[str, str, str, str]]], root: Path) -> list[SeriesRef]:
     """One ref per series. A folder holding one series names it (else the series' first file does). The folder's
     own name is a study key when every series in it belongs to one study (a thick and a thin reconstruction
     exported loose into a folder named by the study id), not when it holds several studies (RSNA's one folder of
-    every slice): there the StudyInstanceUID and the folders above tell the studies apart."""
+    every slice): there the StudyInstanceUID and the folders above tell the studies apart. Second copies of an
+    instance are dropped first (``_drop_copies``)."""
     series_in: dict[str, set[str]] = defaultdict(set)  # folder -> SeriesInstanceUIDs with a file in it
     studies_in: dict[str, set[str]] = defaultdict(set)  # folder -> StudyInstanceUIDs ("" = none given)
     for series_uid, entries in headers.items():
-        for path, study_uid, _ in entries:
+        for path, study_uid, _, _ in entries:
             series_in[str(Path(path).parent)].add(series_uid)
             studies_in[str(Path(path).parent)].add(study_uid)
-    refs = []
+    refs, dropped = [], 0
     for series_uid, entries in headers.items():
-        entries = sorted(entries)
-        paths = [p for p, _, _ in entries]
+        kept = _drop_copies(sorted(entries))
+        dropped += len(entries) - len(kept)
+        entries = kept
+        paths = [p for p, _, _, _ in entries]
         # files spread over sub-folders: their common parent (a folder holding none of them directly)
         folder = Path(os.path.commonpath(paths)) if len(paths) > 1 else Path(paths[0]).parent
         study_uid = entries[0][1]
@@ -244,10 +290,50 @@ def _dicom_refs(headers: dict[str, list[tuple[str, str, str]]], root: Path) -> l
                 files=tuple(paths),
                 study_keys=_unique(keys),
                 study_uid=study_uid,
-                sop_uids=tuple(sop for _, _, sop in entries),
+                sop_uids=tuple(sop for _, _, sop, _ in entries),
+                image_type=_series_image_type({kind for _, _, _, kind in entries}),
             )
         )
+    if dropped:
+        log.info(
+            "discover: skipped %d second copies of DICOM instances (same SOPInstanceUID and pixels)", dropped
+        )
     return refs
+
+
+def _series_image_type(kinds: set[str]) -> str:
+    """One value for the series: a single DERIVED file makes it DERIVED (the cautious choice for ordering)."""
+    return "DERIVED" if "DERIVED" in kinds else "ORIGINAL" if "ORIGINAL" in kinds else ""
+
+
+def _drop_copies(entries: list[tuple[str, str, str, str]]) -> list[tuple[str, str, str, str]]:
+    """``entries`` (sorted by path) without second copies of an instance: a file whose SOPInstanceUID is that of
+    an earlier file and whose pixel data bytes are the same (a study exported twice, a PACS re-send). Two files
+    with one SOPInstanceUID but different pixels are both kept: load_series then names both. Pixel data is read
+    only for files whose SOPInstanceUID repeats (no cost otherwise)."""
+    by_sop: dict[str, list[int]] = defaultdict(list)
+    for i, (_, _, sop, _) in enumerate(entries):
+        if sop:
+            by_sop[sop].append(i)
+    drop: set[int] = set()
+    for indices in by_sop.values():
+        if len(indices) < 2:
+            continue
+        digests = {i: _pixel_digest(entries[i][0]) for i in indices}
+        for n, i in enumerate(indices):
+            if digests[i] is not None and any(digests[j] == digests[i] for j in indices[:n] if j not in drop):
+                drop.add(i)
+    return [e for i, e in enumerate(entries) if i not in drop]
+
+
+def _pixel_digest(path: str) -> str | None:
+    """SHA-256 of a file's PixelData element as stored (not decoded), None when it cannot be read."""
+    try:
+        with _quiet():
+            data = pydicom.dcmread(path).get("PixelData")
+        return hashlib.sha256(bytes(data)).hexdigest() if data else None
+    except Exception:  # damaged: keep the file, load_series reports it
+        return None
 
 
 def _folder_keys(folder: Path, root: Path, *, include_self: bool) -> tuple[str, ...]:
@@ -276,8 +362,11 @@ def _nifti_ref(path: Path, root: Path) -> SeriesRef:
 
 
 def largest_first(refs: Sequence[SeriesRef]) -> list[SeriesRef]:
-    """A study's series in the order to try them: most slices first, ties by source."""
-    return sorted(refs, key=lambda r: (-len(r.files), r.source))
+    """A study's series in the order to try them: ORIGINAL series (ImageType) first, then those without an
+    ImageType (NIfTI, exports that drop it), then DERIVED ones (reformats: a thin DERIVED\\PRIMARY MPR is a
+    fallback, not preferred over the original acquisition for its slice count); within each, most slices first,
+    ties by source."""
+    return sorted(refs, key=lambda r: (_IMAGE_TYPE_RANK.get(r.image_type, 1), -len(r.files), r.source))
 
 
 def load_series(ref: SeriesRef, *, min_slices: int = DEFAULT_MIN_SLICES) -> Volume:
@@ -312,10 +401,11 @@ def _quiet():
 
 
 def _load_dicom(ref: SeriesRef, min_slices: int) -> Volume:
-    datasets = [_read_dataset(path, ref.source) for path in ref.files]
-    names = [Path(p).name for p in ref.files]
+    names = file_names(ref.files)
+    datasets = [_read_dataset(path, name, ref.source) for path, name in zip(ref.files, names, strict=True)]
     _check_modality(datasets, ref.source)
     _check_matrix(datasets, ref.source)
+    _check_rescale(datasets, names, ref.source)
     if len(datasets) < min_slices:
         raise DataError(ref.source, f"too few slices: {len(datasets)} (minimum {min_slices})")
     row_dir, col_dir = _orientation(datasets, names, ref.source)
@@ -329,7 +419,8 @@ def _load_dicom(ref: SeriesRef, min_slices: int) -> Volume:
     positions = positions[order]
     ordered = [datasets[i] for i in order]
     ordered_names = [names[i] for i in order]
-    dz = _slice_step(positions, normal, ordered_names, ref.source)
+    sops = [ref.sop_uids[i] for i in order] if len(ref.sop_uids) == len(names) else None
+    dz = _slice_step(positions, normal, ordered_names, ref.source, sops)
     hu = np.stack([_slice_hu(ds, name, ref.source) for ds, name in zip(ordered, ordered_names, strict=True)])
     dy, dx = (float(v) for v in ordered[0].PixelSpacing)  # DICOM order: between rows, between columns
     return Volume(
@@ -343,8 +434,14 @@ def _load_dicom(ref: SeriesRef, min_slices: int) -> Volume:
     )
 
 
-def _read_dataset(path: str, source: str):
-    name = Path(path).name
+def file_names(files: Sequence[str]) -> list[str]:
+    """How messages name a series' files: relative to the folder holding them all (the base name when they lie
+    in one folder; ``export1/IM-0006.dcm`` and ``resend/IM-0006.dcm`` when they are spread over sub-folders)."""
+    base = os.path.commonpath(files) if len(files) > 1 else os.path.dirname(files[0])
+    return [os.path.relpath(f, base) if base else f for f in files]
+
+
+def _read_dataset(path: str, name: str, source: str):
     try:
         ds = pydicom.dcmread(path)
     except Exception as exc:  # the header read in discover succeeded, so this is a damaged body
@@ -356,10 +453,51 @@ def _read_dataset(path: str, source: str):
         raise DataError(
             source, f"{name}: multi-frame (enhanced) DICOM is not supported; export single slices"
         )
+    _check_image_kind(ds, name, source)
     for keyword in ("Rows", "Columns", "PixelSpacing", "ImageOrientationPatient", "ImagePositionPatient"):
         if ds.get(keyword) in (None, ""):
             raise DataError(source, f"{name}: missing {keyword}")
     return ds
+
+
+def _check_image_kind(ds, name: str, source: str) -> None:
+    """Refuse a slice whose pixels may hold burned-in text or are not an original-type axial CT image: a
+    BurnedInAnnotation of YES, a SOP class other than CT Image Storage (secondary capture: screen saves, dose
+    reports, workstation exports), an ImageType with SECONDARY, SCREEN SAVE or LOCALIZER. Absent elements pass.
+    Messages name only fixed words and standard SOP class names, never a header's own text."""
+    if str(ds.get("BurnedInAnnotation", "") or "").strip().upper() == "YES":
+        raise DataError(
+            source,
+            f"{name}: BurnedInAnnotation is YES (text such as patient details is drawn into the pixels)",
+        )
+    sop_class = str(ds.get("SOPClassUID", "") or "").strip()
+    if not sop_class:  # Type 1 in the dataset; some writers only fill the file meta
+        sop_class = str(ds.file_meta.get("MediaStorageSOPClassUID", "") or "").strip()
+    if sop_class in ENHANCED_CT_STORAGE:
+        raise DataError(
+            source, f"{name}: multi-frame (enhanced) DICOM is not supported; export single slices"
+        )
+    if sop_class and sop_class != CT_IMAGE_STORAGE:
+        raise DataError(
+            source,
+            f"{name}: SOPClassUID is {_sop_class_name(sop_class)}, not CT Image Storage (a secondary "
+            "capture or other non-CT-image object)",
+        )
+    image_type = _image_type_values(ds)
+    for word in REFUSED_IMAGE_TYPES:
+        if word in image_type:
+            raise DataError(
+                source,
+                f"{name}: ImageType {word} (a secondary, screen-save or localizer image, not an "
+                "original axial CT slice)",
+            )
+
+
+def _sop_class_name(uid: str) -> str:
+    """The standard name of a DICOM SOP class UID (pydicom's dictionary), else a placeholder: a private UID is
+    not quoted (it is header text)."""
+    name = UID(uid).name  # the UID itself when pydicom does not know it
+    return name if uid.startswith("1.2.840.10008.") and name != uid else "a non-standard SOP class"
 
 
 def _check_elements(ds, name: str, source: str) -> None:
@@ -392,6 +530,24 @@ def _check_elements(ds, name: str, source: str) -> None:
         raise DataError(
             source, f"{name}: malformed TransferSyntaxUID (not a known transfer syntax)"
         ) from None
+
+
+def _check_rescale(datasets, names: list[str], source: str) -> None:
+    """RescaleSlope / RescaleIntercept on every slice or on none: a slice without them, in a series whose other
+    slices have them, would read with slope 1 / intercept 0 (1024 HU off for the usual -1024), unnoticed by the
+    volume's HU check. A series without them at all is read with 1 / 0 and left to the HU check."""
+    keywords = ("RescaleSlope", "RescaleIntercept")
+    given = {kw: [ds.get(kw) not in (None, "") for ds in datasets] for kw in keywords}
+    uneven = [kw for kw in keywords if any(given[kw]) and not all(given[kw])]
+    if not uneven:
+        return
+    bad = [i for i in range(len(datasets)) if not all(given[kw][i] for kw in uneven)]
+    lacking = " / ".join(kw for kw in uneven if not given[kw][bad[0]])
+    more = f" (and {len(bad) - 1} more slices)" if len(bad) > 1 else ""
+    raise DataError(
+        source,
+        f"{names[bad[0]]}: no {lacking} where other slices of the series have it (its HU would be wrong){more}",
+    )
 
 
 def _check_modality(datasets, source: str) -> None:
@@ -457,16 +613,21 @@ def _position(ds, name: str, source: str) -> np.ndarray:
     return position
 
 
-def _slice_step(positions: np.ndarray, normal: np.ndarray, names: list[str], source: str) -> float:
-    """Mean spacing along the normal, after checking duplicates, shear, gaps and uniformity."""
+def _slice_step(
+    positions: np.ndarray, normal: np.ndarray, names: list[str], source: str, sops: list[str] | None = None
+) -> float:
+    """Mean spacing along the normal, after checking duplicates, shear, gaps and uniformity. ``sops``: the
+    slices' SOPInstanceUIDs (in ``names`` order), to tell a re-sent instance with other pixels apart."""
     along = positions @ normal  # mm along the normal, ascending
     steps = np.diff(along)
     duplicate = np.flatnonzero(steps < DUPLICATE_MM)
     if duplicate.size:
         i = int(duplicate[0])
+        same = sops is not None and sops[i] != "" and sops[i] == sops[i + 1]
+        what = " (one SOPInstanceUID, different pixel data: keep one copy)" if same else ""
         raise DataError(
             source,
-            f"duplicate slice positions: {names[i]} and {names[i + 1]} (and {duplicate.size - 1} more)",
+            f"duplicate slice positions: {names[i]} and {names[i + 1]}{what} (and {duplicate.size - 1} more)",
         )
     # shear: in-plane drift of the last slice relative to the first, as an angle off the normal
     offset = positions[-1] - positions[0]

@@ -396,7 +396,7 @@ def process_study(job: StudyJob, ctx: BatchContext) -> tuple[dict | None, list[Q
                 out_spacing=ctx.spacing, grid=ctx.grid, antialias=ctx.antialias,
             )  # fmt: skip
         except DataError as err:
-            names = {Path(f).name for f in ref.files}  # reasons may start with one of them
+            names = set(ingest.file_names(ref.files))  # how reasons name the series' files
             quarantined.append(_quarantine(ctx.paths, err.path, err.reason, job.split, file_names=names))
             continue
         except Exception as err:  # a bug or an odd input must not stop the run: it is counted and shown
