@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import threading
 
+import numpy as np
 import pytest
 
-from molre.data.dataset import pad_to_multiple
+from molre.data.dataset import pad_to_multiple, rfs_batches
+from molre.findings import NUM_FINDINGS
 
 pytestmark = pytest.mark.slow
 
@@ -46,3 +48,41 @@ def test_padding_keeps_every_row_through_an_equal_split(ray_local, rows, workers
     assert sum(map(len, seen)) == rows + (-rows % workers)  # duplicates only to fill the last round
     again = _consume(pad_to_multiple(_range(rows), rows, workers).streaming_split(workers, equal=True))
     assert again == seen  # the same rows reach the same worker: a fixed seed repeats a run
+
+
+class _RowsShard:
+    """A worker's shard as ``rfs_batches`` reads it (``iter_batches`` of numpy columns), from in-memory rows."""
+
+    def __init__(self, n: int, positive: set[int] = frozenset()):
+        labels = np.zeros((n, NUM_FINDINGS), np.uint8)
+        labels[sorted(positive), 0] = 1
+        self.columns = {"study_hash": np.array([f"s{i:03d}" for i in range(n)]), "labels": labels,
+                        "known": np.ones((n, NUM_FINDINGS), np.uint8), "volume": np.arange(n)}  # fmt: skip
+
+    def iter_batches(self, *, batch_size: int, batch_format: str = "numpy"):
+        n = len(self.columns["study_hash"])
+        for start in range(0, n, batch_size):
+            yield {k: v[start : start + batch_size] for k, v in self.columns.items()}
+
+
+@pytest.mark.parametrize(("rows", "batch_size"), [(45, 4), (3, 4), (64, 8), (1, 2)])
+def test_every_training_batch_is_full_and_only_the_fill_repeats(rows, batch_size):
+    """One batch shape for a compiled model: the epoch's last short batch is filled with marked repeats."""
+    factors = np.ones(NUM_FINDINGS)
+    batches = list(rfs_batches(_RowsShard(rows), factors, epoch=0, seed=0, batch_size=batch_size))
+    assert {len(b["study_hash"]) for b in batches} == {batch_size}
+    own = [h for b in batches for h, fill in zip(b["study_hash"], b["top_up"], strict=True) if not fill]
+    assert sorted(own) == [f"s{i:03d}" for i in range(rows)]  # each volume once (repeat factor 1), none lost
+    fill = sum(int(b["top_up"].sum()) for b in batches)
+    assert fill == -rows % batch_size and not any(b["top_up"].any() for b in batches[:-1])
+
+
+def test_rfs_repeats_and_the_fill_are_seeded():
+    factors = np.full(NUM_FINDINGS, 2.5)  # positives repeat 2 or 3 times
+    shard = _RowsShard(30, positive={1, 7, 8})
+    draw = [[list(b["study_hash"]) for b in rfs_batches(shard, factors, epoch=e, seed=0, batch_size=4)]
+            for e in (0, 0, 1)]  # fmt: skip
+    assert draw[0] == draw[1] and draw[0] != draw[2]
+    batches = list(rfs_batches(shard, factors, 0, 0, 4))
+    own = [h for b in batches for h, fill in zip(b["study_hash"], b["top_up"], strict=True) if not fill]
+    assert all(2 <= own.count(f"s{i:03d}") <= 3 for i in (1, 7, 8)) and own.count("s000") == 1

@@ -62,6 +62,36 @@ def test_regional_compile_compiles_each_attention_block_and_keeps_the_math():
     )  # the MoLRE modules inside compiled blocks still record their routing
 
 
+@pytest.mark.parametrize("mode", ["regional", "model"])
+def test_a_batch_of_another_size_leaves_full_batches_on_their_static_graph(mode):
+    """With Dynamo's automatic dynamic shapes, one short batch made every later full batch run a dynamic-shape
+    graph (the benchmark's pure step ran the static one): compiled graphs are static, one per shape."""
+    torch._dynamo.reset()
+    graphs, calls = [], []
+
+    def recording_backend(gm, example_inputs):  # notes each graph's dynamism and which graph serves a call
+        index = len(graphs)
+        graphs.append(any(isinstance(a, torch.SymInt) for a in example_inputs)
+                      or any(isinstance(d, torch.SymInt) for a in example_inputs
+                             if isinstance(a, torch.Tensor) for d in a.shape))  # fmt: skip
+
+        def run(*args):
+            calls.append(index)
+            return gm.forward(*args)
+
+        return run
+
+    model = _model()
+    compile_classifier(model, mode, backend=recording_backend)
+    served = []
+    for batch in (3, 2, 3):  # full, the epoch's short last batch, full again (1 would be specialised anyway)
+        start = len(calls)
+        model(torch.rand(batch, 3, 4, 64, 64)).sum().backward()
+        served.append(set(calls[start:]))
+    assert graphs and not any(graphs)  # no dynamic-shape graph at all
+    assert served[2] == served[0] and not served[1] & served[0]
+
+
 def test_attention_blocks_find_wrapped_linears_of_every_architecture():
     davit = build_model(build_config({"backbone": {"preset": "tiny-davit"}}))
     blocks = attention_blocks(davit.backbone.net, ("attn.qkv", "attn.proj"))

@@ -214,7 +214,13 @@ def _copies(study_hash: str, r: float, seed: int, epoch: int) -> int:
 def rfs_batches(
     shard, class_factors: np.ndarray, epoch: int, seed: int, batch_size: int, buffer_size: int = 32
 ) -> Iterator[dict[str, np.ndarray]]:
-    """One epoch of training batches from a worker's shard, with Repeat Factor Sampling and a shuffle buffer."""
+    """One epoch of training batches from a worker's shard, with Repeat Factor Sampling and a shuffle buffer.
+
+    Every batch holds ``batch_size`` volumes: the epoch's last, short one is topped up with volumes drawn from the
+    epoch's last rows (a few extra repeats, as RFS makes). A compiled model then sees one batch shape only: a
+    second shape would make Dynamo recompile (or, with automatic dynamic shapes, switch every later step to a
+    dynamic-shape graph).
+    """
     rng = np.random.default_rng([seed, epoch, 1])
     buffer: list[dict] = []
     for batch in shard.iter_batches(batch_size=8, batch_format="numpy"):
@@ -225,9 +231,20 @@ def rfs_batches(
         while len(buffer) >= buffer_size + batch_size:
             yield _pop_batch(buffer, rng, batch_size)
     rng.shuffle(buffer)
-    while buffer:
-        yield _stack(buffer[:batch_size])
-        del buffer[:batch_size]
+    for start in range(0, len(buffer), batch_size):
+        rows = buffer[start : start + batch_size]
+        extra = _top_up(buffer, start, batch_size - len(rows), rng)
+        yield _stack(rows + extra, top_ups=len(extra))
+
+
+def _top_up(tail: list[dict], start: int, missing: int, rng: np.random.Generator) -> list[dict]:
+    """``missing`` rows for the last batch: drawn from the tail rows already batched (``tail[:start]``), without
+    replacement when there are enough, else from the whole tail with replacement (a shard smaller than a batch)."""
+    if missing <= 0:
+        return []
+    if start >= missing:
+        return [tail[i] for i in rng.choice(start, size=missing, replace=False)]
+    return [tail[i] for i in rng.integers(len(tail), size=missing)]
 
 
 def _pop_batch(buffer: list[dict], rng: np.random.Generator, batch_size: int) -> dict[str, np.ndarray]:
@@ -235,11 +252,14 @@ def _pop_batch(buffer: list[dict], rng: np.random.Generator, batch_size: int) ->
     return _stack([buffer.pop(i) for i in picks])
 
 
-def _stack(rows: list[dict]) -> dict[str, np.ndarray]:
-    return {
+def _stack(rows: list[dict], top_ups: int = 0) -> dict[str, np.ndarray]:
+    """Rows -> a batch dict; ``top_up`` marks the last ``top_ups`` rows (repeats that fill the last batch)."""
+    batch = {
         k: np.stack([np.asarray(r[k]) for r in rows]) if k != "volume" else [r[k] for r in rows]
         for k in rows[0]
     }
+    batch["top_up"] = np.arange(len(rows)) >= len(rows) - top_ups
+    return batch
 
 
 def decode_batch(batch: dict) -> dict[str, np.ndarray]:
@@ -252,4 +272,5 @@ def decode_batch(batch: dict) -> dict[str, np.ndarray]:
         "labels": np.stack(list(batch["labels"])).astype(np.float32),
         "known": np.stack(list(batch["known"])).astype(np.float32),
         "study_hash": np.asarray(batch["study_hash"]).astype(str),
+        **({"top_up": np.asarray(batch["top_up"])} if "top_up" in batch else {}),  # training batches' fill
     }

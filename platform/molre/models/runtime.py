@@ -87,20 +87,21 @@ def compile_regions(net: nn.Module, targets, **compile_kwargs) -> list[str]:
     A net without attention blocks (a CNN) is compiled whole. ``compile_kwargs`` go to ``torch.compile``
     (tests pass ``backend="aot_eager"`` to check the wiring without a C++ toolchain).
 
-    Blocks that differ in their parameter shapes (DaViT's four stages of two block kinds) are compiled with
-    static shapes, one graph per stage: with Dynamo's automatic dynamic shapes the second stage's sizes turn
-    symbolic and Inductor (torch 2.14) fails on DaViT's window partition ("cannot determine truth value of
-    Relational"). Their graphs per block kind (stages x train / eval x a smaller last batch) outnumber Dynamo's
-    default recompile limit of 8, so it is raised to 64 (beyond it a new shape would run eager).
+    Shapes are static (``dynamic=False`` unless given): with Dynamo's automatic dynamic shapes, the first call
+    with a second shape recompiles a dynamic-shape graph that every later call then runs, full batches included
+    (a validation batch of another size was enough). Training batches all have one size (``rfs_batches`` fills
+    the last one), so a static graph per shape costs a recompile only for validation's last batch and eval
+    mode. Blocks that differ in their parameter shapes (DaViT's four stages of two block kinds) need static
+    shapes anyway: symbolic sizes fail Inductor (torch 2.14) on DaViT's window partition ("cannot determine truth
+    value of Relational"). Their graphs (stages x train / eval x a smaller last batch) outnumber Dynamo's default
+    recompile limit of 8, so it is raised to 64 (beyond it a new shape would run eager).
     """
+    compile_kwargs = {"dynamic": False, **compile_kwargs}
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     blocks = attention_blocks(net, targets)
     if not blocks:
         net.compile(**compile_kwargs)
         return [""]
-    kinds = {tuple(tuple(p.shape) for p in net.get_submodule(b).parameters()) for b in blocks}
-    if len(kinds) > 1 and "dynamic" not in compile_kwargs:
-        compile_kwargs = {**compile_kwargs, "dynamic": False}
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     for name in blocks:
         net.get_submodule(name).compile(**compile_kwargs)
     return blocks
@@ -114,7 +115,8 @@ def compile_classifier(model: nn.Module, mode: str, targets=None, **compile_kwar
     if mode == "off":
         return []
     if mode == "model":
-        model.compile(**compile_kwargs)
+        model.compile(**{"dynamic": False, **compile_kwargs})  # static shapes, as compile_regions explains
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         return [""]
     if mode != "regional":
         raise ModelError(f"compile mode {mode!r}: expected one of {COMPILE_MODES}")

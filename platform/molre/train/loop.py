@@ -123,10 +123,11 @@ def train_one_epoch(model, core, optimizer, loss_fn, cfg, shard, setup, epoch, d
         shard, np.asarray(setup["class_factors"]), epoch, cfg.train.seed, cfg.train.batch_size
     )
     join = _join(model)
-    total, count, steps = torch.zeros((), dtype=torch.float64, device=device), 0, 0  # summed on the device
+    total = torch.zeros((), dtype=torch.float64, device=device)  # summed on the device
+    trained, count, steps = 0, 0, 0
     with join:
         # decoded and (on CUDA) pinned in a thread, copied on a side stream one step ahead (molre.data.prefetch)
-        for step, ((hu, labels, known), _) in enumerate(
+        for step, ((hu, labels, known), host) in enumerate(
             device_batches(batches, device, TRAIN_KEYS, decode_batch)
         ):
             _maybe_inject_failure(fault, epoch, step, rank)
@@ -147,9 +148,12 @@ def train_one_epoch(model, core, optimizer, loss_fn, cfg, shard, setup, epoch, d
                 )
             optimizer.step()
             total += loss.detach().double() * len(hu)
-            count, steps = count + len(hu), steps + 1
-    total, count = _all_reduce_sum([total.item(), count], device)  # the epoch's one read of the loss
-    return {"train/loss": total / max(count, 1), "train/volumes": int(count), "train/steps_rank0": steps}
+            trained, steps = trained + len(hu), steps + 1
+            count += len(hu) - int(
+                host["top_up"].sum()
+            )  # the epoch's own volumes (not the last batch's fill)
+    total, trained, count = _all_reduce_sum([total.item(), trained, count], device)  # the one loss read
+    return {"train/loss": total / max(trained, 1), "train/volumes": int(count), "train/steps_rank0": steps}
 
 
 def _join(model):
