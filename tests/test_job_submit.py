@@ -250,6 +250,23 @@ def test_submitted_job_runs_here_and_reaches_the_bucket(ray_head, s3_bucket, s3_
     assert bucket_keys(s3_server, f"{s3_bucket}/harness/") == ["harness/ok.txt"]
 
 
+def test_molre_train_on_the_head_machine_joins_the_ray_start_cluster(ray_head, tiny_dataset, tmp_path):
+    """docs/cluster.md's `ray start --head`, then `molre train` on that machine without RAY_ADDRESS: it joins the
+    cluster `ray start` recorded (ray.init refused the local Ray's num_cpus for an existing cluster)."""
+    run = {"backbone": {"preset": "tiny-vit"}, "data": {"uri": tiny_dataset},
+           "train": {"max_epochs": 1, "min_epochs": 0, "run_name": "joined", "storage": str(tmp_path / "runs")}}  # fmt: skip
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(run))
+    env = {k: v for k, v in ray_head.env.items() if k != "RAY_ADDRESS"}
+    env["RAY_TMPDIR"] = str(ray_head.temp_dir)  # where this head's `ray start --temp-dir` wrote its address
+    proc = subprocess.run([str(BIN / "molre"), "train", "--config", str(config)], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-4000:]
+    assert "Connecting to existing Ray cluster at address: 127.0.0.1" in output
+    assert (tmp_path / "runs" / "joined").is_dir()
+
+
 # ---- the sweep -------------------------------------------------------------------------------------------
 
 

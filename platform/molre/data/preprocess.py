@@ -53,6 +53,7 @@ from molre.data.split import (
 )
 from molre.errors import DataError
 from molre.findings import FINDING_IDS, NUM_FINDINGS
+from molre.ray_init import start_or_join
 
 log = logging.getLogger(__name__)
 
@@ -470,14 +471,10 @@ def _run_ray(batches: list[Batch], ctx: BatchContext, workers: int, progress) ->
     """One Ray task per batch, at most ``workers`` in flight; Ray is started here (and stopped) if needed."""
     import ray
 
-    started = not ray.is_initialized()
-    joined = bool(
-        os.environ.get("RAY_ADDRESS")
-    )  # an existing cluster: its workers have their own environment
-    if started:
-        sizing = {} if joined else {"num_cpus": workers}
+    started, joined = not ray.is_initialized(), False
+    if started:  # joined: an existing cluster, whose workers have their own environment
         with _env_without(SALT_ENV):  # the Ray processes started here inherit the environment: not the salt
-            ray.init(**sizing, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True)
+            joined = start_or_join(workers, include_dashboard=False, logging_level=logging.WARNING)
     try:
         options: dict = {"num_cpus": 1}
         env = storage.forwarded_env()  # the AWS variables and MOLRE_STORAGE_RETRY

@@ -17,6 +17,7 @@ from molre.config import RunConfig, config_to_dict, load_config
 from molre.data import dataset, shards, storage
 from molre.errors import ModelError, MolreError
 from molre.models import build_model
+from molre.ray_init import existing_cluster, start_or_join
 from molre.train.checkpoint import preprocessing_facts
 from molre.train.loop import METRIC, train_loop_per_worker
 
@@ -32,21 +33,18 @@ class TrainResult:
 
 
 def ensure_ray(num_cpus: int | None = None) -> None:
-    """Join a running cluster (``ray job submit``, RAY_ADDRESS) or start a private local Ray.
+    """Join a running cluster (``ray job submit``, RAY_ADDRESS, ``ray start``) or start a private local Ray.
 
     A local Ray gets at least 4 logical CPUs: a trial, its Train workers and Ray Data's read tasks each hold a
     CPU slot, and on a 2-core machine two slots would starve the data reads.
     """
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
 
     if ray.is_initialized():
         return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"])
-    else:
-        ray.init(num_cpus=num_cpus or max(4, os.cpu_count() or 1), include_dashboard=False,
-                 dashboard_host="127.0.0.1")  # fmt: skip
+    start_or_join(
+        num_cpus or max(4, os.cpu_count() or 1), include_dashboard=False, dashboard_host="127.0.0.1"
+    )
 
 
 def model_input_size(cfg: RunConfig, grid: tuple[int, int, int]) -> tuple[int, int, int]:
@@ -166,7 +164,7 @@ def train(cfg: RunConfig, fault: dict | None = None, num_cpus: int | None = None
     """Run (or resume) one training run to its end and return its result."""
     ray = sys.modules.get("ray")
     # a Ray started elsewhere (`ray start`, RAY_ADDRESS, a test's) has workers that may lack the storage variables
-    foreign = bool(os.environ.get("RAY_ADDRESS")) or (ray is not None and ray.is_initialized())
+    foreign = existing_cluster() is not None or (ray is not None and ray.is_initialized())
     ensure_ray(num_cpus)
     if not storage.is_s3(cfg.train.storage):
         cfg.train.storage = os.path.abspath(cfg.train.storage)
