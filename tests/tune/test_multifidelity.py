@@ -96,6 +96,7 @@ def test_screen_on_cached_features_then_confirm_the_best_end_to_end(ray_local, t
         assert summary[total] == pytest.approx(summary["screen"][total] + summary["confirm"][total])
     assert summary["screen"]["wall_seconds"] >= summary["screen"]["cache"]["seconds"]
     assert summary["resumed"] is False  # the wall seconds cover the whole sweep
+    keys = [p.name for p in (results / "features").iterdir()]  # under the storage root, for the next sweep
     assert (
-        results / "features"
-    ).is_dir()  # the cache sits under the storage root, reusable by the next sweep
+        len(keys) == 1 and (results / "features" / keys[0] / "meta.json").is_file()
+    )  # <storage>/features/<key>

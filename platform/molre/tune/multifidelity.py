@@ -164,7 +164,7 @@ def device_seconds(table: pd.DataFrame, devices_per_trial: float) -> float:
 def run_multi_fidelity(spec: SweepSpec, storage_root: str, data_uri: str, resume: bool = False):
     """Screen on cached features, then confirm the best points end to end; returns the end-to-end table."""
     mf = spec.multi_fidelity
-    cache_root = mf.cache or storage.join(storage_root, "features")
+    cache_root = mf.cache or storage_root  # the cache lies in <root>/features/<key>/ (features.cache_uri)
     screen = spec.model_copy(deep=True, update={"name": spec.name + SCREEN_SUFFIX})
     screen.resources.num_workers = 1  # a screen trial is one small fit on one device
     screen_uri = storage.join(storage_root, screen.name)

@@ -136,7 +136,9 @@ class MultiFidelityConfig(_Strict):
     ``confirm_top`` best points end to end over all seeds (``molre.tune.multifidelity``)."""
 
     confirm_top: Int = Field(2, gt=0)
-    cache: str | None = None  # feature cache root (local or s3://); default: <storage>/features
+    cache: str | None = (
+        None  # feature cache root (local or s3://): <cache>/features/<key>/; default: <storage>
+    )
     # train features cached for this many augmented copies of each volume (0: un-augmented); a screen epoch
     # trains on copy epoch % N, as the end-to-end run sees a fresh augmentation every epoch
     augment_copies: Int = Field(0, ge=0, le=64)
