@@ -151,3 +151,43 @@ def test_augmented_copies_are_the_backbone_on_the_runs_augmentation(data, weight
     assert features.feature_key(cfg, augment_copies=2) != features.feature_key(
         _cfg(data, weights, data={"augment": {"rotate": 0.0}}), augment_copies=2
     )  # the augmentation's settings are part of the key
+
+
+def test_a_damaged_split_file_is_named_and_the_cache_rebuilt(data, weights, tmp_path, caplog):
+    """meta.json holds each split file's sha256 and shapes: a damaged, truncated or missing file is a miss."""
+    cfg = _cfg(data, weights)
+    cache = features.build_feature_cache(cfg, str(tmp_path))
+    good = cache.splits["train"].features.clone()
+    info = cache.meta["splits"]["train"]
+    assert len(info["sha256"]) == 64 and info["tensors"]["features"] == list(good.shape)
+    path = tmp_path / "features" / cache.key / "train.safetensors"
+    raw = bytearray(path.read_bytes())
+    damaged = bytes(raw[:-200]) + bytes(b ^ 0xFF for b in raw[-200:])  # bit rot in the tensor data
+    for content in (damaged, bytes(raw[: len(raw) // 2]), None):  # damaged, truncated, missing
+        path.unlink()
+        if content is not None:
+            path.write_bytes(content)
+        with pytest.raises(features.DamagedCacheError, match="train.safetensors"):
+            features.load_feature_cache(cache.uri)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="molre.tune.features"):
+            again = features.build_feature_cache(cfg, str(tmp_path))
+        assert again.computed  # rebuilt, not loaded
+        assert "train.safetensors" in caplog.text and "rebuilding" in caplog.text
+        torch.testing.assert_close(again.splits["train"].features, good)
+        assert not features.build_feature_cache(cfg, str(tmp_path)).computed  # sound again: read from storage
+
+
+def test_a_random_backbones_cache_is_the_end_to_end_backbone_of_its_seed(data, weights, tmp_path):
+    """Without backbone.weights the backbone is drawn under train.seed, as the worker loop draws it."""
+    keys = set()
+    for seed in (0, 1):
+        cfg = _cfg(data, None, train={"seed": seed})
+        cached, _ = features._frozen_backbone(cfg, torch.device("cpu"))
+        torch.manual_seed(cfg.train.seed)  # train_loop_per_worker: seed, then build the model
+        end_to_end = build_model(cfg).backbone.state_dict()
+        assert all(torch.equal(v, end_to_end[k]) for k, v in cached.state_dict().items())
+        keys.add(features.feature_key(cfg))
+    assert len(keys) == 2  # one cache per seed
+    with_weights = {features.feature_key(_cfg(data, weights, train={"seed": s})) for s in (0, 1)}
+    assert len(with_weights) == 1  # loaded weights: the seed changes nothing, one cache for every seed

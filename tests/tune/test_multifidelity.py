@@ -10,8 +10,8 @@ import pytest
 import yaml
 
 from molre.errors import ConfigError
-from molre.tune.multifidelity import SUMMARY_FILE, screen_resources, top_points
-from molre.tune.space import load_sweep
+from molre.tune.multifidelity import SUMMARY_FILE, cache_configs, screen_resources, top_points
+from molre.tune.space import SweepSpec, load_sweep
 from molre.tune.sweep import run_sweep
 
 
@@ -58,6 +58,17 @@ def test_screen_trials_take_a_gpu_as_the_base_config_says(tmp_path):
     )
     assert screen_resources(load_sweep(path, ["scaling.use_gpu=true"])) == {"CPU": 2.0, "GPU": 0.5}
     assert screen_resources(load_sweep(path, ["scaling.use_gpu=false"])) == {"CPU": 2.0}
+
+
+def test_a_random_backbone_gets_a_cache_per_seed_loaded_weights_one_for_all(tmp_path):
+    from tests.tiny_data import write_tiny_dataset
+
+    data = write_tiny_dataset(str(tmp_path / "data"), counts={"train": 1, "val": 1})
+    raw = yaml.safe_load(_spec(tmp_path, data).read_text())
+    raw["search"]["seeds"] = [0, 1, 2]
+    assert len(cache_configs(SweepSpec.model_validate(raw), data)) == 3  # the screen builds each up front
+    raw["base"]["backbone"]["weights"] = "/weights/{preset}.safetensors"
+    assert len(cache_configs(SweepSpec.model_validate(raw), data)) == 1
 
 
 def test_top_points_rank_by_the_mean_over_seeds():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -13,8 +14,9 @@ import pandas as pd
 import pytest
 import yaml
 
+from molre.errors import ConfigError
 from molre.tune.space import load_sweep
-from molre.tune.sweep import run_sweep
+from molre.tune.sweep import SPEC_FILE, run_sweep
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
@@ -95,6 +97,18 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_local, 
             sorted(p.name for p in (results / "resume" / "runs" / trial_id).glob("checkpoint_*"))
             == checkpoints
         )
+
+    # the experiment recorded its spec and data: a changed spec file under the same name is refused, naming
+    # what changed, before anything runs (its finished trials trained with the recorded spec)
+    record = json.loads((results / "resume" / SPEC_FILE).read_text())
+    assert record["spec"] == load_sweep(spec_path).model_dump(mode="json")
+    changed = _spec_file(tmp_path, tiny_dataset, "resume", {"algorithm": "grid"},
+                         space={"adapter.molre.experts": {"choice": [2, 3, 4, 5]}})  # fmt: skip
+    spec = load_sweep(changed, ["optim.lr_head=0.5"])
+    written = trials_file.stat().st_mtime_ns
+    with pytest.raises(ConfigError, match=r"base\.optim\.lr_head: 0\.01 -> 0\.5.*space\.adapter\.molre"):
+        run_sweep(spec, str(results), resume=True)
+    assert trials_file.stat().st_mtime_ns == written  # the leaderboard was not rewritten either
 
 
 def _finished(path: Path) -> bool:

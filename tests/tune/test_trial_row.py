@@ -103,3 +103,14 @@ def test_results_without_forwarded_aucs_fall_back_to_the_last_epoch():
 def test_pending_trial_row_has_no_aucs_and_no_summary():
     row = trial_row("t1", "PENDING", CONFIG, {}, SPEC)
     assert np.isnan(_row_aucs(row)).all() and "val/std_auc" not in row and not row["stopped_early"]
+
+
+def test_row_config_is_what_the_trial_ran_with():
+    """The sweep's resolved data and per-trial resources, as ``trial_run_config`` gives them to the trial."""
+    spec = SweepSpec.model_validate(
+        {**SPEC.model_dump(), "resources": {"num_workers": 2, "cpus_per_worker": 3}}
+    )
+    row = trial_row("t1", "TERMINATED", {"point": {"adapter.kind": "molre"}, "seed": 4}, {}, spec, "/data/x")
+    assert row["config/data.uri"] == "/data/x" and row["config/train.seed"] == 4
+    assert (row["config/scaling.num_workers"], row["config/scaling.cpus_per_worker"]) == (2, 3.0)
+    assert row["config/adapter.kind"] == "molre"

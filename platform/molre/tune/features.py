@@ -8,10 +8,14 @@ slices, HU windows) and stored; a trial then trains MoLRE + attention pooling + 
            --> <root>/features/<key>/{train,val}.safetensors        (2D: [N,S,d]; 3D presets: [N,d])
     trial: [N,S,d] --MoLRE--> --attention pooling--> --linear--> 75 logits     (no backbone forward)
 
-``key`` = sha256 of those ingredients (``feature_key``); ``meta.json`` is written last and marks a complete
-cache. Fidelity differences vs the end-to-end trial: by default no augmentation (features of un-augmented
-volumes); with ``augment_copies=N`` the train split holds N augmented copies of each volume ([N_copies, N, S, d],
-the run's ``data.augment`` under fixed seeds; the augmentation settings join the key) and epoch e trains on copy
+``key`` = sha256 of those ingredients (``feature_key``; with a random-init backbone, no ``backbone.weights``,
+also ``train.seed``: the backbone is built under it, as the end-to-end run builds its own). ``meta.json`` is
+written last and marks a complete cache; it holds each split file's sha256 and tensor shapes, checked on every
+load (a damaged or partly copied file is named in a warning and the cache rebuilt).
+
+Fidelity differences vs the end-to-end trial: by default no augmentation (features of un-augmented volumes);
+with ``augment_copies=N`` the train split holds N augmented copies of each volume ([N_copies, N, S, d], the
+run's ``data.augment`` under fixed seeds; the augmentation settings join the key) and epoch e trains on copy
 e % N, where the end-to-end run draws a fresh augmentation every epoch. Precision: fp32 / bf16 autocast as on
 the device, FP8 frozen linears with ``train.frozen_matmul=fp8`` (as the end-to-end run). ``FeatureHead`` keeps
 the classifier's module names (``molre.``, ``pool.``, ``head.``), so its weights move to and from a
@@ -27,6 +31,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -43,10 +48,19 @@ from molre.models.fp8 import apply_frozen_matmul
 from molre.models.molre import MoLRE
 from molre.models.pooling import AttentionPooling
 
-CACHE_VERSION = 2  # bump when the feature pipeline changes: old caches then miss instead of being reused
+CACHE_VERSION = 3  # bump when the feature pipeline changes: old caches then miss instead of being reused
 # 2: the DINOv3 presets and tiny-vit embed a slice as the CLS token (was the mean of the patch tokens)
+# 3: meta.json holds each split file's sha256 and tensor shapes (checked on load); a random-init backbone is
+#    built under train.seed (was 0), which joins the key
 META = "meta.json"
 SPLITS = ("train", "val")
+
+log = logging.getLogger(__name__)
+
+
+class DamagedCacheError(DataError):
+    """A feature cache whose meta.json says complete but whose content does not match it (a damaged or partly
+    copied split file, an unreadable meta.json): ``path`` names the file; ``build_feature_cache`` rebuilds it."""
 
 
 # ---- keys and checks -------------------------------------------------------------------------------------------
@@ -81,7 +95,7 @@ def key_fields(
     fields = {
         "version": CACHE_VERSION,
         "preset": cfg.backbone.preset,
-        "weights": weights,  # a URI names immutable weights; None = random init under torch.manual_seed(0)
+        "weights": weights,  # a URI names immutable weights; None = random init under train.seed ("seed")
         # the manifest holds the shard checksums, grid, spacing and preprocessing settings
         "manifest_sha256": storage.sha256_bytes(manifest_bytes),
         "input_size": list(model_input_size(cfg, grid)),  # (slices, H, W) the backbone sees
@@ -94,6 +108,8 @@ def key_fields(
     if augment_copies:  # absent otherwise: caches built before augmented copies existed keep their keys
         fields["augment_copies"] = augment_copies
         fields["augment"] = cfg.data.augment.model_dump(mode="json")
+    if weights is None:  # the random backbone is drawn under the run's seed (``_frozen_backbone``)
+        fields["seed"] = cfg.train.seed
     return fields
 
 
@@ -158,7 +174,11 @@ def build_feature_cache(
     key = _hash(fields)
     uri = cache_uri(root, key)
     if storage.exists(storage.join(uri, META)):
-        return load_feature_cache(uri, splits)
+        try:
+            return load_feature_cache(uri, splits)
+        except DamagedCacheError as err:  # a miss: computed again below, meta.json written last again
+            log.warning("feature cache %s: %s; rebuilding the cache", err.path, err.reason)
+            storage.delete(storage.join(uri, META))  # incomplete until the rebuild writes it again
     start = time.perf_counter()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     grid_config = json.loads(manifest_bytes)["config"]
@@ -175,12 +195,16 @@ def build_feature_cache(
                 "labels": part.labels.to(torch.uint8), "known": part.known.to(torch.uint8)}  # fmt: skip
         from safetensors.torch import save
 
-        storage.write_bytes(storage.join(uri, f"{split}.safetensors"), save(blob))
+        data = save(blob)
+        storage.write_bytes(storage.join(uri, f"{split}.safetensors"), data)
         meta["splits"][split] = {
             "rows": len(part),
             "shape": list(part.features.shape),
             "copies": part.copies,
             "study_hash": part.study_hash,
+            "sha256": storage.sha256_bytes(data),  # checked on every load (``_load_split``)
+            "bytes": len(data),
+            "tensors": {name: list(t.shape) for name, t in blob.items()},
         }
         out[split] = part
     meta_bytes = (json.dumps(meta, indent=1) + "\n").encode()
@@ -189,22 +213,67 @@ def build_feature_cache(
 
 
 def load_feature_cache(uri: str, splits=SPLITS) -> FeatureCache:
-    from safetensors.torch import load
-
+    """Read a complete cache, each split file checked against meta.json (sha256, tensor shapes, rows):
+    ``DamagedCacheError`` naming the file when one does not match."""
     start = time.perf_counter()
     meta_uri = storage.join(uri, META)
     if not storage.exists(meta_uri):
         raise DataError(uri, f"not a complete feature cache (no {META})")
-    meta = json.loads(storage.read_bytes(meta_uri))
+    try:
+        meta = json.loads(storage.read_bytes(meta_uri))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise DamagedCacheError(meta_uri, f"unreadable ({type(err).__name__}: {err})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("splits"), dict) or "key" not in meta:
+        raise DamagedCacheError(meta_uri, "not a feature cache's meta (no 'key' and 'splits')")
     out = {}
     for split in splits:
         if split not in meta["splits"]:
             raise DataError(uri, f"feature cache has no split {split!r} (has {sorted(meta['splits'])})")
-        blob = load(storage.read_bytes(storage.join(uri, f"{split}.safetensors")))
-        info = meta["splits"][split]
-        out[split] = SplitFeatures(blob["features"].float(), blob["labels"].float(), blob["known"].float(),
-                                   list(info["study_hash"]), int(info.get("copies", 0)))  # fmt: skip
+        out[split] = _load_split(storage.join(uri, f"{split}.safetensors"), meta["splits"][split])
     return FeatureCache(uri, meta["key"], meta, out, computed=False, seconds=time.perf_counter() - start)
+
+
+def _load_split(file_uri: str, info: dict) -> SplitFeatures:
+    """One split file, checked against its meta.json entry (``info``) before and after parsing."""
+    from safetensors.torch import load
+
+    expected = info.get("sha256")
+    if not expected:
+        raise DamagedCacheError(file_uri, f"{META} holds no checksum for it (written by an older molre)")
+    try:
+        data = storage.read_bytes(file_uri)
+    except FileNotFoundError:
+        raise DamagedCacheError(file_uri, f"missing, though {META} lists it") from None
+    actual = storage.sha256_bytes(data)
+    if actual != expected:
+        raise DamagedCacheError(
+            file_uri,
+            f"content does not match {META} (sha256 {actual[:16]}, expected {expected[:16]}; "
+            f"{len(data)} bytes, expected {info.get('bytes', '?')}): damaged or partly copied",
+        )
+    try:
+        blob = load(data)
+    except Exception as err:  # safetensors' own error type: the checksum matched, yet the file is unreadable
+        reason = f"not a readable safetensors file ({type(err).__name__}: {err})"
+        raise DamagedCacheError(file_uri, reason) from None
+    shapes = {name: list(t.shape) for name, t in blob.items()}
+    rows, copies = len(info.get("study_hash", [])), int(info.get("copies", 0))
+    if shapes != info.get("tensors") or _rows(shapes, copies) != (rows, rows, rows):
+        raise DamagedCacheError(
+            file_uri, f"tensors {shapes} do not match {META} ({info.get('tensors')}, {rows} rows)"
+        )
+    return SplitFeatures(blob["features"].float(), blob["labels"].float(), blob["known"].float(),
+                         list(info["study_hash"]), copies)  # fmt: skip
+
+
+def _rows(shapes: dict[str, list[int]], copies: int) -> tuple:
+    """Volumes in each tensor of a split file: features ``[N, ...]`` (``[copies, N, ...]``), labels, known."""
+
+    def size(name: str, axis: int = 0):
+        shape = shapes.get(name, [])
+        return shape[axis] if len(shape) > axis else None
+
+    return size("features", 1 if copies else 0), size("labels"), size("known")
 
 
 def _frozen_backbone(cfg: RunConfig, device: torch.device, grid: tuple | None = None):
@@ -215,7 +284,9 @@ def _frozen_backbone(cfg: RunConfig, device: torch.device, grid: tuple | None = 
 
     grid = grid or tuple(shards.read_manifest(cfg.data.uri).config["grid"])
     input_size = model_input_size(cfg, grid)
-    torch.manual_seed(0)  # random-init backbones (tests) are reproducible; real runs load weights
+    # a random-init backbone (no backbone.weights: tests, demos) is the one the end-to-end run draws: the worker
+    # loop seeds train.seed and then builds the model, backbone first; with weights, the weights replace it
+    torch.manual_seed(cfg.train.seed)
     bare = copy.deepcopy(cfg)
     bare.adapter.kind = "none"  # only the backbone is needed
     backbone = build_model(bare).backbone.to(device).eval()

@@ -109,16 +109,10 @@ def build_caches(spec: SweepSpec, data_uri: str, cache_root: str) -> dict:
     """Compute every distinct feature cache the screen needs (one Ray task each, on one device) before any trial,
     so that concurrent trials never compute the same cache twice. A cache missed here (an Optuna point outside
     the sample) is still built by its first trial. Returns ``{"keys", "built", "seconds"}``."""
-    from molre.data import shards
-    from molre.tune.features import build_feature_cache, feature_key
+    from molre.tune.features import build_feature_cache
 
-    manifest = storage.read_bytes(storage.join(data_uri, shards.MANIFEST))  # once, not once per point
     copies = augment_copies(spec)
-    configs = {}
-    for point in screen_points(spec):
-        cfg = run_config_for(spec, point, spec.search.seeds[0])
-        cfg.data.uri = data_uri
-        configs.setdefault(feature_key(cfg, manifest_bytes=manifest, augment_copies=copies), cfg)
+    configs = cache_configs(spec, data_uri)
 
     def build(cfg):
         cache = build_feature_cache(cfg, cache_root, augment_copies=copies)
@@ -128,6 +122,23 @@ def build_caches(spec: SweepSpec, data_uri: str, cache_root: str) -> dict:
     outcomes = ray.get([task.remote(cfg) for cfg in configs.values()])
     computed = [s for c, s in outcomes if c]
     return {"keys": sorted(configs), "built": len(computed), "seconds": float(sum(computed))}
+
+
+def cache_configs(spec: SweepSpec, data_uri: str) -> dict:
+    """``{feature key: run config}``: one config per distinct cache the screen's points and seeds need (the seed
+    makes its own cache only for a random-init backbone, drawn under ``train.seed`` as end to end)."""
+    from molre.data import shards
+    from molre.tune.features import feature_key
+
+    manifest = storage.read_bytes(storage.join(data_uri, shards.MANIFEST))  # once, not once per point
+    copies = augment_copies(spec)
+    configs = {}
+    for point in screen_points(spec):
+        for seed in spec.search.seeds:
+            cfg = run_config_for(spec, point, seed)
+            cfg.data.uri = data_uri
+            configs.setdefault(feature_key(cfg, manifest_bytes=manifest, augment_copies=copies), cfg)
+    return configs
 
 
 def _task_resources(resources: dict) -> dict:
@@ -172,8 +183,8 @@ def run_multi_fidelity(spec: SweepSpec, storage_root: str, data_uri: str, resume
     started = time.perf_counter()
     caches = build_caches(screen, data_uri, cache_root)
     trainable = screen_trainable(screen, data_uri, screen_uri, cache_root)
-    screened = fit_experiment(screen, trainable, storage_root, resume)
-    screen_table = _with_points(table_from_results(screened, screen), screened)
+    screened = fit_experiment(screen, trainable, storage_root, resume, data_uri=data_uri)
+    screen_table = _with_points(table_from_results(screened, screen, data_uri), screened)
     write_results(screen_table, screen_uri, screen)
     screen_wall, started = time.perf_counter() - started, time.perf_counter()
 
@@ -182,8 +193,8 @@ def run_multi_fidelity(spec: SweepSpec, storage_root: str, data_uri: str, resume
           f"points end to end: {chosen}", flush=True)  # fmt: skip
     experiment_uri = storage.join(storage_root, spec.name)
     confirmed = fit_experiment(spec, end_to_end_trainable(spec, data_uri, experiment_uri), storage_root,
-                               resume, points=chosen)  # fmt: skip
-    table = table_from_results(confirmed, spec)
+                               resume, points=chosen, data_uri=data_uri)  # fmt: skip
+    table = table_from_results(confirmed, spec, data_uri)
     paths = write_results(table, experiment_uri, spec)
     summary = {
         "screen": {"experiment": screen_uri, "trials": len(screen_table), "cache": caches,

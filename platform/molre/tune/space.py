@@ -12,7 +12,8 @@
              objectives: [[val/best_mean_auc, max], [params/trainable, min]]}
     scheduler: {asha: {grace_period: 2, reduction_factor: 2}}    # or null
     budget: {time_s: 3600}
-    resources: {num_workers: 1, gpus_per_worker: 0.25, cpus_per_worker: 1, max_concurrent_trials: null}
+    resources: {num_workers: 1, gpus_per_worker: 0.25, cpus_per_worker: 1, max_concurrent_trials: null,
+                trial_max_failures: 3}
     multi_fidelity: {confirm_top: 2, cache: null}   # optional: screen on cached features, confirm the best
 
 Everything is validated before any trial starts (``load_sweep``): unknown keys, empty choices, low > high, a
@@ -129,6 +130,9 @@ class ResourcesConfig(_Strict):
     # a finished trial's actor runs the next trial (Tune's reuse_actors): saves a process start and the
     # torch/timm imports per trial; false gives every trial a fresh process
     reuse_actors: Bool = True
+    # Tune re-runs a failed trial (a lost worker or node, e.g. a spot reclaim) from its last checkpoint up to this
+    # many times (-1: without limit); inside a trial, Train first restarts lost workers scaling.max_failures times
+    trial_max_failures: Int = Field(3, ge=-1)
 
 
 class MultiFidelityConfig(_Strict):

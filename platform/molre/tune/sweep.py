@@ -8,12 +8,15 @@
 
 Experiment names are the spec's ``name`` (no timestamps), so ``resume=True`` restores the experiment: finished
 trials are not re-run, the searcher keeps its state, and an interrupted trial resumes from its last checkpoint.
+A new experiment records its spec and data (``molre_spec.json``); ``resume=True`` refuses a spec or data that
+differ from the record (a changed file, or another experiment of the same name), naming the changed keys.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import logging
 import math
 import os
 from pathlib import Path
@@ -21,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import ray.tune
+from pydantic import ValidationError
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from molre.config import config_to_dict
@@ -31,6 +35,10 @@ from molre.train.metrics import per_finding_auc, summarize
 from molre.tune.space import OptunaSpace, SweepSpec, active_keys, grid_points, run_config_for
 
 TRIALS_FILE = "trials.parquet"
+SPEC_FILE = "molre_spec.json"  # in the experiment's folder: the spec and data it was created with
+SPEC_RECORD_VERSION = 1
+
+log = logging.getLogger(__name__)
 
 
 # ---- one trial --------------------------------------------------------------------------------------------
@@ -44,15 +52,23 @@ def _point_and_seed(config: dict, spec: SweepSpec) -> tuple[dict, int]:
     return point, spec.search.seeds[index % len(spec.search.seeds)]
 
 
-def trial_run_config(config: dict, spec: SweepSpec, data_uri: str, experiment_uri: str, trial_id: str):
+def trial_config(config: dict, spec: SweepSpec, data_uri: str | None = None):
+    """``(run config, point)`` of a trial from the config Tune recorded for it (its point and seed): the spec's
+    base with the point, the seed, the sweep's data (when given) and the per-trial resources."""
     point, seed = _point_and_seed(config, spec)
     cfg = run_config_for(spec, point, seed)
-    cfg.data.uri = data_uri
-    cfg.train.storage = storage.join(experiment_uri, "runs")
-    cfg.train.run_name = trial_id  # stable across --resume: Train restores the trial's own checkpoints
+    if data_uri:
+        cfg.data.uri = data_uri
     res = spec.resources
     cfg.scaling.num_workers, cfg.scaling.cpus_per_worker = res.num_workers, res.cpus_per_worker
     cfg.scaling.gpus_per_worker = res.gpus_per_worker
+    return cfg, point
+
+
+def trial_run_config(config: dict, spec: SweepSpec, data_uri: str, experiment_uri: str, trial_id: str):
+    cfg, point = trial_config(config, spec, data_uri)
+    cfg.train.storage = storage.join(experiment_uri, "runs")
+    cfg.train.run_name = trial_id  # stable across --resume: Train restores the trial's own checkpoints
     return cfg, point
 
 
@@ -121,9 +137,24 @@ def run_trial(config: dict, spec: dict, data_uri: str, experiment_uri: str) -> N
     result = fit(build_trainer(cfg, setup, callbacks=[BestEpochReportCallback()]))
     with result.checkpoint.as_directory() as directory:
         final = final_metrics(directory, cfg)
-    ray.tune.report(
-        {**final, "point": json.dumps(point, default=str), "checkpoint_path": result.checkpoint.path}
-    )
+    where = checkpoint_uri(result.checkpoint)  # s3://... on S3: `molre evaluate` and storage read it as is
+    ray.tune.report({**final, "point": json.dumps(point, default=str), "checkpoint_path": where})
+
+
+def checkpoint_uri(checkpoint) -> str:
+    """A checkpoint's URI as molre's storage layer reads it: ``s3://bucket/...`` for one on S3.
+
+    ``checkpoint.path`` is relative to the checkpoint's pyarrow filesystem (``bucket/key`` when Train's storage
+    is the fsspec-wrapped s3fs of ``arrow_filesystem``, or pyarrow's own S3 filesystem): the scheme is the
+    filesystem's. A local checkpoint's path is returned unchanged."""
+    path = str(checkpoint.path)
+    fs = checkpoint.filesystem
+    if "://" in path or fs is None or fs.type_name == "local":
+        return path
+    inner = getattr(getattr(fs, "handler", None), "fs", None)  # PyFileSystem(FSSpecHandler(fsspec fs))
+    protocol = getattr(inner, "protocol", None) or fs.type_name  # ("s3", "s3a") / "s3" (pyarrow's own)
+    scheme = protocol[0] if isinstance(protocol, list | tuple) else str(protocol)
+    return f"{scheme}://{path.lstrip('/')}"
 
 
 def final_metrics(checkpoint_dir: str, cfg) -> dict:
@@ -174,9 +205,13 @@ def _flat(tree: dict, prefix: str = "") -> dict:
     return out
 
 
-def trial_row(trial_id: str, status: str, config: dict, metrics: dict, spec: SweepSpec) -> dict:
-    point, seed = _point_and_seed(config, spec) if config else ({}, 0)
-    cfg = run_config_for(spec, point, seed)
+def trial_row(
+    trial_id: str, status: str, config: dict, metrics: dict, spec: SweepSpec, data_uri: str | None = None
+) -> dict:
+    """One trial's row: its run config (``trial_config``: the point and seed Tune recorded for it, on the spec
+    the experiment was created with, which ``--resume`` checks is the current one), its metrics and state.
+    ``data_uri``: the data the sweep resolved (else the spec's ``data.uri``)."""
+    cfg, point = trial_config(config or {"point": {}, "seed": 0}, spec, data_uri)
     row = {"trial_id": trial_id, "status": status, "searched": json.dumps([*spec.space, "train.seed"])}
     values = _flat(config_to_dict(cfg))
     searched_here = active_keys(spec, {**values, **point})  # the keys whose `when` condition held
@@ -210,22 +245,37 @@ def unfinished_trial_aucs(metrics: dict) -> dict:
     return out
 
 
-def trials_table(trials, spec: SweepSpec) -> pd.DataFrame:
-    rows = [trial_row(t.trial_id, t.status, t.config, t.last_result, spec) for t in trials]
+def trials_table(trials, spec: SweepSpec, data_uri: str | None = None) -> pd.DataFrame:
+    rows = [trial_row(t.trial_id, t.status, t.config, t.last_result, spec, data_uri) for t in trials]
     return pd.DataFrame(rows)
 
 
 class LeaderboardCallback(ray.tune.Callback):
-    """Rewrites trials.parquet and the leaderboard each time a trial finishes or fails (cheap, a few files)."""
+    """Rewrites trials.parquet and the leaderboard each time a trial finishes or fails (cheap, a few files).
 
-    def __init__(self, spec: SweepSpec, experiment_uri: str):
-        self.spec, self.experiment_uri = spec, experiment_uri
+    A failed rewrite (storage outage, a plotting error) is logged and the sweep goes on: the next trial's end
+    rewrites everything, and the sweep's final write (``run_sweep``) raises if it fails too."""
+
+    def __init__(self, spec: SweepSpec, experiment_uri: str, data_uri: str | None = None):
+        self.spec, self.experiment_uri, self.data_uri = spec, experiment_uri, data_uri
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        write_results(trials_table(trials, self.spec), self.experiment_uri, self.spec)
+        self.rewrite(trials)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        write_results(trials_table(trials, self.spec), self.experiment_uri, self.spec)
+        self.rewrite(trials)
+
+    def rewrite(self, trials) -> None:
+        # getattr: a callback pickled by an older version (restored with its experiment) has no data_uri
+        try:
+            table = trials_table(trials, self.spec, getattr(self, "data_uri", None))
+            write_results(table, self.experiment_uri, self.spec)
+        except Exception as err:  # the leaderboard must not abort the trials still to run
+            log.error(
+                "molre sweep %s: could not rewrite the leaderboard in %s (the sweep goes on; it is rewritten "
+                "when the next trial ends and at the end of the sweep): %s: %s",
+                self.spec.name, self.experiment_uri, type(err).__name__, err,
+            )  # fmt: skip
 
 
 def write_results(table: pd.DataFrame, experiment_uri: str, spec: SweepSpec) -> dict:
@@ -311,9 +361,10 @@ def run_sweep(spec: SweepSpec, storage_root: str, resume: bool = False, syntheti
         from molre.tune.multifidelity import run_multi_fidelity
 
         return run_multi_fidelity(spec, storage_root, data_uri, resume)
-    results = fit_experiment(spec, end_to_end_trainable(spec, data_uri, experiment_uri), storage_root, resume)
-    table = table_from_results(results, spec)
-    return table, write_results(table, experiment_uri, spec)
+    trainable = end_to_end_trainable(spec, data_uri, experiment_uri)
+    results = fit_experiment(spec, trainable, storage_root, resume, data_uri=data_uri)
+    table = table_from_results(results, spec, data_uri)
+    return table, write_results(table, experiment_uri, spec)  # raises if it fails: the sweep's last word
 
 
 def checked_data_uri(spec: SweepSpec, storage_root: str, synthetic: dict | None = None) -> str:
@@ -336,24 +387,132 @@ def end_to_end_trainable(spec: SweepSpec, data_uri: str, experiment_uri: str):
 
 
 def fit_experiment(
-    spec: SweepSpec, trainable, storage_root: str, resume: bool, points: list[dict] | None = None
+    spec: SweepSpec,
+    trainable,
+    storage_root: str,
+    resume: bool,
+    points: list[dict] | None = None,
+    data_uri: str | None = None,
 ):
     """Fit (or restore and finish) the Tune experiment ``spec.name`` under ``storage_root``; the ResultGrid.
 
     ``points``: run exactly these points (each over all seeds, no early stopping) instead of the spec's search.
+    ``data_uri``: the data the trials read; recorded with the spec in a new experiment's ``molre_spec.json``
+    and, on resume, checked against the record (``check_resumable``).
     """
     from molre.data.dataset import arrow_filesystem
 
     fs, path = arrow_filesystem(storage_root)
     experiment_path = f"{path}/{spec.name}"
+    experiment_uri = storage.join(storage_root, spec.name)
     if ray.tune.Tuner.can_restore(experiment_path, storage_filesystem=fs):
         if not resume:
-            raise ConfigError(f"experiment {spec.name} already exists at {storage.join(storage_root, spec.name)}; "
+            raise ConfigError(f"experiment {spec.name} already exists at {experiment_uri}; "
                               "pass --resume to finish it, or change the name")  # fmt: skip
+        check_resumable(spec, experiment_uri, data_uri)
         tuner = ray.tune.Tuner.restore(experiment_path, trainable, resume_errored=True, storage_filesystem=fs)
-    else:
-        tuner = _new_tuner(spec, trainable, storage.join(storage_root, spec.name), fs, path, points)
+    else:  # the record first: no restorable experiment (tuner.pkl, written by Tuner()) is ever without one
+        write_experiment_record(experiment_uri, experiment_record(spec, data_uri))
+        tuner = _new_tuner(spec, trainable, experiment_uri, fs, path, points, data_uri)
     return tuner.fit()
+
+
+# ---- what an experiment was created with -----------------------------------------------------------------
+
+
+def data_identity(data_uri: str | None) -> dict | None:
+    """``{"uri", "manifest_sha256"}`` of the sweep's data: the manifest holds every shard's checksum, the grid
+    and the preprocessing settings, so its hash names the data's content."""
+    if not data_uri:
+        return None
+    from molre.data import shards
+
+    manifest = storage.read_bytes(storage.join(data_uri, shards.MANIFEST))
+    return {"uri": data_uri, "manifest_sha256": storage.sha256_bytes(manifest)}
+
+
+def experiment_record(spec: SweepSpec, data_uri: str | None) -> dict:
+    return {
+        "version": SPEC_RECORD_VERSION,
+        "spec": spec.model_dump(mode="json"),
+        "data": data_identity(data_uri),
+    }
+
+
+def write_experiment_record(experiment_uri: str, record: dict) -> None:
+    text = json.dumps(record, indent=1, sort_keys=True, default=str) + "\n"
+    storage.write_bytes(storage.join(experiment_uri, SPEC_FILE), text.encode())
+
+
+def read_experiment_record(experiment_uri: str) -> dict | None:
+    """The experiment's ``molre_spec.json``; None when it has none (created by an older molre)."""
+    uri = storage.join(experiment_uri, SPEC_FILE)
+    try:
+        record = json.loads(storage.read_bytes(uri))
+    except FileNotFoundError:
+        return None
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{uri}: not a readable experiment record ({type(err).__name__}: {err}); it says "
+                          "what the experiment was created with: restore it, or start a new experiment") from None  # fmt: skip
+    if not isinstance(record, dict) or not isinstance(record.get("spec"), dict):
+        raise ConfigError(f"{uri}: not an experiment record (no 'spec' object)")
+    return record
+
+
+def check_resumable(spec: SweepSpec, experiment_uri: str, data_uri: str | None) -> None:
+    """Refuse (``ConfigError``, naming every changed key) to resume an experiment whose recorded spec or data
+    differ from ``spec`` / ``data_uri``: its finished trials trained with the recorded ones, so finishing it
+    with others would mix two experiments in one leaderboard. An experiment without a record (an older molre)
+    is resumed with a warning, and gets the current spec and data as its record."""
+    record = read_experiment_record(experiment_uri)
+    current = experiment_record(spec, data_uri)
+    if record is None:
+        log.warning("molre sweep %s: %s has no %s (created by an older molre): resuming without checking that "
+                    "the spec and data are the ones its finished trials ran with", spec.name, experiment_uri,
+                    SPEC_FILE)  # fmt: skip
+        write_experiment_record(experiment_uri, current)
+        return
+    try:  # the record as this version reads it: fields added since it was written take their defaults
+        recorded_spec = SweepSpec.model_validate(record["spec"]).model_dump(mode="json")
+    except ValidationError:
+        recorded_spec = record["spec"]
+    changes = _changed_keys(recorded_spec, current["spec"])
+    old_data, new_data = record.get("data"), current["data"]
+    if old_data and new_data:
+        if old_data.get("manifest_sha256") != new_data["manifest_sha256"]:
+            changes += _changed_keys(old_data, new_data, "data.")
+        elif old_data.get("uri") != new_data["uri"]:
+            log.warning("molre sweep %s: the data moved (%s -> %s), same manifest: resuming on it", spec.name,
+                        old_data.get("uri"), new_data["uri"])  # fmt: skip
+    if changes:
+        raise ConfigError(
+            f"cannot resume experiment {spec.name} at {experiment_uri}: its {SPEC_FILE} records another spec or "
+            f"data than this run's, so its finished trials trained with something else. Changed: "
+            + "; ".join(changes)
+            + ". Resume with the original spec and data, or give this one a new name."
+        )
+
+
+def _leaves(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(_leaves(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """``key: old -> new`` for each dotted key whose value differs (``(absent)`` where one side lacks it)."""
+    a, b = _leaves(old, prefix), _leaves(new, prefix)
+    absent = object()
+
+    def show(value):
+        return "(absent)" if value is absent else json.dumps(value, default=str)
+
+    return [f"{key}: {show(a.get(key, absent))} -> {show(b.get(key, absent))}"
+            for key in sorted(set(a) | set(b)) if a.get(key, absent) != b.get(key, absent)]  # fmt: skip
 
 
 def _param_space(spec: SweepSpec, points: list[dict] | None):
@@ -372,7 +531,15 @@ def _param_space(spec: SweepSpec, points: list[dict] | None):
     return {}, _searcher(spec), num_samples, _scheduler(spec, max_epochs)
 
 
-def _new_tuner(spec: SweepSpec, trainable, experiment_uri: str, fs, path: str, points: list[dict] | None):
+def _new_tuner(
+    spec: SweepSpec,
+    trainable,
+    experiment_uri: str,
+    fs,
+    path: str,
+    points: list[dict] | None,
+    data_uri: str | None = None,
+):
     param_space, search_alg, num_samples, scheduler = _param_space(spec, points)
     multi = len(spec.search.objectives) > 1
     return ray.tune.Tuner(
@@ -391,23 +558,30 @@ def _new_tuner(spec: SweepSpec, trainable, experiment_uri: str, fs, path: str, p
             # same resources, so each next trial can take the finished one's actor (bench/trial_startup.py)
             reuse_actors=spec.resources.reuse_actors,
         ),
-        run_config=ray.tune.RunConfig(
-            name=spec.name,
-            storage_path=path,
-            storage_filesystem=fs,
-            callbacks=[LeaderboardCallback(spec, experiment_uri)],
-            failure_config=ray.tune.FailureConfig(max_failures=1),
-            verbose=1,
-        ),
+        run_config=tune_run_config(spec, experiment_uri, fs, path, data_uri),
     )
 
 
-def table_from_results(results, spec: SweepSpec) -> pd.DataFrame:
+def tune_run_config(spec: SweepSpec, experiment_uri: str, fs, path: str, data_uri: str | None = None):
+    """The Tune RunConfig of a new experiment (a restored one keeps the one it was created with)."""
+    return ray.tune.RunConfig(
+        name=spec.name,
+        storage_path=path,
+        storage_filesystem=fs,
+        callbacks=[LeaderboardCallback(spec, experiment_uri, data_uri)],
+        # a trial that fails (a lost worker or node: a spot reclaim) is re-run from its last checkpoint, up to
+        # this many times; within a trial, Train restarts lost workers scaling.max_failures times first
+        failure_config=ray.tune.FailureConfig(max_failures=spec.resources.trial_max_failures),
+        verbose=1,
+    )
+
+
+def table_from_results(results, spec: SweepSpec, data_uri: str | None = None) -> pd.DataFrame:
     rows = []
     for i, result in enumerate(results):
         trial_id = (result.metrics or {}).get("trial_id") or f"trial_{i:05d}"
         status = "ERROR" if result.error else "TERMINATED"
-        rows.append(trial_row(trial_id, status, result.config, result.metrics, spec))
+        rows.append(trial_row(trial_id, status, result.config, result.metrics, spec, data_uri))
     return pd.DataFrame(rows)
 
 
