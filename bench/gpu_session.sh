@@ -8,8 +8,9 @@
 #   e.g.          bash bench/gpu_session.sh "60:--cases flops" "300:--cases model_step --shape dinov3-base=8x32"
 #
 # Each stage writes its rows into its own results file ($OUT/gpu-<n>.json, merged here afterwards with
-# `python bench/run.py --suite gpu --merge FILE...`) so that one stage killed at its limit loses only its own
-# figures.
+# `python bench/run.py --suite gpu --merge FILE...`, which keeps every stored row of another preset, input or
+# variant) so that one stage killed at its limit loses only what it had not finished. The call's own limit is
+# 600 s: keep the stages' SECONDS summed to <= ~540 (the set-up above takes the rest).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 RAY_USAGE_STATS_ENABLED=0
 out=${OUT:-/tmp/out}
@@ -34,8 +35,10 @@ for stage in "$@"; do
   args=${stage#*:}
   echo "=== stage $n (limit ${limit}s): $args" | tee -a "$log"
   start=$(date +%s)
+  # --deadline: the step cases skip a variant (and the suite a case) that would not finish 15 s before the limit;
+  # results are written after every case and step shape, so a stage killed at its limit keeps what it finished
   # shellcheck disable=SC2086  # ARGS is a word list on purpose
-  timeout --kill-after=10 "$limit" python3 bench/run.py --suite gpu $args \
+  timeout --kill-after=10 "$limit" python3 bench/run.py --suite gpu $args --deadline $((start + limit - 15)) \
     --results "$out/gpu-$n.json" --md "/tmp/BENCHMARKS-$n.md" 2>&1 | tee -a "$log"
   echo "=== stage $n: exit ${PIPESTATUS[0]} after $(($(date +%s) - start)) s" | tee -a "$log"
 done

@@ -7,32 +7,52 @@ One step = ``zero_grad -> forward (bf16 autocast on GPU, fp32 on CPU) -> focal l
   r=8 on the slice features, attention pooling, linear head) with the worker loop's device settings
   (``molre.models.runtime.prepare_runtime``: frozen weights stored in bf16 under bf16 autocast, TF32 on CUDA) and
   optimizer (``molre.train.loop.make_optimizer``: fused AdamW on CUDA).
-- peer: the same timm architecture with peft's LoRA (``inject_adapter_in_model``, r=8, alpha=16) on the attention
-  linears, then attention pooling + linear head written out here (no MoLRE; no molre code in its forward).
-  ``target_modules`` are the suffixes ``attn.qkv`` / ``attn.proj``: peft matches a bare ``"proj"`` against
+- peer (the issue's peer): the same timm architecture with peft's LoRA (``inject_adapter_in_model``, r=8,
+  alpha=16) on the attention linears, then attention pooling + linear head written out here (no MoLRE; no molre
+  code in its forward); fp32 frozen weights under autocast and torch's default (foreach) AdamW, as people write
+  it. ``target_modules`` are the suffixes ``attn.qkv`` / ``attn.proj``: peft matches a bare ``"proj"`` against
   *every* module named ``proj``, which in timm's ViT includes the patch-embedding Conv2d ``patch_embed.proj``.
+  peft's LoRA layer casts the branch's input to the LoRA weights' dtype (``_cast_input_dtype``: fp32) before
+  ``lora_A``; both peers keep that, as people run it.
+- peer+ (``peer_plus=True``): the peer with molre's two device settings, frozen weights stored in bf16 under bf16
+  autocast (``cast_frozen_weights``) and the optimizer implementation molre's ``make_optimizer`` picks (fused
+  AdamW on CUDA); left out of an fp32 CPU run, where it would be the peer. molre / peer+ is the ratio without
+  those two fast paths.
 
-Modes, for both sides: ``eager``; ``compiled`` = ``torch.compile`` of the whole model; ``regional`` = each
-transformer block compiled in place (``molre.models.runtime.compile_regions``; what ``train.compile=auto`` runs on
-a GPU). Ablations (``ablations=True``, eager, molre only) switch one fast path off to measure what it gives:
+Modes, for every side: ``eager``; ``compiled`` = ``torch.compile`` of the whole model (static shapes);
+``regional`` = each transformer block compiled in place (``molre.models.runtime.compile_regions``; what
+``train.compile=auto`` runs on a GPU). Ablations (``ablations=True``, eager only: skipped when ``eager`` is not
+among the modes, since they are read against molre eager) switch one fast path of molre off:
 ``molre-fp32-frozen`` (frozen weights kept fp32 and re-cast by autocast every step; only under bf16) and
 ``molre-foreach-adamw`` / ``molre-fused-adamw`` (the other AdamW implementation than the device's default).
 ``fp8=True`` adds ``molre-fp8`` in every mode: molre with ``train.frozen_matmul=fp8`` (the frozen linears' products
 on e4m3 operands, ``molre.models.fp8``), a fast path that changes the numbers, so it is a variant of its own.
 
-FLOPs are counted by ``torch.utils.flop_counter.FlopCounterMode`` over one eager forward + backward (the
-optimizer's elementwise work is not counted); achieved FLOP/s = counted FLOPs per step / median step time.
-Variants are timed in interleaved rounds in one process, so a change in the machine's load hits all of them alike.
+FLOPs (one basis throughout): model FLOPs of one forward + backward, counted by
+``torch.utils.flop_counter.FlopCounterMode`` on the meta device (``meta_flops``, the ``flops`` case's count; no
+attention recompute, the optimizer's elementwise work not counted). Every variant of an implementation gets its
+implementation's count: ``molre-fp8`` and the ablations molre's (the unpadded problem: FP8 pads rows to a multiple
+of 16, which is not model work), ``peer+`` the peer's. Achieved FLOP/s = that count per step / median step time;
+for ``molre-fp8`` it is not comparable with a bf16 peak (its frozen products run on FP8 tensor cores).
+
+Variants are timed in interleaved rounds in one process, so a change in the machine's load hits all of them
+alike. A variant that raises while it is built, warmed up or timed (or is skipped because the stage's time limit
+is near: ``deadline``) gets a row with ``error`` and the other variants go on.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import gc
 import math
+import sys
+import time
+import traceback
 from dataclasses import dataclass, field
 
 import torch
-from harness import PeakMemory, emit, loadavg, median, resident_bytes, time_steps
+from harness import PeakMemory, emit, loadavg, median, resident_bytes, sync, time_steps
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -40,8 +60,9 @@ NUM_CLASSES = 75
 PEER_TARGETS = ["attn.qkv", "attn.proj"]
 # Regionally compiled models of one architecture share their block's code object, and Dynamo keeps at most
 # recompile_limit (8) graphs per code object before running it eager: one process here compiles the blocks of up
-# to 7 models (molre, peer, LoRA, blocks by slice / token; two ViT presets), so raise it.
+# to 8 models (molre, peer, peer+, FP8, LoRA, blocks by slice / token; two ViT presets), so raise it.
 torch._dynamo.config.recompile_limit = 64
+COMMON_KEYS = ("suite", "compile_mode")  # run-level fields copied onto derived rows
 
 
 @dataclass(frozen=True)
@@ -63,18 +84,21 @@ class StepShape:
 @dataclass
 class Variant:
     name: str  # e.g. "molre/eager"
-    impl: str  # molre | peer | lora | molre-blocks | ...
+    impl: str  # molre | peer | peer+ | molre-fp8 | lora | blocks-slice | ...
     mode: str  # eager | compiled | regional
-    model: nn.Module  # for regional: compiled in place
-    optimizer: torch.optim.Optimizer
+    model: nn.Module | None  # for regional: compiled in place; None when it could not be built
+    optimizer: torch.optim.Optimizer | None
     bf16: bool = False  # bf16 autocast
-    flop_model: nn.Module | None = None  # an eager twin to count FLOPs on (default: model)
     compile_kwargs: dict = field(default_factory=dict)  # torch.compile options (tests: backend="aot_eager")
     step: object = None
-    flops: int = 0
+    flops: int | None = None  # model FLOPs per step (meta_flops of flop_key(impl))
+    flop_error: str | None = None
     times: list[float] = field(default_factory=list)
     cpu_times: list[float] = field(default_factory=list)
     memory: dict = field(default_factory=dict)
+    error: str | None = None  # set when it failed or was skipped; the row then carries only this
+    warmup_s: float = 0.0
+    step_s_estimate: float = 0.0  # the last warm-up step
 
 
 def run_config(
@@ -146,22 +170,34 @@ class PeerClassifier(nn.Module):
         alpha = torch.softmax(feats @ self.query / math.sqrt(feats.shape[-1]), dim=-1)  # [B, S]
         return self.head(torch.einsum("bs,bsd->bd", alpha, feats))
 
-    def optimizer(self) -> torch.optim.AdamW:
+    def optimizer(self, fused: bool = False) -> torch.optim.AdamW:
+        """torch's default AdamW (foreach), or the fused one (``fused``: peer+ on CUDA, as molre's)."""
         head = [self.query, *self.head.parameters()]
         lora = [p for n, p in self.net.named_parameters() if "lora_" in n and p.requires_grad]
         return torch.optim.AdamW(
-            [{"params": head, "lr": 1e-3}, {"params": lora, "lr": 1e-4}], weight_decay=0.01
+            [{"params": head, "lr": 1e-3}, {"params": lora, "lr": 1e-4}],
+            weight_decay=0.01,
+            **({"fused": True} if fused else {}),
         )
 
 
-def peer_model(shape: StepShape, device: torch.device, regional: bool = False, **compile_kwargs):
-    """The peer and its AdamW; ``regional``: its attention blocks compiled in place, as molre's."""
-    from molre.models.runtime import compile_regions
+def peer_model(
+    shape: StepShape, device: torch.device, regional: bool = False, plus: bool = False, bf16: bool = False,
+    **compile_kwargs,
+):  # fmt: skip
+    """The peer and its AdamW; ``regional``: its attention blocks compiled in place, as molre's.
+
+    ``plus`` (peer+): molre's device settings on the peer: frozen weights stored in bf16 when ``bf16`` (the run's
+    autocast) and the AdamW implementation ``make_optimizer`` would pick (fused when on CUDA).
+    """
+    from molre.models.runtime import cast_frozen_weights, compile_regions
 
     model = PeerClassifier(shape.preset, shape.side()).to(device)
+    if plus and bf16:
+        cast_frozen_weights(model, torch.bfloat16)
     if regional:
         compile_regions(model.net, PEER_TARGETS, **compile_kwargs)
-    return model, model.optimizer()
+    return model, model.optimizer(fused=plus and torch.device(device).type == "cuda")
 
 
 def make_batch(shape: StepShape, device: torch.device, seed: int = 0):
@@ -183,7 +219,7 @@ def make_step(variant: Variant, batch, loss_fn, device: torch.device):
     x, labels, known = batch
     forward = variant.model
     if variant.mode == "compiled":
-        forward = torch.compile(variant.model, **variant.compile_kwargs)
+        forward = torch.compile(variant.model, **{"dynamic": False, **variant.compile_kwargs})
     params = [p for p in variant.model.parameters() if p.requires_grad]
     optimizer = variant.optimizer
 
@@ -200,6 +236,9 @@ def make_step(variant: Variant, batch, loss_fn, device: torch.device):
     return step
 
 
+# ---- FLOPs ---------------------------------------------------------------------------------------------------
+
+
 def count_flops(model: nn.Module, batch, loss_fn, device: torch.device, bf16: bool = False) -> int:
     """FLOPs of one eager forward + backward, counted op by op (matmul, conv, attention)."""
     x, labels, known = batch
@@ -211,45 +250,162 @@ def count_flops(model: nn.Module, batch, loss_fn, device: torch.device, bf16: bo
     return int(counter.get_total_flops())
 
 
+def flop_key(impl: str) -> str:
+    """The implementation whose model FLOPs a variant is given: ablations and FP8 are molre's math, peer+ the
+    peer's; ``lora`` / ``blocks-slice`` / ``blocks-token`` their own."""
+    if impl in ("peer", "peer+"):
+        return "peer"
+    if impl.startswith("molre"):
+        return "molre"
+    return impl
+
+
+def _meta_model(shape: StepShape, key: str) -> nn.Module:
+    meta = torch.device("meta")
+    if key == "peer":
+        return PeerClassifier(shape.preset, shape.side())
+    configs = {
+        "molre": lambda: run_config(shape),
+        "lora": lambda: run_config(shape, kind="none"),
+        "blocks-slice": lambda: run_config(shape, placement="blocks", route_by="slice"),
+        "blocks-token": lambda: run_config(shape, placement="blocks", route_by="token"),
+    }
+    return molre_model(configs[key](), meta)[0]
+
+
+@functools.cache
+def meta_count(shape: StepShape, key: str) -> tuple[int, int]:
+    """(model FLOPs of one forward + backward, trainable parameters) of ``key`` at ``shape``, on the meta device
+    (no memory, no compute: any machine gives the GPU shapes' counts)."""
+    from molre.train.loss import FocalLoss
+
+    meta = torch.device("meta")
+    side = shape.side()
+    with meta:
+        model = _meta_model(shape, key)
+        x = torch.empty(shape.volumes, 3, shape.slices, side, side)
+        labels = torch.empty(shape.volumes, NUM_CLASSES)
+    flops = count_flops(model, (x, labels, torch.ones_like(labels)), FocalLoss(2.0, 0.25), meta)
+    return flops, sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def meta_flops(shape: StepShape, key: str) -> int:
+    return meta_count(shape, key)[0]
+
+
+def fill_flops(variants: list[Variant], shape: StepShape) -> None:
+    """Each built variant's model FLOPs (``flop_key``); a count that fails leaves ``flops`` None (the variant is
+    still timed)."""
+    for v in variants:
+        if v.error:
+            continue
+        try:
+            v.flops = meta_flops(shape, flop_key(v.impl))
+        except Exception as err:  # a missing count must not cost the timing
+            traceback.print_exc(file=sys.stderr)
+            v.flop_error = _message(err)
+
+
+# ---- timing --------------------------------------------------------------------------------------------------
+
+
+def _message(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}"[:300]
+
+
+def _fail(v: Variant, err: BaseException, device: torch.device) -> None:
+    """Mark ``v`` failed (the traceback goes to stderr) and free what it holds on the device."""
+    traceback.print_exc(file=sys.stderr)
+    v.error = _message(err)
+    v.step, v.times, v.cpu_times = None, [], []
+    if v.optimizer is not None:
+        with contextlib.suppress(Exception):
+            v.optimizer.zero_grad(set_to_none=True)
+    _release(device)
+
+
+def _release(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def measure(
-    variants: list[Variant], batch, device: torch.device, rounds: int, repeats: int, warmup: int
-) -> None:
-    """Fill each variant's flops, step times (``rounds`` x ``repeats``, interleaved) and peak memory."""
+    variants: list[Variant], batch, device: torch.device, rounds: int, repeats: int, warmup: int,
+    deadline: float | None = None,
+) -> None:  # fmt: skip
+    """Warm each variant up, then time them in ``rounds`` interleaved rounds of ``repeats`` steps; peak memory in
+    the first round.
+
+    Per variant: one that raises gets ``error`` and the others go on. ``deadline`` (``time.time()`` seconds): a
+    variant is not started when the time left is less than ~1.25x the longest warm-up so far plus the timing
+    rounds of the variants already warm (it gets ``error = "skipped: ..."``), and no round is started after it
+    (the rows then say how many steps were timed).
+    """
     from molre.train.loss import FocalLoss
 
     loss_fn = FocalLoss(2.0, 0.25)
-    flops_of: dict[int, int] = {}
-    for v in variants:  # FLOPs once per eager model (compile does not change the math)
-        counted = v.flop_model or v.model
-        if id(counted) not in flops_of:
-            flops_of[id(counted)] = count_flops(counted, batch, loss_fn, device, v.bf16)
-        v.flops = flops_of[id(counted)]
-        v.step = make_step(v, batch, loss_fn, device)
-        for _ in range(warmup + (0 if v.mode == "eager" else 2)):
-            v.step()
+    warm: list[Variant] = []
+    for v in variants:
+        if v.error:
+            continue
+        if deadline is not None:
+            left = deadline - time.time()
+            per_step = [w.step_s_estimate for w in warm]
+            need = 1.25 * max((w.warmup_s for w in warm), default=0.0) + rounds * repeats * (
+                sum(per_step) + max(per_step, default=0.0)
+            )
+            if left < need:
+                v.error = (f"skipped: {left:.0f} s left before the stage's time limit, ~{need:.0f} s needed to "
+                           "warm it up and time it")  # fmt: skip
+                print(f"model_step: {v.name} {v.error}", file=sys.stderr, flush=True)
+                continue
+        try:
+            start = time.perf_counter()
+            v.step = make_step(v, batch, loss_fn, device)
+            for _ in range(warmup + (0 if v.mode == "eager" else 2)):
+                t = time.perf_counter()
+                v.step()
+                sync(device)
+                v.step_s_estimate = time.perf_counter() - t
+            v.warmup_s = time.perf_counter() - start
+            warm.append(v)
+        except Exception as err:
+            _fail(v, err, device)
     for r in range(rounds):
-        for v in variants:
-            if r == 0:
-                v.optimizer.zero_grad(set_to_none=True)
-                with PeakMemory(device) as pm:
+        if r > 0 and deadline is not None and time.time() > deadline:
+            print(f"model_step: time limit near, {r} of {rounds} rounds timed", file=sys.stderr, flush=True)
+            break
+        for v in warm:
+            if v.error:
+                continue
+            try:
+                if r == 0:
+                    v.optimizer.zero_grad(set_to_none=True)
+                    with PeakMemory(device) as pm:
+                        v.times += time_steps(v.step, repeats, device, v.cpu_times)
+                    resident = resident_bytes(v.model, v.optimizer, *batch)
+                    v.memory = {"peak_bytes": resident + pm.transient, "resident_bytes": resident,
+                                "transient_bytes": pm.transient, "method": pm.method}  # fmt: skip
+                else:
                     v.times += time_steps(v.step, repeats, device, v.cpu_times)
-                resident = resident_bytes(v.model, v.optimizer, *batch)
-                v.memory = {"peak_bytes": resident + pm.transient, "resident_bytes": resident,
-                            "transient_bytes": pm.transient, "method": pm.method}  # fmt: skip
-            else:
-                v.times += time_steps(v.step, repeats, device, v.cpu_times)
+            except Exception as err:
+                _fail(v, err, device)
 
 
 def variant_row(case: str, v: Variant, shape: StepShape, device: torch.device, common: dict) -> dict:
+    """The JSON row of one variant: its figures, or (``v.error``) only what failed."""
+    head = {"case": case, "preset": shape.preset, "input": shape.label(), "impl": v.impl, "mode": v.mode,
+            "device": str(device)}  # fmt: skip
+    if v.error:
+        return {**head, "error": v.error, "loadavg": loadavg(), **common}
     step_s = median(v.times)
     slices = shape.volumes * shape.slices
-    return {
-        "case": case,
-        "preset": shape.preset,
-        "input": shape.label(),
-        "impl": v.impl,
-        "mode": v.mode,
-        "device": str(device),
+    flops = v.flops
+    row = {
+        **head,
+        "bf16": v.bf16,
         "slices_per_s": round(slices / step_s, 2),
         "volumes_per_s": round(shape.volumes / step_s, 3),
         "step_ms": round(step_s * 1e3, 2),
@@ -257,105 +413,212 @@ def variant_row(case: str, v: Variant, shape: StepShape, device: torch.device, c
         "cpu_ms_per_step": round(median(v.cpu_times) * 1e3, 2),
         "threads": torch.get_num_threads(),
         "steps_timed": len(v.times),
-        "gflop_per_slice_step": round(v.flops / slices / 1e9, 4),
-        "achieved_gflops": round(v.flops / step_s / 1e9, 3),
-        "achieved_gflops_best": round(v.flops / min(v.times) / 1e9, 3),
+        "warmup_s": round(v.warmup_s, 1),
+        "flop_basis": "meta",  # model FLOPs counted on the meta device (meta_flops)
+        "flops_per_step": flops,
+        "gflop_per_slice_step": round(flops / slices / 1e9, 4) if flops else None,
+        "achieved_gflops": round(flops / step_s / 1e9, 3) if flops else None,
+        "achieved_gflops_best": round(flops / min(v.times) / 1e9, 3) if flops else None,
         "peak_mem_mib": round(v.memory["peak_bytes"] / 2**20, 1),
         "mem_method": v.memory["method"],
         "trainable_params": sum(p.numel() for p in v.model.parameters() if p.requires_grad),
         "loadavg": loadavg(),
         **common,
     }
+    if v.flop_error:
+        row["flop_error"] = v.flop_error
+    if v.impl == "molre-fp8":  # molre's model FLOPs over a step whose frozen products run on FP8 tensor cores
+        row["achieved_vs_bf16_peak"] = False
+    return row
 
 
-def _ratios(summary: dict, rows: list[dict], num: tuple, den: tuple, key: str) -> None:
-    """``summary[key]`` = throughput of variant ``num`` over ``den`` ((impl, mode) pairs), from the median wall
-    step, and ``key_from_min`` / ``key_from_cpu`` from the fastest step / CPU time per step."""
-    by = {(r["impl"], r["mode"]): r for r in rows}
-    a, b = by[num], by[den]
+def _ratio(summary: dict, a: dict, b: dict, key: str) -> None:
+    """``summary[key]`` = throughput of row ``a`` over row ``b`` from the median wall step, and ``key_from_min`` /
+    ``key_from_cpu`` from the fastest step / CPU time per step."""
     summary[key] = round(a["slices_per_s"] / b["slices_per_s"], 3)
     summary[f"{key}_from_min"] = round(b["step_ms_min"] / a["step_ms_min"], 3)
     summary[f"{key}_from_cpu"] = round(b["cpu_ms_per_step"] / a["cpu_ms_per_step"], 3)
 
 
+# (numerator impl, denominator impl, key): per mode as f"{key}_{mode}", best over modes as f"best_{...}"
+PAIRS = (
+    ("molre", "peer", "molre_over_peer"),
+    ("molre", "peer+", "molre_over_peerplus"),
+    ("molre-fp8", "peer", "fp8_over_peer"),
+    ("molre-fp8", "molre", "fp8_over_molre"),
+)
+BEST = (
+    ("molre", "peer", "best_molre_over_best_peer"),
+    ("molre", "peer+", "best_molre_over_best_peerplus"),
+    ("molre-fp8", "peer", "best_fp8_over_best_peer"),
+)
+
+
+def is_ablation(impl: str) -> bool:
+    return impl.startswith("molre-") and impl != "molre-fp8"
+
+
+def step_ratios(rows: list[dict]) -> list[dict]:
+    """One ``model_step_ratio`` row per (preset, input) of the ``model_step`` rows given (error rows left out).
+
+    A ratio is given only where both of its variants have a row: molre over peer, peer+ and FP8 per mode, the
+    best mode of each over the best of the other, and (against molre eager) what each ablated fast path gives.
+    bench/run.py recomputes these rows from the merged step rows, so they always match the step table.
+    """
+    steps = [r for r in rows if r.get("case") == "model_step" and "error" not in r]
+    out = []
+    for preset, inp in dict.fromkeys((r["preset"], r["input"]) for r in steps):
+        good = [r for r in steps if (r["preset"], r["input"]) == (preset, inp)]
+        by = {(r["impl"], r["mode"]): r for r in good}
+        summary = {
+            "case": "model_step_ratio",
+            "preset": preset,
+            "input": inp,
+            "device": good[-1].get("device"),
+        }
+        if any("bf16" in r for r in good):
+            summary["bf16"] = any(r.get("bf16") for r in good)
+        for mode in dict.fromkeys(r["mode"] for r in good):
+            for num, den, key in PAIRS:
+                if (num, mode) in by and (den, mode) in by:
+                    _ratio(summary, by[num, mode], by[den, mode], f"{key}_{mode}")
+        best: dict[str, float] = {}
+        for r in good:
+            best[r["impl"]] = max(best.get(r["impl"], 0.0), r["slices_per_s"])
+        for num, den, key in BEST:
+            if num in best and den in best:
+                summary[key] = round(best[num] / best[den], 3)
+        if ("molre", "eager") in by:  # what each fast path gives: molre eager over molre eager without it
+            for r in good:
+                if r["mode"] == "eager" and is_ablation(r["impl"]):
+                    name = r["impl"].removeprefix("molre-")
+                    _ratio(summary, by["molre", "eager"], r, f"speedup_vs_{name}")
+        summary["loadavg"] = good[-1]["loadavg"]
+        summary.update({k: good[-1][k] for k in COMMON_KEYS if k in good[-1]})
+        out.append(summary)
+    return out
+
+
+class _Once:
+    """``fn()`` called at most once; its value (or its exception) handed to every caller."""
+
+    def __init__(self, fn):
+        self.fn, self.done, self.value, self.err = fn, False, None, None
+
+    def __call__(self):
+        if not self.done:
+            self.done = True
+            try:
+                self.value = self.fn()
+            except Exception as err:
+                self.err = err
+        if self.err is not None:
+            raise self.err
+        return self.value
+
+
+def _seeded(fn, *args, **kwargs):
+    def build():
+        torch.manual_seed(0)  # every instance of one implementation starts from the same weights
+        return fn(*args, **kwargs)
+
+    return build
+
+
+def _add(
+    variants: list[Variant], name: str, impl: str, mode: str, build, bf16: bool, ck: dict, device
+) -> None:
+    """Build one variant (``build() -> (model, optimizer)``); one that raises is kept with its error."""
+    try:
+        model, opt = build()
+        variants.append(Variant(name, impl, mode, model, opt, bf16, ck if mode != "eager" else {}))
+    except Exception as err:
+        v = Variant(name, impl, mode, None, None, bf16)
+        _fail(v, err, device)
+        variants.append(v)
+
+
 def model_step_case(
     shape: StepShape, device: torch.device, modes=("eager", "compiled"), rounds=3, repeats=5, warmup=2,
     common: dict | None = None, ablations: bool = False, precision: str = "auto",
-    compile_kwargs: dict | None = None, fp8: bool = False,
+    compile_kwargs: dict | None = None, fp8: bool = False, peer_plus: bool = True, deadline: float | None = None,
 ) -> list[dict]:  # fmt: skip
-    """molre vs peer, each in ``modes``; one JSON row per variant and one summary row with the ratios.
+    """molre vs peer (and peer+), each in ``modes``; one JSON row per variant (an ``error`` row for a variant that
+    failed) and one summary row with the ratios (``step_ratios``).
 
-    ``ablations``: also molre eager with each fast path switched off (see the module docstring).
+    ``ablations``: also molre eager with each fast path switched off (only when ``eager`` is in ``modes``).
     ``fp8``: also ``molre-fp8`` in each mode (``train.frozen_matmul=fp8``: frozen linears as e4m3).
-    ``precision``: the molre config's (``auto`` = bf16 on CUDA); the peer runs under the same autocast.
+    ``precision``: the molre config's (``auto`` = bf16 on CUDA); the peers run under the same autocast.
+    Order (what a ``deadline`` skips last): molre, peer, peer+ in each mode, then FP8, then the ablations.
     """
     common, ck = common or {}, compile_kwargs or {}
-    torch.manual_seed(0)
     cfg = run_config(shape, precision=precision)
     bf16 = uses_bf16(cfg, device)
-    m_model, m_opt = molre_model(cfg, device)
-    p_model, p_opt = peer_model(shape, device)
-    variants = []
-    for mode in modes:
-        if mode == "regional":  # compiled in place: own instances (same seed, same weights)
-            torch.manual_seed(0)
-            rm, rm_opt = molre_model(cfg, device, compile="regional", **ck)
-            rp, rp_opt = peer_model(shape, device, regional=True, **ck)
-            variants += [Variant("molre/regional", "molre", mode, rm, rm_opt, bf16, m_model, ck),
-                         Variant("peer/regional", "peer", mode, rp, rp_opt, bf16, p_model, ck)]  # fmt: skip
-            continue
-        opts = (m_opt, p_opt) if mode == "eager" else (_clone_opt(m_opt), _clone_opt(p_opt))
-        variants += [Variant(f"molre/{mode}", "molre", mode, m_model, opts[0], bf16, compile_kwargs=ck),
-                     Variant(f"peer/{mode}", "peer", mode, p_model, opts[1], bf16, compile_kwargs=ck)]  # fmt: skip
-    if fp8:  # the frozen linears as e4m3 (train.frozen_matmul=fp8): own instances, same seed and weights
-        fp8_cfg = run_config(shape, precision=precision, frozen_matmul="fp8")
-        torch.manual_seed(0)
-        f_model, f_opt = molre_model(fp8_cfg, device)  # eager; FLOPs are counted on it for every mode
-        for mode in modes:
-            fm, fm_opt = f_model, f_opt if mode == "eager" else _clone_opt(f_opt)
-            if mode == "regional":
-                torch.manual_seed(0)
-                fm, fm_opt = molre_model(fp8_cfg, device, compile="regional", **ck)
-            variants.append(Variant(f"molre-fp8/{mode}", "molre-fp8", mode, fm, fm_opt, bf16, f_model, ck))
-    ablated = []
-    if ablations:
+    fp8_cfg = run_config(shape, precision=precision, frozen_matmul="fp8") if fp8 else None
+
+    def make(impl: str, regional: bool):
+        extra = {"compile": "regional", **ck} if regional else {}
+        if impl == "molre":
+            return molre_model(cfg, device, **extra)
+        if impl == "molre-fp8":
+            return molre_model(fp8_cfg, device, **extra)
+        plus = impl == "peer+"
+        return peer_model(shape, device, regional=regional, plus=plus, bf16=bf16, **(ck if regional else {}))
+
+    # peer+ differs from the peer only under bf16 (frozen weights) or on CUDA (fused AdamW): else it is the peer
+    impls = ["molre", "peer"] + (["peer+"] if peer_plus and (bf16 or device.type == "cuda") else [])
+    eager = {
+        impl: _Once(_seeded(make, impl, False)) for impl in [*impls, "molre-fp8"]
+    }  # shared by eager/compiled
+
+    def build(impl: str, mode: str):
+        if mode == "regional":  # compiled in place: its own instance (same seed, same weights)
+            return _seeded(make, impl, True)()
+        model, opt = eager[impl]()
+        return model, opt if mode == "eager" else _clone_opt(opt)
+
+    variants: list[Variant] = []
+    for impl, mode in [*[(i, m) for m in modes for i in impls], *[("molre-fp8", m) for m in modes if fp8]]:
+        _add(variants, f"{impl}/{mode}", impl, mode, functools.partial(build, impl, mode), bf16, ck, device)
+    if ablations and "eager" in modes:
         if bf16:  # frozen weights left fp32: autocast re-casts them at every step
-            torch.manual_seed(0)
-            fm, fm_opt = molre_model(cfg, device, cast_frozen=False)
-            ablated.append(Variant("molre-fp32-frozen/eager", "molre-fp32-frozen", "eager", fm, fm_opt, bf16))
-        other = "foreach" if m_opt.defaults.get("fused") else "fused"  # the other AdamW than the default
-        opt = make_optimizer_like(m_model, cfg, fused=other == "fused")
-        ablated.append(
-            Variant(f"molre-{other}-adamw/eager", f"molre-{other}-adamw", "eager", m_model, opt, bf16)
+            build_fp32 = _seeded(molre_model, cfg, device, cast_frozen=False)
+            _add(
+                variants,
+                "molre-fp32-frozen/eager",
+                "molre-fp32-frozen",
+                "eager",
+                build_fp32,
+                bf16,
+                ck,
+                device,
+            )
+
+        def other_adamw():
+            model, opt = eager["molre"]()
+            return model, make_optimizer_like(model, cfg, fused=not opt.defaults.get("fused"))
+
+        other = (
+            "foreach" if device.type == "cuda" else "fused"
+        )  # the other AdamW than make_optimizer's default
+        _add(
+            variants,
+            f"molre-{other}-adamw/eager",
+            f"molre-{other}-adamw",
+            "eager",
+            other_adamw,
+            bf16,
+            ck,
+            device,
         )
-    variants += ablated
+    fill_flops(variants, shape)
     batch = make_batch(shape, device)
-    measure(variants, batch, device, rounds, repeats, warmup)
+    measure(variants, batch, device, rounds, repeats, warmup, deadline)
     rows = [emit(variant_row("model_step", v, shape, device, common)) for v in variants]
-    summary = {
-        "case": "model_step_ratio",
-        "preset": shape.preset,
-        "input": shape.label(),
-        "device": str(device),
-        "bf16": bf16,
-    }
-    for mode in modes:
-        _ratios(summary, rows, ("molre", mode), ("peer", mode), f"molre_over_peer_{mode}")
-        if fp8:
-            _ratios(summary, rows, ("molre-fp8", mode), ("peer", mode), f"fp8_over_peer_{mode}")
-            _ratios(summary, rows, ("molre-fp8", mode), ("molre", mode), f"fp8_over_molre_{mode}")
-    by = {(r["impl"], r["mode"]): r["slices_per_s"] for r in rows}
-    best = {impl: max(v for (i, _), v in by.items() if i == impl) for impl in {i for i, _ in by}}
-    summary["best_molre_over_best_peer"] = round(best["molre"] / best["peer"], 3)
-    if fp8:
-        summary["best_fp8_over_best_peer"] = round(best["molre-fp8"] / best["peer"], 3)
-    if "eager" in modes:  # what each fast path gives: molre eager over molre eager without it
-        for v in ablated:
-            name = v.impl.removeprefix("molre-")
-            _ratios(summary, rows, ("molre", "eager"), (v.impl, "eager"), f"speedup_vs_{name}")
-    summary.update({"loadavg": loadavg(), **common})
-    rows.append(emit(summary))
-    del variants, m_model, p_model
+    rows += [emit(r) for r in step_ratios(rows)]
+    variants.clear()  # the models go before the next shape's are built
+    eager.clear()
+    _release(device)
     return rows
 
 
@@ -365,43 +628,26 @@ def make_optimizer_like(model: nn.Module, cfg, fused: bool) -> torch.optim.Optim
     return make_optimizer(model, cfg, fused=fused)
 
 
-def blocks_overhead_case(
-    shape: StepShape, device: torch.device, modes=("eager",), rounds=3, repeats=5, warmup=2,
-    common: dict | None = None, precision: str = "auto", compile_kwargs: dict | None = None,
-) -> list[dict]:  # fmt: skip
-    """Step time of MoLRE inside the attention linears (``placement=blocks``), routed by slice (the default) and
-    by token, vs LoRA alone (``kind=none``); one summary row per mode with both overheads and the counted FLOPs."""
-    common, ck = common or {}, compile_kwargs or {}
-    configs = {
-        "lora": run_config(shape, kind="none", precision=precision),
-        "blocks-slice": run_config(shape, placement="blocks", route_by="slice", precision=precision),
-        "blocks-token": run_config(shape, placement="blocks", route_by="token", precision=precision),
-    }
-    bf16 = uses_bf16(configs["lora"], device)
-    variants = []
-    for impl, cfg in configs.items():
-        torch.manual_seed(0)
-        model, opt = molre_model(cfg, device)
-        for mode in modes:
-            if mode == "regional":
-                torch.manual_seed(0)
-                rm, r_opt = molre_model(cfg, device, compile="regional", **ck)
-                variants.append(Variant(f"{impl}/{mode}", impl, mode, rm, r_opt, bf16, model, ck))
-            else:
-                o = opt if mode == "eager" else _clone_opt(opt)
-                variants.append(Variant(f"{impl}/{mode}", impl, mode, model, o, bf16, compile_kwargs=ck))
-    batch = make_batch(shape, device)
-    measure(variants, batch, device, rounds, repeats, warmup)
-    rows = [emit(variant_row("blocks_step", v, shape, device, common)) for v in variants]
-    by = {(r["impl"], r["mode"]): r for r in rows}
-    for mode in modes:
-        summary = {"case": "blocks_overhead", "preset": shape.preset, "input": shape.label(),
-                   "device": str(device), "mode": mode, "bf16": bf16}  # fmt: skip
-        lora = by["lora", mode]
+def blocks_summaries(rows: list[dict]) -> list[dict]:
+    """One ``blocks_overhead`` row per (preset, input, mode) of the ``blocks_step`` rows given that has a LoRA row:
+    step time and counted FLOPs of ``blocks`` routed by slice and by token over LoRA (a route without a row is left
+    out). bench/run.py recomputes these from the merged step rows."""
+    steps = [r for r in rows if r.get("case") == "blocks_step" and "error" not in r]
+    by = {(r["preset"], r["input"], r["impl"], r["mode"]): r for r in steps}
+    out = []
+    for (preset, inp, impl, mode), lora in by.items():
+        if impl != "lora":
+            continue
+        summary = {"case": "blocks_overhead", "preset": preset, "input": inp, "device": lora.get("device"),
+                   "mode": mode}  # fmt: skip
+        if "bf16" in lora:
+            summary["bf16"] = lora["bf16"]
         summary["lora_step_ms"] = lora["step_ms"]
         summary["lora_gflop_per_slice_step"] = lora["gflop_per_slice_step"]
         for route in ("slice", "token"):
-            r = by[f"blocks-{route}", mode]
+            r = by.get((preset, inp, f"blocks-{route}", mode))
+            if r is None:
+                continue
             summary[f"{route}_step_ms"] = r["step_ms"]
             summary[f"{route}_overhead_pct"] = round((r["step_ms"] / lora["step_ms"] - 1) * 100, 1)
             summary[f"{route}_overhead_pct_from_min"] = round(
@@ -411,11 +657,53 @@ def blocks_overhead_case(
                 (r["cpu_ms_per_step"] / lora["cpu_ms_per_step"] - 1) * 100, 1
             )
             summary[f"{route}_gflop_per_slice_step"] = r["gflop_per_slice_step"]
-            summary[f"{route}_flop_overhead_pct"] = round(
-                (r["gflop_per_slice_step"] / lora["gflop_per_slice_step"] - 1) * 100, 2
+            exact = "flops_per_step" if r.get("flops_per_step") and lora.get("flops_per_step") else None
+            key = exact or "gflop_per_slice_step"  # the exact counts where rows have them (tiny presets)
+            if r.get(key) and lora.get(key):
+                summary[f"{route}_flop_overhead_pct"] = round((r[key] / lora[key] - 1) * 100, 2)
+        summary["loadavg"] = lora["loadavg"]
+        summary.update({k: lora[k] for k in COMMON_KEYS if k in lora})
+        out.append(summary)
+    return out
+
+
+def blocks_overhead_case(
+    shape: StepShape, device: torch.device, modes=("eager",), rounds=3, repeats=5, warmup=2,
+    common: dict | None = None, precision: str = "auto", compile_kwargs: dict | None = None,
+    deadline: float | None = None,
+) -> list[dict]:  # fmt: skip
+    """Step time of MoLRE inside the attention linears (``placement=blocks``), routed by slice (the default) and
+    by token, vs LoRA alone (``kind=none``); one summary row per mode with both overheads and the counted FLOPs.
+    A variant that fails gets an error row, as in ``model_step_case``."""
+    common, ck = common or {}, compile_kwargs or {}
+    configs = {
+        "lora": run_config(shape, kind="none", precision=precision),
+        "blocks-slice": run_config(shape, placement="blocks", route_by="slice", precision=precision),
+        "blocks-token": run_config(shape, placement="blocks", route_by="token", precision=precision),
+    }
+    bf16 = uses_bf16(configs["lora"], device)
+    eager = {impl: _Once(_seeded(molre_model, cfg, device)) for impl, cfg in configs.items()}
+
+    def build(impl: str, mode: str):
+        if mode == "regional":
+            return _seeded(molre_model, configs[impl], device, compile="regional", **ck)()
+        model, opt = eager[impl]()
+        return model, opt if mode == "eager" else _clone_opt(opt)
+
+    variants: list[Variant] = []
+    for impl in configs:
+        for mode in modes:
+            _add(
+                variants, f"{impl}/{mode}", impl, mode, functools.partial(build, impl, mode), bf16, ck, device
             )
-        summary.update({"loadavg": loadavg(), **common})
-        rows.append(emit(summary))
+    fill_flops(variants, shape)
+    batch = make_batch(shape, device)
+    measure(variants, batch, device, rounds, repeats, warmup, deadline)
+    rows = [emit(variant_row("blocks_step", v, shape, device, common)) for v in variants]
+    rows += [emit(r) for r in blocks_summaries(rows)]
+    variants.clear()  # the models go before the next shape's are built
+    eager.clear()
+    _release(device)
     return rows
 
 
@@ -429,39 +717,24 @@ def flops_case(
     shapes: list[StepShape], limit_tflops: float = 800.0, common: dict | None = None
 ) -> list[dict]:
     """FLOPs per slice-step of molre, the peer, LoRA alone and MoLRE ``blocks`` (by slice, by token), counted on
-    the meta device.
+    the meta device (``meta_count``: the same counts the step rows use).
 
     Gives the GPU suite's denominators on any machine: ``slices_per_s_at_limit`` = the step rate a device
     sustaining ``limit_tflops`` (the issue's ~800 TFLOP/s bf16 for an H100) would reach.
     """
-    from molre.train.loss import FocalLoss
-
     rows = []
-    meta = torch.device("meta")
+    names = {"molre": "molre", "peer": "peer", "lora": "lora", "blocks": "blocks-slice",
+             "blocks_token": "blocks-token"}  # fmt: skip
     for shape in shapes:
-        side, n = shape.side(), shape.volumes * shape.slices
-        with meta:
-            models = {
-                "molre": molre_model(run_config(shape), meta)[0],
-                "peer": PeerClassifier(shape.preset, side),
-                "lora": molre_model(run_config(shape, kind="none"), meta)[0],
-                "blocks": molre_model(run_config(shape, placement="blocks", route_by="slice"), meta)[0],
-                "blocks_token": molre_model(run_config(shape, placement="blocks", route_by="token"), meta)[0],
-            }
-            x = torch.empty(shape.volumes, 3, shape.slices, side, side)
-            labels = torch.empty(shape.volumes, NUM_CLASSES)
+        n = shape.volumes * shape.slices
         row = {"case": "flops", "preset": shape.preset, "input": shape.label(), "device": "meta"}
-        for name, model in models.items():
-            flops = count_flops(model, (x, labels, torch.ones_like(labels)), FocalLoss(2.0, 0.25), meta)
+        counts = {name: meta_count(shape, key) for name, key in names.items()}
+        for name, (flops, trainable) in counts.items():
             row[f"{name}_gflop_per_slice_step"] = round(flops / n / 1e9, 3)
-            row[f"{name}_trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            row[f"{name}_trainable_params"] = trainable
             row[f"{name}_slices_per_s_at_limit"] = round(limit_tflops * 1e12 / (flops / n), 1)
-            row[f"_{name}_flops"] = flops
         for name in ("blocks", "blocks_token"):  # from the exact counts (the rounded GFLOP hide tiny presets)
-            row[f"{name}_flop_overhead_pct"] = round(
-                (row[f"_{name}_flops"] / row["_lora_flops"] - 1) * 100, 2
-            )
-        row = {k: v for k, v in row.items() if not k.startswith("_")}
+            row[f"{name}_flop_overhead_pct"] = round((counts[name][0] / counts["lora"][0] - 1) * 100, 2)
         row.update({"limit_tflops": limit_tflops, "loadavg": loadavg(), **(common or {})})
         rows.append(emit(row))
     return rows

@@ -41,10 +41,11 @@ def test_cpu_suite_toy_size_prints_json_and_writes_tables(bench, tmp_path, capsy
     for r in rows:
         assert len(r["loadavg"]) == 3 and r["suite"] == "cpu-quick"
     steps = [r for r in rows if r["case"] == "model_step"]
+    # fp32 on CPU: peer+ (bf16 frozen weights, fused AdamW on CUDA) would be the peer, so it is left out
     assert {(r["impl"], r["mode"]) for r in steps} == {("molre", "eager"), ("peer", "eager")}
     for r in steps:
         assert r["slices_per_s"] > 0 and r["gflop_per_slice_step"] > 0 and r["peak_mem_mib"] > 0
-        assert r["mem_method"] == "rss-sampled" and r["steps_timed"] == 2
+        assert r["mem_method"] == "rss-sampled" and r["steps_timed"] == 2 and r["flop_basis"] == "meta"
     # same backbone, same pooling/head: the counted FLOPs differ only by MoLRE on the features (< 5 % here)
     molre, peer = (next(r for r in steps if r["impl"] == i) for i in ("molre", "peer"))
     assert molre["gflop_per_slice_step"] == pytest.approx(peer["gflop_per_slice_step"], rel=0.05)
@@ -87,34 +88,84 @@ def test_step_variants_regional_compile_and_ablations_at_toy_size(bench, capsys)
     timing["compile_kwargs"] = {"backend": "aot_eager"}
     rows = model_step_case(shape, cpu, modes=("eager", "regional"), ablations=True, fp8=True, **timing)
     steps = {(r["impl"], r["mode"]): r for r in rows if r["case"] == "model_step"}
-    assert set(steps) == {("molre", "eager"), ("peer", "eager"), ("molre", "regional"), ("peer", "regional"),
-                          ("molre-fp8", "eager"), ("molre-fp8", "regional"),
-                          ("molre-fp32-frozen", "eager"), ("molre-fused-adamw", "eager")}  # fmt: skip
-    molre_flops = {steps["molre", m]["gflop_per_slice_step"] for m in ("eager", "regional")}
-    assert len(molre_flops) == 1  # counted once, on the eager twin
+    assert set(steps) == {("molre", "eager"), ("peer", "eager"), ("peer+", "eager"), ("molre", "regional"),
+                          ("peer", "regional"), ("peer+", "regional"), ("molre-fp8", "eager"),
+                          ("molre-fp8", "regional"), ("molre-fp32-frozen", "eager"),
+                          ("molre-fused-adamw", "eager")}  # fmt: skip
+    assert not any("error" in r for r in rows)
+    # one FLOP basis: the implementation's meta-device count, whatever the mode, precision or FP8 padding
+    molre_flops = {steps[i, m]["gflop_per_slice_step"] for i, m in steps if i.startswith("molre")}
+    peer_flops = {steps[i, m]["gflop_per_slice_step"] for i, m in steps if i.startswith("peer")}
+    assert len(molre_flops) == len(peer_flops) == 1 and molre_flops.pop() > peer_flops.pop() > 0
+    assert steps["molre-fp8", "eager"]["achieved_vs_bf16_peak"] is False
     (summary,) = [r for r in rows if r["case"] == "model_step_ratio"]
     assert summary["bf16"] and summary["molre_over_peer_regional"] > 0
+    assert summary["molre_over_peerplus_regional"] > 0 and summary["best_molre_over_best_peerplus"] > 0
     assert summary["speedup_vs_fp32-frozen"] > 0 and summary["speedup_vs_fused-adamw"] > 0
     assert summary["fp8_over_molre_regional"] > 0 and summary["best_fp8_over_best_peer"] > 0
-    fp8_flops = {steps["molre-fp8", m]["gflop_per_slice_step"] for m in ("eager", "regional")}
-    assert len(fp8_flops) == 1 and fp8_flops.pop() > 0  # FP8 products counted too, on the eager twin
     text = bench.render_block("cpu", {"model_step": {"rows": rows, "command": "c", "date": "d", "machine": {
         "cpu": "x", "cores": 2, "threads": 2, "torch": "t"}}})  # fmt: skip
-    assert "| tiny-vit | 1x2x64^2 | fp32-frozen |" in text and "molre / peer, regional" in text
-    assert "fp8 / molre, regional" in text
+    assert "| tiny-vit | 1x2x64^2 | fp32-frozen |" in text and "| molre over | eager | regional |" in text
+    assert "| tiny-vit | 1x2x64^2 | peer+ |" in text and "fp8 / molre, regional" in text
     capsys.readouterr()
 
 
-def test_a_run_of_one_shape_keeps_the_other_shapes_rows(bench, tmp_path):
-    path, machine = tmp_path / "r.json", {"case": "machine"}
-    row = lambda preset: {"case": "model_step", "preset": preset, "input": "1x1"}  # noqa: E731
-    bench.merge_results(path, [machine, row("a"), row("b")], "all")
-    merged = bench.merge_results(path, [machine, row("b")], "only b", keep_shapes=True)
-    assert [r["preset"] for r in merged["model_step"]["rows"]] == ["a", "b"]
-    assert merged["model_step"]["command"] == "all; only b"
+def _step_row(preset: str, impl: str = "molre", mode: str = "eager", sps: float = 10.0, **extra) -> dict:
+    return {"case": "model_step", "preset": preset, "input": "1x1", "impl": impl, "mode": mode,
+            "slices_per_s": sps, "step_ms": 100 / sps, "step_ms_min": 100 / sps, "cpu_ms_per_step": 100 / sps,
+            "loadavg": [1, 1, 1], **extra}  # fmt: skip
+
+
+def test_a_restricted_run_keeps_the_rows_of_the_variants_it_did_not_measure(bench, tmp_path):
+    path, machine = (
+        tmp_path / "r.json",
+        {"case": "machine", "gpu": "H100", "cpu": "x", "cores": 16, "torch": "t"},
+    )
+    first = [machine, _step_row("a"), _step_row("a", "peer"), _step_row("b"), _step_row("b", "peer", sps=5.0)]
+    bench.merge_results(path, first, "all")
+    # a run of b's compiled mode: b's eager rows stay, and the ratios are recomputed from the merged rows
+    merged = bench.merge_results(path, [machine, _step_row("b", mode="compiled", sps=20.0),
+                                        _step_row("b", "peer", "compiled", sps=20.0)], "b compiled", keep_other=True)  # fmt: skip
+    steps = [
+        (r["preset"], r["impl"], r["mode"]) for r in merged["model_step"]["rows"] if r["case"] == "model_step"
+    ]
+    assert steps == [("a", "molre", "eager"), ("a", "peer", "eager"), ("b", "molre", "eager"),
+                     ("b", "peer", "eager"), ("b", "molre", "compiled"), ("b", "peer", "compiled")]  # fmt: skip
+    ratio = {r["preset"]: r for r in merged["model_step"]["rows"] if r["case"] == "model_step_ratio"}
+    assert ratio["b"]["molre_over_peer_eager"] == 2.0 and ratio["b"]["molre_over_peer_compiled"] == 1.0
+    assert merged["model_step"]["command"] == "all; b compiled"
+    # a new row of a stored key replaces it; an unrestricted run replaces the case; so does another machine
+    again = bench.merge_results(path, [machine, _step_row("a", sps=1.0)], "a", keep_other=True)["model_step"]
     assert [
-        r["preset"] for r in bench.merge_results(path, [machine, row("b")], "b")["model_step"]["rows"]
-    ] == ["b"]
+        r["slices_per_s"] for r in again["rows"] if r.get("preset") == "a" and r.get("impl") == "molre"
+    ] == [1.0]
+    assert [r["preset"] for r in bench.merge_results(path, [machine, _step_row("b")], "b")["model_step"]["rows"]
+            if r["case"] == "model_step"] == ["b"]  # fmt: skip
+    other = {**machine, "gpu": "H200"}
+    merged = bench.merge_results(path, [other, _step_row("c")], "c", keep_other=True)
+    assert [r["preset"] for r in merged["model_step"]["rows"] if r["case"] == "model_step"] == ["c"]
+
+
+def test_a_killed_run_keeps_what_it_finished(bench, tmp_path, monkeypatch, capsys):
+    """Results are merged after every step shape: a case that dies after its first shape keeps that shape."""
+    md, results = tmp_path / "B.md", tmp_path / "gpu.json"
+
+    def run_case(case, suite, device, args, common):
+        yield [{"case": "model_step", "preset": "a", "input": "1x1", "impl": i, "mode": "eager",
+                "slices_per_s": 1.0, "step_ms": 1.0, "step_ms_min": 1.0, "cpu_ms_per_step": 1.0, "gflop_per_slice_step": 1.0,
+                "achieved_gflops": 1.0, "peak_mem_mib": 1.0, "mem_method": "m", "loadavg": [1, 1, 1]}
+               for i in ("molre", "peer")]  # fmt: skip
+        assert results.exists()  # written before the next shape starts
+        raise SystemExit("killed at the stage's time limit")
+
+    monkeypatch.setattr(bench, "run_case", run_case)
+    with pytest.raises(SystemExit):
+        bench.main(["--suite", "gpu", "--cases", "model_step", "--device", "cpu", "--md", str(md),
+                    "--results", str(results)])  # fmt: skip
+    kept = json.loads(results.read_text())["model_step"]["rows"]
+    assert {r["case"] for r in kept} == {"model_step", "model_step_ratio"} and len(kept) == 3
+    assert "| a | 1x1 | peer | 1.00x (1.00x; 1.00x) | 1.00x |" in md.read_text()
+    capsys.readouterr()
 
 
 def test_stage_files_of_a_device_session_fold_into_the_suite_results(bench, tmp_path):
@@ -123,7 +174,7 @@ def test_stage_files_of_a_device_session_fold_into_the_suite_results(bench, tmp_
 
     def stage(name, command, rows):
         path = tmp_path / name
-        path.write_text(json.dumps({rows[0]["case"]: {"rows": rows, "command": command, "date": "d",
+        path.write_text(json.dumps({rows[0]["case"]: {"rows": rows, "command": command, "date": "2026-11-24",
                                                       "machine": machine}}))  # fmt: skip
         return path
 
@@ -134,20 +185,23 @@ def test_stage_files_of_a_device_session_fold_into_the_suite_results(bench, tmp_
         stage("1.json", "python bench/run.py --suite gpu --cases augment --results /o/1.json --md /tmp/1.md",
               [{**aug, "loadavg": [1, 1, 1]}, {**aug, "loadavg": [2, 2, 2]}]),  # same row twice: kept once
         stage("2.json", "python bench/run.py --suite gpu --cases flops --results /o/2.json", [flops]),
-        stage("3.json", "python bench/run.py --suite gpu --cases flops --shape b=1x1", [{**flops, "preset": "b"}]),
+        stage("3.json", "python bench/run.py --suite gpu --cases flops --shape b=1x1",
+              [{**flops, "preset": "b"}, {**flops, "preset": "old", "new": True}]),
     ]  # fmt: skip
     results, md = tmp_path / "gpu.json", tmp_path / "B.md"
-    results.write_text(json.dumps({"flops": {"rows": [{**flops, "preset": "old"}], "command": "old"},
-                                   "features": {"rows": [], "command": "kept"}}))  # fmt: skip
+    results.write_text(json.dumps({
+        "flops": {"rows": [{**flops, "preset": "old"}, {**flops, "preset": "kept"}], "command": "old",
+                  "date": "2026-11-22", "machine": machine},
+        "features": {"rows": [], "command": "kept"}}))  # fmt: skip
     merged = bench.merge_stage_files(results, files)
     assert [r["loadavg"] for r in merged["augment"]["rows"]] == [[1, 1, 1]]
-    assert [r["preset"] for r in merged["flops"]["rows"]] == [
-        "a",
-        "b",
-    ]  # the stages' rows replace the old ones
+    # the stages' rows replace the stored rows of their keys; the stored rows of other keys stay
+    assert [(r["preset"], r.get("new")) for r in merged["flops"]["rows"]] == [
+        ("old", True), ("kept", None), ("a", None), ("b", None)]  # fmt: skip
     assert merged["flops"]["command"] == (
-        "python bench/run.py --suite gpu --cases flops; python bench/run.py --suite gpu --cases flops --shape b=1x1"
+        "old; python bench/run.py --suite gpu --cases flops; python bench/run.py --suite gpu --cases flops --shape b=1x1"
     )
+    assert merged["flops"]["date"] == "2026-11-22..2026-11-24"
     assert merged["augment"]["command"] == "python bench/run.py --suite gpu --cases augment"
     assert merged["features"]["command"] == "kept" and json.loads(results.read_text()) == merged
     del merged["flops"], merged["features"]
@@ -156,13 +210,115 @@ def test_stage_files_of_a_device_session_fold_into_the_suite_results(bench, tmp_
         bench.main(["--suite", "gpu", "--merge", str(files[0]), "--results", str(results), "--md", str(md)])
         == 0
     )
-    assert "| 2x4x4 | 1 | cuda | 0.5 | 500.0 | 1000.0x | 1.0 |" in md.read_text()
+    assert "| 2x4x4 | 1 | cuda | 0.5 | - | - | 500.0 | 1000.0x | - | 1.0 |" in md.read_text()
+
+
+def test_a_regional_stage_merged_into_the_gpu_results_keeps_the_other_variants(bench, tmp_path):
+    """The audit's case: a stage of dinov3-base in regional mode only must leave the compiled peer and the
+    other presets' rows in place (it used to replace the whole model_step case)."""
+    machine = {"case": "machine", "cpu": "x", "cores": 16, "threads": 16, "torch": "t", "gpu": "H100"}
+    stored = [_step_row(p, i, m, sps=s, input="8x32x224^2") for p, s in (("dinov3-base", 10.0), ("dinov3-large", 4.0))
+              for m in ("eager", "compiled", "regional") for i in ("molre", "peer")]  # fmt: skip
+    results = tmp_path / "gpu.json"
+    results.write_text(json.dumps({"model_step": {"rows": stored, "command": "old", "date": "2026-11-22",
+                                                  "machine": machine}}))  # fmt: skip
+    fresh = [
+        {**_step_row("dinov3-base", i, "regional", sps=12.0), "input": "8x32x224^2"}
+        for i in ("molre", "peer+")
+    ]
+    fresh.append({"case": "model_step", "preset": "dinov3-base", "input": "8x32x224^2", "impl": "molre-fp8",
+                  "mode": "regional", "error": "RuntimeError: boom", "loadavg": [1, 1, 1]})  # fmt: skip
+    stage = tmp_path / "gpu-1.json"
+    stage.write_text(json.dumps({"model_step": {"rows": fresh, "command": "new --results /o/gpu-1.json",
+                                                "date": "2026-11-24", "machine": machine}}))  # fmt: skip
+    merged = bench.merge_stage_files(results, [stage])["model_step"]["rows"]
+    kept = {(r["preset"], r["impl"], r["mode"]): r for r in merged if r["case"] == "model_step"}
+    assert len(kept) == 12 + 2  # every stored variant (molre regional replaced) + peer+ and the FP8 error
+    assert kept["dinov3-base", "molre", "regional"]["slices_per_s"] == 12.0
+    assert kept["dinov3-base", "peer", "compiled"]["slices_per_s"] == 10.0  # the issue's compiled peer stays
+    assert "error" in kept["dinov3-base", "molre-fp8", "regional"]
+    ratios = {r["preset"]: r for r in merged if r["case"] == "model_step_ratio"}
+    assert ratios["dinov3-base"]["molre_over_peer_compiled"] == 1.0
+    assert ratios["dinov3-base"]["molre_over_peer_regional"] == 1.2  # new molre over the stored peer
+    assert ratios["dinov3-base"]["molre_over_peerplus_regional"] == 1.0
+    assert "fp8_over_peer_regional" not in ratios["dinov3-base"] and "dinov3-large" in ratios
+
+
+def test_gpu_suite_quick_on_cpu_isolates_a_failing_variant(bench, tmp_path, monkeypatch, capsys):
+    """The GPU suite's step, blocks, flops and augment cases at toy size on CPU; FP8's matmul made to fail: its
+    variant gets an error row, molre and the peer keep theirs and their ratios (the Ray cases: the slow test)."""
+    import molre.models.fp8 as fp8
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated: _scaled_mm not supported here")
+
+    monkeypatch.setattr(fp8, "scaled_matmul", broken)
+    md, results = tmp_path / "B.md", tmp_path / "gpu.json"
+    args = ["--suite", "gpu", "--quick", "--device", "cpu", "--shape", "tiny-vit=1x2", "--cases",
+            "flops,model_step,blocks,augment", "--md", str(md), "--results", str(results), "--write"]  # fmt: skip
+    assert bench.main(args) == 1  # a failed variant is a failure of the run, not of its figures
+    rows = _rows(capsys.readouterr().out)
+    assert {"machine", "flops", "model_step", "model_step_ratio", "blocks_step", "blocks_overhead",
+            "augment"} == {r["case"] for r in rows}  # fmt: skip
+    steps = {(r["impl"], r["mode"]): r for r in rows if r["case"] == "model_step"}
+    # eager on CPU: molre, peer, FP8 and the one ablation there (fused AdamW); no peer+ (fp32: it is the peer)
+    assert set(steps) == {("molre", "eager"), ("peer", "eager"), ("molre-fp8", "eager"),
+                          ("molre-fused-adamw", "eager")}  # fmt: skip
+    assert steps["molre-fp8", "eager"]["error"].startswith("RuntimeError: simulated")
+    assert all("error" not in r and r["slices_per_s"] > 0 for k, r in steps.items() if k[0] != "molre-fp8")
+    (ratio,) = [r for r in rows if r["case"] == "model_step_ratio"]
+    assert ratio["molre_over_peer_eager"] > 0 and ratio["speedup_vs_fused-adamw"] > 0
+    assert not any(k.startswith(("fp8_", "best_fp8")) for k in ratio)
+    (flops,) = [r for r in rows if r["case"] == "flops"]  # the step rows' GFLOP are the flops case's counts
+    assert steps["molre", "eager"]["flops_per_step"] / 2 / 1e9 == pytest.approx(
+        flops["molre_gflop_per_slice_step"], abs=5e-4)  # fmt: skip
+    (blocks,) = [r for r in rows if r["case"] == "blocks_overhead"]
+    assert blocks["slice_flop_overhead_pct"] == pytest.approx(flops["blocks_flop_overhead_pct"], abs=0.01)
+    (aug,) = [r for r in rows if r["case"] == "augment"]
+    assert aug["molre_fullres_warp_ms_per_volume"] > 0 and aug["monai_over_molre_fullres"] > 0
+    text = md.read_text()
+    assert (
+        "Variant `molre-fp8` / `eager` of tiny-vit 1x2x64^2 (model_step) failed: `RuntimeError: simulated"
+        in text
+    )
+    assert "| tiny-vit | 1x2x64^2 | peer | " in text and "warp only, full-res field" in text
+    stored = json.loads(results.read_text())
+    assert {(r["impl"], "error" in r) for r in stored["model_step"]["rows"] if r["case"] == "model_step"} == {
+        ("molre", False), ("peer", False), ("molre-fp8", True), ("molre-fused-adamw", False)}  # fmt: skip
+
+
+def test_step_case_skips_ablations_without_eager_and_variants_past_the_deadline(bench, monkeypatch, capsys):
+    import time
+
+    import model_step
+
+    timed = []
+
+    def fake_measure(variants, batch, device, rounds, repeats, warmup, deadline=None):
+        for v in variants:
+            timed.append((v.impl, v.mode))
+            v.times, v.cpu_times, v.memory = [0.1], [0.1], {"peak_bytes": 1, "method": "fake"}
+
+    cpu, shape = bench.torch.device("cpu"), bench.StepShape("tiny-vit", 1, 2)
+    monkeypatch.setattr(model_step, "measure", fake_measure)
+    rows = model_step.model_step_case(shape, cpu, modes=("compiled",), ablations=True, precision="bf16")
+    assert timed == [
+        ("molre", "compiled"),
+        ("peer", "compiled"),
+        ("peer+", "compiled"),
+    ]  # no eager: no ablations
+    assert {r["case"] for r in rows} == {"model_step", "model_step_ratio"}
+    monkeypatch.undo()
+    # past the deadline: every variant is skipped with an error row, none is warmed up or timed
+    rows = model_step.model_step_case(shape, cpu, modes=("eager",), deadline=time.time() - 1)
+    assert [r["error"].startswith("skipped:") for r in rows] == [True, True]
+    capsys.readouterr()
 
 
 def _options(**given) -> argparse.Namespace:
-    return argparse.Namespace(
-        **{"shape": None, "no_compile": False, "modes": None, "epoch_train": None, "fp8": False, **given}
-    )
+    return argparse.Namespace(**{"shape": None, "no_compile": False, "modes": None, "epoch_train": None,
+                                 "fp8": False, "no_fp8": False, "no_ablations": False, "no_peer_plus": False,
+                                 "features_train": None, **given})  # fmt: skip
 
 
 def test_suite_options_pick_modes_and_epoch_size(bench):
@@ -173,6 +329,18 @@ def test_suite_options_pick_modes_and_epoch_size(bench):
     assert suite.fp8  # the gpu suite measures molre-fp8 by default; the cpu suite on request
     assert not bench.suite_config("cpu", quick=False).fp8
     assert bench.apply_options(bench.suite_config("cpu", quick=False), _options(fp8=True)).fp8
+    suite = bench.apply_options(
+        bench.suite_config("gpu", quick=False), _options(no_fp8=True, no_ablations=True)
+    )
+    assert not suite.fp8 and not suite.ablations and suite.peer_plus
+    assert not bench.apply_options(
+        bench.suite_config("gpu", quick=False), _options(no_peer_plus=True)
+    ).peer_plus
+    suite = bench.apply_options(bench.suite_config("gpu", quick=False), _options(features_train=512))
+    assert suite.features["counts"] == {"train": 512, "val": 16}
+    shape = bench.parse_shape("dinov3-large=4x32")
+    suite = bench.apply_options(bench.suite_config("gpu", quick=False), _options(shape=[shape]))
+    assert suite.steps == suite.blocks == [shape]
     with pytest.raises(SystemExit):
         bench.main(["--suite", "gpu", "--modes", "eager,fast"])
 
@@ -199,8 +367,19 @@ def test_ray_cases_at_toy_size(bench, ray_local, tmp_path, capsys):
     assert (
         epoch["train_cached"] and epoch["worker_volumes_per_s"] > 0
     )  # epoch 1 replayed the rows read in epoch 0
+    # the judged epoch figure: the worker's train pass over the pure step; the fixed per-epoch cost apart
+    assert epoch["train_volumes_per_s"] > 0 and epoch["train_over_step"] > 0 and epoch["train_s"] > 0
+    assert epoch["val_s"] > 0 and epoch["epoch_fixed_s"] == pytest.approx(
+        epoch["epoch_s"] - epoch["train_s"], abs=0.01
+    )
+    assert epoch["train_steps_per_epoch"] >= 1
     assert feats["cached_trial_s"] > 0 and feats["e2e_trial_s"] > 0 and feats["e2e_over_cached"] > 0
-    assert "**Full Ray Train epoch vs the pure step**" in md.read_text()
+    # per trial, per epoch and the fixed start-up apart, with the trial's length
+    assert feats["e2e_epoch_over_cached_epoch"] > 0 and feats["e2e_fixed_s"] > 0
+    assert feats["epochs_run"] == feats["epochs"] == 2 and feats["train_volumes"] == 6
+    text = md.read_text()
+    assert "**Full Ray Train epoch vs the pure step**" in text and "train pass / step" in text
+    assert "per epoch: e2e / cached" in text
 
 
 def test_multi_fidelity_bench_scores_points_over_seeds_and_sizes_the_seed_noise(monkeypatch):
