@@ -7,7 +7,9 @@ import threading
 import numpy as np
 import pytest
 
+from molre.data import dataset, shards
 from molre.data.dataset import pad_to_multiple, rfs_batches
+from molre.errors import DataError
 from molre.findings import NUM_FINDINGS
 
 pytestmark = pytest.mark.slow
@@ -86,3 +88,42 @@ def test_rfs_repeats_and_the_fill_are_seeded():
     batches = list(rfs_batches(shard, factors, 0, 0, 4))
     own = [h for b in batches for h, fill in zip(b["study_hash"], b["top_up"], strict=True) if not fill]
     assert all(2 <= own.count(f"s{i:03d}") <= 3 for i in (1, 7, 8)) and own.count("s000") == 1
+
+
+# ---- rows that fit the schema but not the invariants ------------------------------------------------------
+
+
+def _dataset_with_a_bad_row(root: str, **bad) -> str:
+    """Train (4 rows) and val (2) on a [4, 8, 8] grid, train row 2 changed by ``bad``; returns the train shard."""
+    rng = np.random.default_rng(0)
+
+    def row(i: int, split: str) -> dict:
+        volume = rng.integers(-1024, 3072, size=(4, 8, 8), dtype=np.int16)
+        return shards.make_row(f"{split[0]}{i:015d}", f"p{i}", split, volume, (8.0, 4.0, 4.0),
+                               np.zeros(NUM_FINDINGS), np.ones(NUM_FINDINGS))  # fmt: skip
+
+    train = [row(i, "train") for i in range(4)]
+    train[2] |= bad
+    shards.write_dataset(
+        root, {"train": train, "val": [row(i, "val") for i in range(2)]}, {"grid": [4, 8, 8]}, "f"
+    )
+    return shards.list_shards(root, "train")[0]
+
+
+def test_a_read_task_checks_each_row_against_the_manifest_grid(tmp_path):
+    """What a Ray Data read task runs (here in this process): a volume of another grid, whose bytes agree with its
+    shape and whose shard passes the checksum and schema checks, is named with its shard, row and study."""
+    off_grid = np.zeros((4, 4, 4), np.int16)
+    uri = _dataset_with_a_bad_row(str(tmp_path), volume=shards.encode_volume(off_grid), shape=[4, 4, 4])
+    checked = dataset.checked_shards(str(tmp_path), "train", verify=True)  # sha256 + schema: all fine
+    (task,) = dataset.ShardDatasource(checked, dataset.READ_COLUMNS).get_read_tasks(1)
+    said = rf"^{uri}: row 2 \(study t000000000000002\): column 'shape' \[4, 4, 4\] is not the dataset's grid"
+    with pytest.raises(DataError, match=said):
+        list(task())
+
+
+def test_label_statistics_name_a_short_label_list(tmp_path):
+    uri = _dataset_with_a_bad_row(str(tmp_path), labels=[0] * 74)
+    said = rf"^{uri}: row 2 \(study t000000000000002\): column 'labels' must hold 75 values per row, holds 74"
+    with pytest.raises(DataError, match=said):
+        dataset.label_matrix(str(tmp_path), "train")

@@ -10,7 +10,9 @@ import csv
 import json
 import logging
 import os
+import shutil
 import stat
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -178,7 +180,21 @@ def cohort(tmp_path):
     return write_cohort(tmp_path)
 
 
-def test_cli_preprocess_to_s3_with_ray(cohort, s3_bucket, tmp_path, capfd):
+def give_workers_credentials(tmp_path: Path, monkeypatch) -> None:
+    """The loopback server's keys in a credentials file, named by ``AWS_SHARED_CREDENTIALS_FILE``: molre forwards
+    that path to Ray workers it did not start (the session's Ray, started before this test set the keys), never
+    the keys themselves, as a cluster's nodes get theirs from a profile file or a role."""
+    path = tmp_path / "aws-credentials"
+    path.write_text(
+        f"[default]\naws_access_key_id = {os.environ['AWS_ACCESS_KEY_ID']}\n"
+        f"aws_secret_access_key = {os.environ['AWS_SECRET_ACCESS_KEY']}\n"
+    )
+    path.chmod(0o600)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(path))
+
+
+def test_cli_preprocess_to_s3_with_ray(cohort, s3_bucket, tmp_path, capfd, monkeypatch):
+    give_workers_credentials(tmp_path, monkeypatch)
     salt_file = tmp_path / "salt"
     salt_file.write_bytes(SALT)
     root = storage.join(s3_bucket, "headct/v1")
@@ -542,3 +558,222 @@ def test_one_patient_id_for_many_studies_is_warned_of(caplog):
     assert {job.split for job in constant} == {"train"}
     text = caplog.text
     assert "one patient id holds 10 of 10 studies" in text and "split val/test is empty" in text
+
+
+# ---- re-runs after the input changed: corrected labels, withdrawn studies ------------------------------------
+
+CORRECTED, WITHDRAWN = "study_01", "study_02"
+
+
+def correct_and_withdraw(cohort: dict, correct: bool = True, withdraw: str = WITHDRAWN) -> None:
+    """The label file gets a corrected row (CORRECTED's first finding flipped) and loses ``withdraw``'s, whose
+    series leaves the input too: what a site sends after a review and a withdrawal of consent."""
+    if correct:
+        row = cohort["rows"][CORRECTED]
+        row[2] = 1 - int(row[2])
+    del cohort["rows"][withdraw]
+    shutil.rmtree(cohort["input"] / withdraw)
+    with open(cohort["labels"], "w", newline="") as f:
+        csv.writer(f).writerows([["study_id", "patient_id", *LABELLED], *cohort["rows"].values()])
+
+
+def check_rerun_output(root: str, cohort: dict, first: shards.Manifest, first_splits: dict[str, str]) -> None:
+    """The output after ``correct_and_withdraw``: the current labels, no trace of WITHDRAWN, every remaining study
+    in the split it had, nothing on storage that the manifest does not list, counts that reconcile."""
+    manifest = shards.read_manifest(root)
+    c = manifest.counts
+    assert (c["in"], c["processed"], c["quarantined"]) == (9, 7, 2)
+    rows = read_all_rows(root)
+    want = expected_rows(cohort)
+    assert sorted(r["study_hash"] for r in rows) == sorted(want)
+    for row in rows:
+        exp = want[row["study_hash"]]
+        np.testing.assert_array_equal(shards.decode_volume(row), exp["volume"])
+        assert row["labels"] == exp["labels"] and row["patient_hash"] == exp["patient_hash"]
+        assert row["split"] == first_splits[row["study_hash"]]  # patients keep their split
+    for split, stats in c["splits"].items():
+        positives = np.sum([r["labels"] for r in rows if r["split"] == split] or [[0] * 75], axis=0)
+        assert [stats["positives"][f] for f in FINDING_IDS] == positives.tolist()
+    gone = preprocess.salted_hash(SALT, "study", WITHDRAWN)
+    on_disk = [p for p in Path(root).rglob("*") if p.is_file()]
+    assert sorted(str(p.relative_to(root)) for p in on_disk if p.suffix == ".parquet") == sorted(
+        s.path for s in manifest.shards
+    )  # the outdated shards are deleted
+    for path in on_disk:
+        if path.suffix == ".parquet":
+            assert gone not in pq.read_table(path, columns=["study_hash"]).column(0).to_pylist(), path
+        else:
+            assert gone.encode() not in path.read_bytes(), path  # markers, manifest, quarantine.csv
+    markers = [json.loads(p.read_bytes()) for p in Path(root, shards.PROGRESS).glob("batch-*.json")]
+    assert sorted(m["shard"]["path"] for m in markers if m["shard"]) == sorted(
+        s.path for s in manifest.shards
+    )
+    assert first.counts["in"] == 10
+
+
+def test_rerun_redoes_the_batches_of_corrected_labels_and_withdrawn_studies(cohort, tmp_path, caplog):
+    root = str(tmp_path / "out")
+    first = preprocess.preprocess(
+        cohort["input"], cohort["labels"], "generic", root, executor="inline", **SETTINGS
+    )
+    first_splits = {r["study_hash"]: r["split"] for r in read_all_rows(root)}
+    index = shards.read_index(root).to_pylist()
+    touched = {r["shard"] for r in index if r["study_hash"] in {preprocess.salted_hash(SALT, "study", k)
+                                                                  for k in (CORRECTED, WITHDRAWN)}}  # fmt: skip
+    untouched = {s.path: Path(root, s.path).stat().st_mtime_ns for s in first.shards if s.path not in touched}
+    assert untouched, "the cohort must have batches that the edit leaves alone"
+    correct_and_withdraw(cohort)
+    caplog.set_level(logging.WARNING)
+    second = preprocess.preprocess(
+        cohort["input"], cohort["labels"], "generic", root, executor="inline", **SETTINGS
+    )
+    assert f"{root}: 1 studies changed labels, 1 are no longer in the input" in caplog.text
+    assert "counts do not reconcile" not in caplog.text
+    check_rerun_output(root, cohort, first, first_splits)
+    # only the batches holding the two studies were redone: the other shards were neither rewritten nor renamed
+    assert {p: Path(root, p).stat().st_mtime_ns for p in untouched} == untouched
+    assert set(untouched) <= {s.path for s in second.shards}
+    before = {p: p.read_bytes() for p in Path(root).rglob("*") if p.is_file()}
+    assert preprocess.preprocess(cohort["input"], cohort["labels"], "generic", root, executor="inline",
+                                 **SETTINGS) == second  # fmt: skip
+    assert {p: p.read_bytes() for p in Path(root).rglob("*") if p.is_file()} == before  # then a no-op again
+
+
+@pytest.mark.parametrize("crash", ["in the first batch", "at the first outdated marker's deletion"])
+def test_a_crash_while_redoing_leaves_a_whole_dataset_and_a_rerun_finishes(
+    crash, cohort, tmp_path, monkeypatch
+):
+    root = str(tmp_path / "out")
+    first = preprocess.preprocess(
+        cohort["input"], cohort["labels"], "generic", root, executor="inline", **SETTINGS
+    )
+    first_splits = {r["study_hash"]: r["split"] for r in read_all_rows(root)}
+    correct_and_withdraw(cohort)
+    if crash == "in the first batch":
+        monkeypatch.setattr(
+            preprocess, "process_batch", lambda batch, ctx: (_ for _ in ()).throw(OSError("killed"))
+        )
+    else:
+        real_delete = storage.delete
+
+        def delete(uri: str) -> None:
+            if f"/{shards.PROGRESS}/batch-" in uri:
+                raise OSError("killed")
+            real_delete(uri)
+
+        monkeypatch.setattr(storage, "delete", delete)
+    with pytest.raises(OSError, match="killed"):
+        preprocess.preprocess(
+            cohort["input"], cohort["labels"], "generic", root, executor="inline", **SETTINGS
+        )
+    # whatever the manifest is, old or new, every shard it lists is there, whole
+    manifest = shards.read_manifest(root)
+    if crash == "in the first batch":
+        assert manifest == first  # the old dataset, untouched
+    else:
+        assert manifest.counts["processed"] == 7  # the new one, committed before the clean-up
+    assert len(read_all_rows(root)) == manifest.counts["processed"]
+    monkeypatch.undo()
+    preprocess.preprocess(cohort["input"], cohort["labels"], "generic", root, executor="inline", **SETTINGS)
+    check_rerun_output(root, cohort, first, first_splits)
+
+
+def test_a_redo_once_started_is_finished_even_if_the_input_comes_back(cohort, tmp_path, monkeypatch):
+    """A study is withdrawn; the re-run dies as it writes the new manifest (the new batches are done, the old
+    markers still there); then the study comes back. The next run must not hold the other studies of its old batch
+    twice (old batch and new batch both looking complete): the old one stays superseded."""
+    root = str(tmp_path / "out")
+    first = preprocess.preprocess(
+        cohort["input"], cohort["labels"], "generic", root, executor="inline", **SETTINGS
+    )
+    first_rows = sorted((r["study_hash"], r["split"], r["labels"]) for r in read_all_rows(root))
+    index = shards.read_index(root).to_pylist()
+    per_shard = Counter(r["shard"] for r in index)
+    key_of = {preprocess.salted_hash(SALT, "study", k): k for k in cohort["rows"]}
+    withdraw = next(key_of[r["study_hash"]] for r in index if per_shard[r["shard"]] > 1)  # has batch mates
+    assert (cohort["input"] / withdraw).is_dir()
+    shutil.copytree(cohort["input"] / withdraw, tmp_path / "kept")
+    labels_before = cohort["labels"].read_bytes()
+    correct_and_withdraw(cohort, correct=False, withdraw=withdraw)
+    real_write = storage.write_bytes
+
+    def write(uri: str, data: bytes) -> None:
+        if uri.endswith("/" + shards.MANIFEST):
+            raise OSError("killed")
+        real_write(uri, data)
+
+    monkeypatch.setattr(storage, "write_bytes", write)
+    with pytest.raises(OSError, match="killed"):
+        preprocess.preprocess(
+            cohort["input"], cohort["labels"], "generic", root, executor="inline", **SETTINGS
+        )
+    monkeypatch.undo()
+    shutil.copytree(tmp_path / "kept", cohort["input"] / withdraw)  # the study is back, as it was
+    cohort["labels"].write_bytes(labels_before)
+    again = preprocess.preprocess(
+        cohort["input"], cohort["labels"], "generic", root, executor="inline", **SETTINGS
+    )
+    assert sorted((r["study_hash"], r["split"], r["labels"]) for r in read_all_rows(root)) == first_rows
+    assert again.counts == first.counts
+
+
+def test_markers_of_an_older_molre_still_lose_withdrawn_studies(cohort, tmp_path, caplog):
+    """Batch markers written before label fingerprints: a withdrawn study is still found (and dropped); a label
+    correction cannot be, and a warning says so."""
+    root = str(tmp_path / "out")
+    first = preprocess.preprocess(
+        cohort["input"], cohort["labels"], "generic", root, executor="inline", **SETTINGS
+    )
+    for path in Path(root, shards.PROGRESS).glob("batch-*.json"):
+        marker = json.loads(path.read_bytes())
+        marker.pop("label_fingerprints", None)
+        path.write_text(json.dumps(marker))
+    correct_and_withdraw(cohort)
+    caplog.set_level(logging.WARNING)
+    second = preprocess.preprocess(
+        cohort["input"], cohort["labels"], "generic", root, executor="inline", **SETTINGS
+    )
+    gone = preprocess.salted_hash(SALT, "study", WITHDRAWN)
+    assert gone not in [r["study_hash"] for r in read_all_rows(root)]
+    assert (second.counts["processed"], first.counts["processed"]) == (7, 8)
+    assert "without label fingerprints" in caplog.text
+
+
+def test_preprocess_into_a_missing_bucket_fails_first_naming_the_output(cohort, s3_env):
+    """A mistyped bucket: one clear error before any work, and no bucket made."""
+    import uuid
+
+    import boto3
+
+    bucket = f"molre-typo-{uuid.uuid4().hex[:12]}"
+    root = f"s3://{bucket}/headct/v1"
+    with pytest.raises(storage.StorageError, match=rf"^{root}: bucket s3://{bucket} does not exist"):
+        preprocess.preprocess(
+            cohort["input"], cohort["labels"], "generic", root, executor="inline", **SETTINGS
+        )
+    assert bucket not in [
+        b["Name"] for b in boto3.client("s3", endpoint_url=s3_env).list_buckets()["Buckets"]
+    ]
+
+
+@pytest.mark.slow
+def test_a_storage_error_in_a_ray_worker_reaches_the_caller_as_itself(
+    cohort, tmp_path, monkeypatch, ray_local
+):
+    """A worker's StorageError (a node without credentials, a full disk ...) is raised as the StorageError naming
+    the shard, not as Ray's task error with a worker traceback in front."""
+    root = tmp_path / "out"
+    real_load = preprocess._load_markers
+
+    def load_then_block_the_train_folder(output_uri, splits):
+        markers = real_load(output_uri, splits)
+        (root / "train").write_bytes(b"")  # a file where the workers must make the folder: they cannot write
+        return markers
+
+    monkeypatch.setattr(preprocess, "_load_markers", load_then_block_the_train_folder)
+    with pytest.raises(storage.StorageError) as info:
+        preprocess.preprocess(cohort["input"], cohort["labels"], "generic", str(root), executor="ray", workers=1,
+                              **SETTINGS)  # fmt: skip
+    assert type(info.value) is storage.StorageError
+    assert str(info.value).startswith(f"{root}/train/shard-"), str(info.value)
+    assert "write failed: FileExistsError" in str(info.value)

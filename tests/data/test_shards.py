@@ -127,3 +127,48 @@ def test_read_index(root):
         ("train", "train/shard-0.parquet"),
         ("train", "train/shard-0.parquet"),
     ]
+
+
+# ---- rows that fit the schema but not the invariants: the shard, the row and its study are named ------------
+
+
+def _with(rows_, i, **changes):
+    """``rows_`` with row ``i`` changed (a labels list of 74, a volume of another grid ...)."""
+    out = [dict(r) for r in rows_]
+    out[i].update(changes)
+    return out
+
+
+def test_a_bad_row_names_the_shard_row_and_study_in_every_read(tmp_path):
+    uri = str(tmp_path / "train" / "shard-0.parquet")
+    good = rows(3)
+    cases = {
+        "labels": (_with(good, 1, labels=[0] * 74), r"column 'labels' must hold 75 values per row, holds 74"),
+        "known": (_with(good, 1, known=[1] * 76), r"column 'known' must hold 75 values per row, holds 76"),
+        "volume": (
+            _with(good, 1, volume=good[1]["volume"][:-2]),
+            r"column 'volume' does not hold int16 \[D,H,W\] of its 'shape' \[4, 8, 8\] \(510 bytes, expected 512\)",
+        ),
+    }
+    for name, (bad, reason) in cases.items():
+        shards.write_shard(uri, bad)
+        said = rf"^{uri}: row 1 \(study s000000000000001\): {reason}"
+        for columns in (None, ["study_hash", "labels", "known", "volume", "shape"]):  # a full read, a subset
+            with pytest.raises(DataError, match=said):
+                shards.read_shard(uri, columns)
+                pytest.fail(f"{name}: accepted by read_shard(columns={columns})")
+
+
+def test_a_row_off_the_manifest_grid_is_refused(root):
+    off_grid = rows(3)
+    off_grid[2] = rows(1, shape=(4, 4, 4))[0] | {
+        "study_hash": "s000000000000002"
+    }  # bytes agree with its shape
+    write_dataset(root, {"train": off_grid})  # the manifest's grid is [4, 8, 8]
+    (uri,) = shards.list_shards(root, "train")
+    said = rf"^{uri}: row 2 \(study s000000000000002\): column 'shape' \[4, 4, 4\] is not the dataset's grid \[4, 8, 8\]"
+    with pytest.raises(DataError, match=said):
+        shards.read_shard(uri, verify=True)  # the grid comes with the manifest
+    with pytest.raises(DataError, match=said):
+        shards.read_shard(uri, ["study_hash", "volume", "shape"], grid=(4, 8, 8))
+    assert shards.read_shard(uri).num_rows == 3  # without a grid, a consistent row is a valid row

@@ -131,3 +131,101 @@ def test_list_sizes_and_read_many(root):
     assert storage.size(b) == 2
     assert storage.read_many([a, b]) == {a: b"1", b: b"22"}
     assert storage.read_many([]) == {}
+
+
+# ---- what Ray workers get, missing buckets, missing credentials -------------------------------------------
+
+
+def test_forwarded_env_never_holds_a_secret(monkeypatch):
+    """Ray keeps a runtime env in plain text (task / actor state, log files): where and how only, no key."""
+    secrets = {
+        "AWS_ACCESS_KEY_ID": "AKIAEXAMPLE",
+        "AWS_SECRET_ACCESS_KEY": "s3cr3t",
+        "AWS_SESSION_TOKEN": "t0k3n",
+    }
+    public = {
+        "AWS_ENDPOINT_URL_S3": "http://127.0.0.1:9000",
+        "AWS_REGION": "eu-west-1",
+        "AWS_PROFILE": "molre",
+        "AWS_SHARED_CREDENTIALS_FILE": "/etc/molre/aws-credentials",
+        "AWS_CA_BUNDLE": "/etc/ssl/ca.pem",
+        "AWS_WEB_IDENTITY_TOKEN_FILE": "/var/run/secrets/eks.amazonaws.com/serviceaccount/token",
+        "AWS_ROLE_ARN": "arn:aws:iam::123456789012:role/molre",
+        storage.RETRY_ENV: "8,0.5,10",
+    }
+    for key, value in {**secrets, **public}.items():
+        monkeypatch.setenv(key, value)
+    env = storage.forwarded_env()
+    assert env.items() >= public.items()
+    assert not set(secrets) & set(env) and not set(secrets.values()) & set(env.values())
+
+
+def _missing_bucket() -> str:
+    import uuid
+
+    return f"s3://molre-missing-{uuid.uuid4().hex[:12]}"
+
+
+def _buckets(endpoint: str) -> list[str]:
+    import boto3
+
+    return [b["Name"] for b in boto3.client("s3", endpoint_url=endpoint).list_buckets()["Buckets"]]
+
+
+def test_a_missing_bucket_is_a_storage_error_naming_the_uri(s3_env):
+    """Not a bare FileNotFoundError ("no such object"), an empty listing or False: the URI and the bucket."""
+    bucket = _missing_bucket()
+    uri = storage.join(bucket, "prefix", "manifest.json")
+    said = rf"{uri}: \w+ failed: bucket {bucket} does not exist"
+    operations = {
+        "read": lambda: storage.read_bytes(uri),
+        "write": lambda: storage.write_bytes(uri, b"{}"),
+        "exists": lambda: storage.exists(uri),
+        "size": lambda: storage.size(uri),
+        "sha256": lambda: storage.sha256(uri),
+        "delete": lambda: storage.delete(uri),
+        "read many": lambda: storage.read_many([uri]),
+    }
+    for op, call in operations.items():
+        with pytest.raises(StorageError, match=said):
+            call()
+            pytest.fail(f"{op} on a missing bucket raised nothing")
+    with pytest.raises(StorageError, match=rf"{bucket}/prefix: list failed: bucket {bucket} does not exist"):
+        storage.list_dir(storage.join(bucket, "prefix"))
+    with pytest.raises(StorageError, match=rf"^{bucket}/out: bucket {bucket} does not exist"):
+        storage.check_bucket(storage.join(bucket, "out"))
+    assert bucket.removeprefix("s3://") not in _buckets(s3_env)  # HeadBucket only: nothing created
+
+
+def test_check_bucket_passes_an_existing_bucket_and_local_paths(s3_bucket, tmp_path):
+    storage.check_bucket(storage.join(s3_bucket, "out"))
+    storage.check_bucket(s3_bucket)
+    storage.check_bucket(str(tmp_path / "not-yet-there"))  # local: created on write, nothing to check
+    assert storage.list_dir(s3_bucket) == []  # and nothing written
+
+
+def test_check_bucket_says_access_denied(s3_bucket, monkeypatch):
+    import moto.settings
+
+    monkeypatch.setattr(moto.settings, "INITIAL_NO_AUTH_ACTION_COUNT", 0)  # moto checks the (unknown) key now
+    with pytest.raises(StorageError, match=rf"^{s3_bucket}/out: access to bucket {s3_bucket} denied"):
+        storage.check_bucket(storage.join(s3_bucket, "out"))
+
+
+def test_no_credentials_is_a_clear_error_at_once(s3_bucket, monkeypatch):
+    """A Ray node without credentials (molre forwards none): a StorageError naming the URI and what to do, not
+    retried (no retry can find credentials)."""
+    import s3fs
+
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(key, raising=False)
+    uri = storage.join(s3_bucket, "x.json")
+    s3fs.S3FileSystem.clear_instance_cache()  # fsspec caches filesystems (and their credentials) per process
+    try:
+        with pytest.raises(StorageError) as info:
+            storage.read_bytes(uri)
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()  # no credential-less filesystem for later tests
+    message = str(info.value)
+    assert message.startswith(f"{uri}: read failed: NoCredentialsError"), message
+    assert "credentials of its own" in message and "attempts" not in message

@@ -199,9 +199,24 @@ def test_retry_budget_comes_from_the_environment(monkeypatch):
 
 
 def test_workers_get_the_aws_variables_only_when_the_run_touches_s3(monkeypatch, tmp_path):
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9000")
     monkeypatch.setenv(storage.RETRY_ENV, "5")
     local = _cfg(str(tmp_path / "data"), tmp_path, "local")
     assert train_run.worker_storage_env(local) == {storage.RETRY_ENV: "5"}
     remote = _cfg("s3://bucket/data", tmp_path, "remote")
-    assert train_run.worker_storage_env(remote)["AWS_SECRET_ACCESS_KEY"] == "secret"
+    assert train_run.worker_storage_env(remote)["AWS_ENDPOINT_URL"] == "http://127.0.0.1:9000"
+
+
+def test_workers_never_get_the_aws_secrets(monkeypatch, tmp_path):
+    """Ray keeps a runtime env in plain text in its task / actor state and its log files: the keys stay out."""
+    secrets = {
+        "AWS_ACCESS_KEY_ID": "AKIAEXAMPLE",
+        "AWS_SECRET_ACCESS_KEY": "s3cr3t",
+        "AWS_SESSION_TOKEN": "t0k3n",
+    }
+    for key, value in secrets.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("AWS_WEB_IDENTITY_TOKEN_FILE", "/var/run/secrets/token")  # a path: forwarded
+    env = train_run.worker_storage_env(_cfg("s3://bucket/data", tmp_path, "remote"))
+    assert not set(secrets) & set(env) and not set(secrets.values()) & set(env.values())
+    assert env["AWS_WEB_IDENTITY_TOKEN_FILE"] == "/var/run/secrets/token"

@@ -25,6 +25,7 @@ from ray.train import DataConfig
 from molre.data import shards, storage
 from molre.data.sampling import class_repeat_factors
 from molre.errors import DataError
+from molre.findings import NUM_FINDINGS
 
 READ_COLUMNS = ["study_hash", "volume", "shape", "labels", "known"]
 
@@ -38,11 +39,13 @@ def arrow_filesystem(uri: str):
 
 
 class Shard(NamedTuple):
-    """One checked shard of a split: its URI, row count and estimated in-memory size (from the manifest)."""
+    """One checked shard of a split: its URI, row count, estimated in-memory size and the dataset's grid (D, H, W),
+    from the manifest (the read task checks every row's shape against the grid)."""
 
     uri: str
     rows: int
     size_bytes: int
+    grid: tuple[int, int, int] | None = None
 
 
 def checked_shards(
@@ -56,7 +59,7 @@ def checked_shards(
         raise DataError(
             storage.join(root, split), f"split '{split}' is empty: no volumes to train or validate on"
         )
-    grid = manifest.config.get("grid")
+    grid = shards.manifest_grid(manifest, storage.join(root, shards.MANIFEST))
     row_bytes = 2 * math.prod(grid) + 1024 if grid else None  # int16 volume + ids, labels, known
     out = []
     for info in entries:
@@ -65,7 +68,7 @@ def checked_shards(
             shards.check_footer(uri, shards.verify_shard(uri, manifest) if verify else None)
         except FileNotFoundError:
             raise _listed_but_missing(uri) from None
-        out.append(Shard(uri, info.rows, info.rows * row_bytes if row_bytes else info.bytes))
+        out.append(Shard(uri, info.rows, info.rows * row_bytes if row_bytes else info.bytes, grid))
     return out
 
 
@@ -83,7 +86,9 @@ def split_files(
 class ShardDatasource(Datasource):
     """Ray Data source over checked shards: one read task per shard, in the given order, each reading its
     ``columns`` with ``shards.read_shard`` (storage retries, page CRCs; a ``StorageError`` / ``DataError`` naming
-    the shard once the retry budget is spent). Nothing is read on the driver."""
+    the shard once the retry budget is spent) and checking its rows (``shards.check_rows``: list lengths, volume
+    bytes against the shape, the shape against the manifest's grid; a ``DataError`` naming the shard, the row and
+    its study). Nothing is read on the driver."""
 
     def __init__(self, checked: list[Shard], columns: list[str]):
         super().__init__()
@@ -102,7 +107,7 @@ class ShardDatasource(Datasource):
         schema = pa.schema([shards.SCHEMA.field(c) for c in self.columns], metadata=shards.SCHEMA.metadata)
         return [
             ReadTask(
-                _shard_reader(shard.uri, self.columns),
+                _shard_reader(shard.uri, self.columns, shard.grid),
                 BlockMetadata(
                     num_rows=shard.rows, size_bytes=shard.size_bytes, exec_stats=None, input_files=[shard.uri]
                 ),
@@ -113,10 +118,10 @@ class ShardDatasource(Datasource):
         ]
 
 
-def _shard_reader(uri: str, columns: list[str]):
+def _shard_reader(uri: str, columns: list[str], grid: tuple[int, int, int] | None = None):
     def read() -> Iterable:
         try:
-            return [shards.read_shard(uri, columns)]
+            return [shards.read_shard(uri, columns, grid=grid)]  # + the row checks of these columns
         except FileNotFoundError:
             raise _listed_but_missing(uri) from None
 
@@ -176,14 +181,17 @@ def pad_to_multiple(ds, rows: int, n: int):
 
 
 def label_matrix(root: str, split: str, uris: list[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """``(labels, known)`` ``[N, 75]`` of a split, reading only those two columns (for RFS and focal alpha).
+    """``(labels, known)`` ``[N, 75]`` of a split, reading only those columns and study_hash (for RFS and focal
+    alpha); a row with a wrong list length is a ``DataError`` naming the shard, the row and its study.
 
     ``uris``: the split's shards, already checked (else they are listed and checked here)."""
     labels, known = [], []
     for uri in uris if uris is not None else split_files(root, split, verify=False):
-        table = shards.read_shard(uri, ["labels", "known"])
-        labels.append(np.asarray(table["labels"].to_pylist(), dtype=np.uint8).reshape(len(table), -1))
-        known.append(np.asarray(table["known"].to_pylist(), dtype=np.uint8).reshape(len(table), -1))
+        table = shards.read_shard(uri, ["study_hash", "labels", "known"])  # checks 75 values per row
+        labels.append(
+            np.asarray(table["labels"].to_pylist(), dtype=np.uint8).reshape(len(table), NUM_FINDINGS)
+        )
+        known.append(np.asarray(table["known"].to_pylist(), dtype=np.uint8).reshape(len(table), NUM_FINDINGS))
     return np.concatenate(labels), np.concatenate(known)
 
 

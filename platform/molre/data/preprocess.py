@@ -11,11 +11,21 @@
 - **Studies.** One shard row per study (per label row): when several series match one study, the one with the most
   slices that loads is used and the others are quarantined ("another series of the same study was used").
 - **Resume.** Batches are deterministic (a split's unfinished studies sorted by hash, ``shard_size`` at a time;
-  shard id = hash of its study hashes). Each shard is written under a temporary name and committed by rename or
-  copy; then ``_progress/<batch>.json`` records it. A re-run skips every study in a marker whose shard is still
-  there, pins already-placed patients to their split, deletes shard files no marker claims, and never duplicates
-  a study. ``manifest.json`` is written last, after the output has been checked (no duplicate study, no patient in
-  two splits, row counts as listed).
+  shard id = hash of its studies' hashes and label fingerprints). Each shard is written under a temporary name and
+  committed by rename or copy; then ``_progress/<batch>.json`` records it, with a fingerprint of each study's
+  label row (patient hash, labels, known). A re-run skips every study in a marker whose shard is still there,
+  pins already-placed patients to their split, deletes shard files no marker claims, and never duplicates a
+  study. ``manifest.json`` is written last, after the output has been checked (no duplicate study, no patient in
+  two splits, row counts as listed); shards and markers that it no longer lists are deleted after it.
+- **Changed input.** A re-run reads the label file and the input afresh. A finished batch holding a study whose
+  label row changed (a corrected label or patient id) or that is no longer in the input or the label file (a
+  withdrawn study) is *redone*, not refused: its remaining studies are processed again with their current labels
+  into new batches (their patients keep their split), the gone ones are dropped, and the outdated batch's marker
+  and shard are deleted once the new manifest is written. Until then the old manifest and its shards stay as they
+  were, so a crash at any point leaves either the old dataset or the new one; the outdated markers are flagged
+  ``superseded`` first, so that a re-run finishes the job whatever the input then holds. Markers of an older molre hold no label fingerprints: withdrawn studies
+  are still found, label corrections of their studies are not (a warning says so; preprocess into a new output to
+  be sure). A changed DICOM series under an unchanged study key is not detected either.
 - **Counts.** ``in`` = series found + files rejected by discovery = ``processed + quarantined``.
 """
 
@@ -51,7 +61,7 @@ from molre.data.split import (
     parse_fractions,
     split_patients,
 )
-from molre.errors import DataError
+from molre.errors import DataError, MolreError
 from molre.findings import FINDING_IDS, NUM_FINDINGS
 from molre.ray_init import start_or_join
 
@@ -66,6 +76,8 @@ MIN_SALT_CHARS = 32
 HASH_HEX = 16  # 64-bit ids: collision odds ~ n^2 / 2^65 (3e-8 for a million studies)
 DEFAULT_SHARD_SIZE = 16  # studies per shard (~16-40 MB at the default grid)
 RUN_FILE = "run.json"
+# a batch marker's flag: its batch is being redone (changed labels, withdrawn studies)
+SUPERSEDED = "superseded"
 # DICOM UIDs (StudyInstanceUID, SOPInstanceUID ...): four or more numbers, or three from a 0/1/2 root (the UUID
 # form 2.25.<uuid as a decimal> has three), not part of a longer dotted number
 _UID = re.compile(r"(?<![\d.])(?:\d+(?:\.\d+){3,}|[0-2](?:\.\d+){2,})(?!\.?\d)")
@@ -348,8 +360,18 @@ def _warn_of_lopsided_patients(jobs: list[StudyJob], fractions: dict[str, float]
         )  # fmt: skip
 
 
+def label_fingerprint(job: StudyJob) -> str:
+    """A hash of the study's label row as it reaches the shard: patient hash, labels, known."""
+    digest = hashlib.sha256(job.patient_hash.encode())
+    digest.update(np.asarray(job.labels, dtype=np.uint8).tobytes())
+    digest.update(np.asarray(job.known, dtype=np.uint8).tobytes())
+    return digest.hexdigest()[:HASH_HEX]
+
+
 def make_batches(jobs: Sequence[StudyJob], shard_size: int) -> list[Batch]:
-    """Per split, studies sorted by hash, ``shard_size`` at a time; batch id = hash of its study hashes."""
+    """Per split, studies sorted by hash, ``shard_size`` at a time; batch id = hash of its study hashes and label
+    fingerprints (a batch redone with corrected labels gets a new shard name: the old shard stays whole until the
+    new manifest is written)."""
     batches = []
     by_split: dict[str, list[StudyJob]] = defaultdict(list)
     for job in sorted(jobs, key=lambda j: j.study_hash):
@@ -358,8 +380,8 @@ def make_batches(jobs: Sequence[StudyJob], shard_size: int) -> list[Batch]:
         members = by_split[split]
         for start in range(0, len(members), shard_size):
             chunk = members[start : start + shard_size]
-            digest = hashlib.sha256("\n".join(j.study_hash for j in chunk).encode()).hexdigest()[:HASH_HEX]
-            batches.append(Batch(digest, split, chunk))
+            text = "\n".join(f"{j.study_hash} {label_fingerprint(j)}" for j in chunk)
+            batches.append(Batch(hashlib.sha256(text.encode()).hexdigest()[:HASH_HEX], split, chunk))
     return batches
 
 
@@ -434,6 +456,7 @@ def process_batch(batch: Batch, ctx: BatchContext) -> dict:
         "shard": shard,
         "studies": [[r["study_hash"], r["patient_hash"]] for r in rows],
         "failed_studies": sorted({j.study_hash for j in batch.studies} - {r["study_hash"] for r in rows}),
+        "label_fingerprints": {j.study_hash: label_fingerprint(j) for j in batch.studies},
         "quarantined": [asdict(q) for q in quarantined],
         "positives": np.sum([r["labels"] for r in rows], axis=0, dtype=np.int64).tolist()
         if rows
@@ -477,7 +500,7 @@ def _run_ray(batches: list[Batch], ctx: BatchContext, workers: int, progress) ->
             joined = start_or_join(workers, include_dashboard=False, logging_level=logging.WARNING)
     try:
         options: dict = {"num_cpus": 1}
-        env = storage.forwarded_env()  # the AWS variables and MOLRE_STORAGE_RETRY
+        env = storage.forwarded_env()  # endpoint, region, profile ... and MOLRE_STORAGE_RETRY; never a secret
         if (joined or not started) and env and storage.is_s3(ctx.output_uri):
             options["runtime_env"] = {"env_vars": env}  # workers we did not start may lack the endpoint
         task = ray.remote(process_batch).options(**options)
@@ -486,7 +509,12 @@ def _run_ray(batches: list[Batch], ctx: BatchContext, workers: int, progress) ->
             while todo and len(pending) < workers:
                 pending.append(task.remote(todo.pop(0), ctx))
             done, pending = ray.wait(pending, num_returns=1)
-            out.extend(ray.get(done))
+            try:
+                out.extend(ray.get(done))
+            except ray.exceptions.RayTaskError as err:
+                if isinstance(err.cause, MolreError):  # a worker's StorageError / DataError as itself
+                    raise err.cause from None
+                raise
             progress.update(len(done))
         return out
     finally:
@@ -540,6 +568,35 @@ def _load_markers(output_uri: str, splits: Sequence[str]) -> dict[str, dict]:
             continue
         markers[marker["batch"]] = marker
     return markers
+
+
+def outdated_batches(markers: dict[str, dict], jobs: Sequence[StudyJob]) -> tuple[set[str], int, int]:
+    """Finished batches to redo: those holding a study whose label row changed since (its fingerprint differs) or
+    that is no longer planned (gone from the input or the label file, or its labels now unusable), and those an
+    interrupted run marked ``superseded``. Returns ``(batch ids, studies changed, studies gone)``."""
+    current = {j.study_hash: label_fingerprint(j) for j in jobs}
+    outdated, changed, gone, unchecked = set(), 0, 0, 0
+    for batch_id, marker in markers.items():
+        if marker.get(SUPERSEDED):  # found outdated by an earlier run that did not finish: stays outdated
+            outdated.add(batch_id)
+            continue
+        fingerprints = marker.get("label_fingerprints")
+        unchecked += fingerprints is None
+        members = [s for s, _ in marker["studies"]] + list(marker["failed_studies"])
+        lost = sum(s not in current for s in members)
+        moved = sum(
+            s in current and fingerprints is not None and fingerprints.get(s) != current[s] for s in members
+        )
+        if lost or moved:
+            outdated.add(batch_id)
+            changed, gone = changed + moved, gone + lost
+    if unchecked:
+        log.warning(
+            "%d finished batches were written by an older molre without label fingerprints: a corrected label of "
+            "their studies is not detected (withdrawn studies are); preprocess into a new output to be sure",
+            unchecked,
+        )
+    return outdated, changed, gone
 
 
 def _sweep(output_uri: str, splits: Sequence[str], keep: set[str]) -> None:
@@ -670,6 +727,7 @@ def preprocess(
     paths = Paths(str(input_root), str(Path(labels_path).resolve().parent))
     started = time.perf_counter()
 
+    storage.check_bucket(output_uri)  # a missing / mistyped bucket: a clear error, never a new bucket
     _check_run_file(output_uri, cfg, fingerprint)
     refs, rejects = ingest.discover(input_root)
     table = labels.load_labels(
@@ -682,8 +740,22 @@ def preprocess(
         _quarantine(paths, err.path, err.reason, category="label file problem") for err in table.problems
     ]
 
-    done = _load_markers(output_uri, list(cfg.splits))
-    pinned = {p: m["split"] for m in done.values() for _, p in m["studies"]}
+    loaded = _load_markers(output_uri, list(cfg.splits))
+    # patients keep the split they were placed in, also those of batches about to be redone
+    pinned = {p: m["split"] for m in loaded.values() for _, p in m["studies"]}
+    outdated, changed, gone = outdated_batches(loaded, jobs)
+    if changed or gone:
+        log.warning(
+            "%s: %d studies changed labels, %d are no longer in the input: the finished batches holding them "
+            "are redone, without the gone ones", output_uri, changed, gone,
+        )  # fmt: skip
+    for batch_id in sorted(
+        outdated
+    ):  # the decision outlives a crash, whatever the input looks like next time
+        if not loaded[batch_id].get(SUPERSEDED):
+            marker = loaded[batch_id] | {SUPERSEDED: True}
+            storage.write_bytes(marker_uri(output_uri, batch_id), json.dumps(marker, sort_keys=True).encode())
+    done = {b: m for b, m in loaded.items() if b not in outdated}
     finished = {s for m in done.values() for s, _ in m["studies"]} | {
         s for m in done.values() for s in m["failed_studies"]
     }
@@ -698,10 +770,13 @@ def preprocess(
     manifest, quarantined = build_manifest(
         cfg, fingerprint, len(refs) + len(rejects), markers, early, len(problems)
     )
-    _sweep(output_uri, list(cfg.splits), {s.path for s in manifest.shards})
     verify_output(output_uri, manifest)
     storage.write_bytes(storage.join(output_uri, shards.QUARANTINE), quarantine_csv(quarantined, problems))
     storage.write_bytes(storage.join(output_uri, shards.MANIFEST), manifest.to_json().encode())
+    # only now that the new manifest is the dataset: the outdated batches' markers, then every unlisted shard
+    for batch_id in sorted(outdated - {m["batch"] for m in markers}):
+        storage.delete(marker_uri(output_uri, batch_id))
+    _sweep(output_uri, list(cfg.splits), {s.path for s in manifest.shards})
     _log_summary(manifest, time.perf_counter() - started)
     return manifest
 

@@ -137,7 +137,8 @@ def _check_manifest_types(manifest: Manifest) -> None:
 
 
 def read_manifest(uri: str) -> Manifest:
-    """The manifest of the dataset rooted at ``uri`` (local path or s3://)."""
+    """The manifest of the dataset rooted at ``uri`` (local path or s3://). No manifest is a ``DataError``; a
+    missing bucket a ``StorageError`` saying so."""
     where = storage.join(uri, MANIFEST)
     try:
         text = storage.read_bytes(where).decode("utf-8")
@@ -148,6 +149,20 @@ def read_manifest(uri: str) -> Manifest:
     except UnicodeDecodeError:
         raise DataError(where, "not a valid molre manifest (not UTF-8 text)") from None
     return Manifest.from_json(text, where)
+
+
+def manifest_grid(manifest: Manifest, where: str = MANIFEST) -> tuple[int, int, int] | None:
+    """The dataset's output grid (D, H, W) from the manifest's config (None when it records none)."""
+    grid = manifest.config.get("grid")
+    if grid is None:
+        return None
+    if (
+        not isinstance(grid, list | tuple)
+        or len(grid) != 3
+        or not all(type(n) is int and n > 0 for n in grid)
+    ):
+        raise DataError(where, f"config 'grid' is {str(grid)[:80]}, not three positive sizes (D, H, W)")
+    return (grid[0], grid[1], grid[2])
 
 
 def list_shards(uri: str, split: str, manifest: Manifest | None = None) -> list[str]:
@@ -292,37 +307,101 @@ def check_schema(schema: pa.Schema, where: str) -> None:
         )
 
 
-def check_table(table: pa.Table, where: str) -> None:
-    """Schema plus the per-row invariants: list lengths, schema_version, volume byte count, no nulls."""
+def check_table(table: pa.Table, where: str, grid: Sequence[int] | None = None) -> None:
+    """Schema plus the per-row invariants (``check_rows``) and schema_version."""
     check_schema(table.schema, where)
-    for name in SCHEMA.names:
-        if table.column(name).null_count:
-            raise DataError(where, f"column {name!r} has null values")
-    for name, length in LIST_LENGTHS.items():
-        lengths = pc.list_value_length(table.column(name))
-        if table.num_rows and pc.min_max(lengths).as_py() != {"min": length, "max": length}:
-            raise DataError(where, f"column {name!r} must hold {length} values per row")
+    check_rows(table, where, grid)
     versions = set(table.column("schema_version").to_pylist())
     if versions - {SCHEMA_VERSION}:
         raise DataError(where, f"column 'schema_version' holds {sorted(versions)}, expected {SCHEMA_VERSION}")
+
+
+def check_rows(table: pa.Table, where: str, grid: Sequence[int] | None = None) -> None:
+    """The per-row invariants of whichever ``SCHEMA`` columns ``table`` holds (a full shard or a column subset):
+    no nulls, list lengths (``LIST_LENGTHS``), positive shape, volume bytes = 2 * prod(shape), and shape = ``grid``
+    (the manifest's, when given). A ``DataError`` names ``where`` (the shard), the row and its study_hash when read.
+
+    Cheap: list lengths and byte counts come from Arrow offsets; no volume is decoded."""
+    names = [n for n in SCHEMA.names if n in table.column_names]
+    for name in names:
+        if table.column(name).null_count:
+            row = int(np.flatnonzero(table.column(name).is_null().to_numpy(zero_copy_only=False))[0])
+            raise DataError(where, f"{_row(table, row)}: column {name!r} has null values")
+    if not table.num_rows:
+        return
+    for name, length in LIST_LENGTHS.items():
+        if name in names:
+            lengths = pc.list_value_length(table.column(name)).to_numpy(zero_copy_only=False)
+            bad = np.flatnonzero(lengths != length)
+            if bad.size:
+                row = int(bad[0])
+                raise DataError(
+                    where,
+                    f"{_row(table, row)}: column {name!r} must hold {length} values per row, "
+                    f"holds {int(lengths[row])}",
+                )
+    if "shape" not in names:
+        return
     shapes = np.array(table.column("shape").to_pylist(), dtype=np.int64).reshape(-1, 3)
-    if (shapes < 1).any():
-        row = int(np.flatnonzero((shapes < 1).any(axis=1))[0])
-        raise DataError(where, f"column 'shape': row {row} has a non-positive size {shapes[row].tolist()}")
-    sizes = pc.binary_length(table.column("volume")).to_numpy()
-    bad = np.flatnonzero(sizes != 2 * shapes.prod(axis=1))
+    bad = np.flatnonzero((shapes < 1).any(axis=1))
     if bad.size:
+        row = int(bad[0])
         raise DataError(
-            where, f"column 'volume': row {int(bad[0])} does not hold int16 [D,H,W] of its 'shape'"
+            where, f"{_row(table, row)}: column 'shape' {shapes[row].tolist()} has a non-positive size"
         )
+    if grid is not None:
+        want = np.array([int(g) for g in grid], dtype=np.int64)
+        bad = np.flatnonzero((shapes != want).any(axis=1))
+        if bad.size:
+            row = int(bad[0])
+            raise DataError(
+                where,
+                f"{_row(table, row)}: column 'shape' {shapes[row].tolist()} is not the dataset's grid "
+                f"{want.tolist()} (manifest.json)",
+            )
+    if "volume" in names:
+        sizes = pc.binary_length(table.column("volume")).to_numpy(zero_copy_only=False).astype(np.int64)
+        # Python ints: an absurd shape must not overflow numpy's int64 product into a match
+        want_bytes = [2 * math.prod(int(n) for n in shape) for shape in shapes]
+        bad = [i for i, (got, want) in enumerate(zip(sizes.tolist(), want_bytes, strict=True)) if got != want]
+        if bad:
+            row = bad[0]
+            raise DataError(
+                where,
+                f"{_row(table, row)}: column 'volume' does not hold int16 [D,H,W] of its 'shape' "
+                f"{shapes[row].tolist()} ({int(sizes[row])} bytes, expected {want_bytes[row]})",
+            )
 
 
-def read_shard(uri: str, columns: Sequence[str] | None = None, *, verify: bool = False) -> pa.Table:
-    """One shard as a ``pyarrow.Table`` after schema validation (``verify``: sha256 against the manifest first).
+def _row(table: pa.Table, row: int) -> str:
+    """``row 3 (study 0123abcd...)``: the study_hash (a salted hash, never an id) when the table holds it."""
+    if "study_hash" not in table.column_names:
+        return f"row {row}"
+    study = table.column("study_hash")[row].as_py()
+    return f"row {row} (study {str(study)[:64]})" if study is not None else f"row {row}"
+
+
+def read_shard(
+    uri: str,
+    columns: Sequence[str] | None = None,
+    *,
+    verify: bool = False,
+    grid: Sequence[int] | None = None,
+) -> pa.Table:
+    """One shard as a ``pyarrow.Table`` after schema validation and the row checks (``check_rows``) of the columns
+    read. ``verify``: sha256 against the manifest first (whose grid then checks each row's shape); ``grid``: the
+    dataset's (D, H, W) to check the shapes against (the manifest's ``config.grid``).
 
     With ``columns`` (and no ``verify``) only the footer and those column chunks are fetched."""
     if verify or columns is None:
-        data = verify_shard(uri) if verify else storage.read_bytes(uri)
+        if verify:
+            manifest = read_manifest(_root_of(uri))
+            data = verify_shard(uri, manifest)
+            grid = (
+                grid if grid is not None else manifest_grid(manifest, storage.join(_root_of(uri), MANIFEST))
+            )
+        else:
+            data = storage.read_bytes(uri)
         table = _read_parquet(uri, lambda: pa.BufferReader(data), columns)
     else:
         fs, path = storage.filesystem(uri)
@@ -330,7 +409,9 @@ def read_shard(uri: str, columns: Sequence[str] | None = None, *, verify: bool =
             "read", uri, lambda: _read_parquet(uri, lambda: fs.open(path, "rb"), columns)
         )
     if columns is None:
-        check_table(table, uri)
+        check_table(table, uri, grid)
+    else:
+        check_rows(table, uri, grid)
     return table
 
 

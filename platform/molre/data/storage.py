@@ -2,6 +2,15 @@
 
 - The S3 endpoint comes from the standard AWS variables (``AWS_ENDPOINT_URL_S3``, then ``AWS_ENDPOINT_URL``);
   credentials and region follow botocore's usual chain (env, profile, instance role).
+- **Secrets never travel to Ray.** ``forwarded_env`` (what the drivers put in the runtime env of Ray workers that
+  they did not start) holds only where and how to reach storage: endpoint, region, profile and config-file paths,
+  CA bundle, the web-identity (IRSA) token file and role, ``MOLRE_STORAGE_RETRY``. Never ``AWS_SECRET_ACCESS_KEY``,
+  ``AWS_SESSION_TOKEN`` or ``AWS_ACCESS_KEY_ID``: Ray keeps a runtime env in plain text in its task / actor state
+  (dashboard, ``ray list``) and its log files. The nodes of a cluster molre joins need credentials of their own
+  (instance role, IRSA, a profile file); without any, an operation fails with a ``StorageError`` naming the URI.
+- **Buckets are never created.** ``check_bucket`` (HeadBucket) says "bucket does not exist" / "access denied" for
+  an s3:// URI before anything is written there; every operation here turns S3's NoSuchBucket into a
+  ``StorageError`` naming the URI (not a bare ``FileNotFoundError``, which means "no such object").
 - ``write_bytes`` is atomic: the data goes to ``<name>.tmp-<uuid>`` first and is renamed (local) or copied and
   deleted (S3) to the final name, so a half-written object is never visible under the final name.
 - Every operation retries transient errors (connection resets, timeouts, throttling) with bounded exponential
@@ -12,7 +21,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import logging
@@ -47,24 +55,42 @@ class RetryPolicy:
 
 DEFAULT_RETRY = RetryPolicy()
 RETRY_ENV = "MOLRE_STORAGE_RETRY"  # "attempts[,base_delay_s[,max_delay_s]]", e.g. "8,0.5,10"
-# what a Ray worker needs to reach the same storage the same way as the driver (forwarded when it may lack them)
+# what a Ray worker needs to reach the same storage the same way as the driver (forwarded when it may lack them):
+# where and how, never a secret (Ray shows a runtime env in its task / actor state and writes it to its logs)
 FORWARDED_ENV = (
     "AWS_ENDPOINT_URL",
     "AWS_ENDPOINT_URL_S3",
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
     "AWS_DEFAULT_REGION",
     "AWS_REGION",
     "AWS_PROFILE",
     "AWS_CONFIG_FILE",
     "AWS_SHARED_CREDENTIALS_FILE",
+    "AWS_CA_BUNDLE",
+    "AWS_WEB_IDENTITY_TOKEN_FILE",  # IRSA / web identity: a path to a token file, plus the role to assume
+    "AWS_ROLE_ARN",
+    "AWS_ROLE_SESSION_NAME",
     "AWS_EC2_METADATA_DISABLED",
     RETRY_ENV,
+)
+# never forwarded (the key id alone is no use to a worker and names the account's key)
+SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
+_NO_CREDENTIALS_HINT = (
+    "molre never sends AWS keys to Ray workers: give every node credentials of its own (an instance role, IRSA, "
+    "or a profile file named by AWS_SHARED_CREDENTIALS_FILE / AWS_PROFILE)"
 )
 
 # Errors that say "this object/path is not there or not allowed": retrying cannot help.
 _PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
+# botocore errors that no retry can fix (it raises them before any request): by class name, botocore unimported
+_PERMANENT_BOTO = {
+    "NoCredentialsError",
+    "PartialCredentialsError",
+    "ParamValidationError",
+    "NoRegionError",
+    "ProfileNotFound",
+    "InvalidConfigError",
+}
+_CREDENTIAL_ERRORS = {"NoCredentialsError", "PartialCredentialsError", "ProfileNotFound"}
 
 
 def retry_policy() -> RetryPolicy:
@@ -93,8 +119,9 @@ def _parse_policy(text: str) -> RetryPolicy:
 
 
 def forwarded_env() -> dict[str, str]:
-    """The storage variables (``FORWARDED_ENV``) set in this process, for the runtime env of Ray workers."""
-    return {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    """The storage variables (``FORWARDED_ENV``) set in this process, for the runtime env of Ray workers: where
+    and how to reach storage, never a credential (``SECRET_ENV``)."""
+    return {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ and k not in SECRET_ENV}
 
 
 def is_s3(uri: str) -> bool:
@@ -146,8 +173,66 @@ def filesystem(uri: str):
     return fsspec.filesystem("file"), os.path.abspath(path)
 
 
+def bucket_of(uri: str) -> str:
+    """``s3://bucket/a/b`` -> ``bucket``."""
+    return str(uri).split("://", 1)[-1].split("/", 1)[0]
+
+
+def _missing_bucket(err: BaseException) -> bool:
+    """Whether a ``FileNotFoundError`` from s3fs means "no such bucket" (S3's NoSuchBucket behind it), not "no
+    such object"."""
+    seen: BaseException | None = err
+    for _ in range(8):  # the chain s3fs builds is short
+        if seen is None:
+            break
+        code = (getattr(seen, "response", None) or {}).get("Error", {}).get("Code")
+        if code == "NoSuchBucket" or "specified bucket does not exist" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _no_bucket_error(uri: str, op: str) -> StorageError:
+    return StorageError(
+        f"{uri}: {op} failed: bucket s3://{bucket_of(uri)} does not exist (molre never creates buckets: check the "
+        "name, or create the bucket first)"
+    )
+
+
+def check_bucket(uri: str) -> None:
+    """For an s3:// URI: the bucket exists and these credentials may use it (one HeadBucket, with the retry
+    policy), else a ``StorageError`` naming ``uri`` and saying which. Local paths: nothing to check.
+
+    Call it before writing under ``uri``: nothing in molre creates a bucket, but Ray's storage check (``mkdir``
+    through s3fs) would create a mistyped one where the credentials allow it."""
+    if not is_s3(uri):
+        return
+    bucket = bucket_of(uri)
+    if not bucket:
+        raise StorageError(f"{uri}: no bucket name (expected s3://bucket/prefix)")
+    fs, _ = filesystem(uri)
+
+    def head() -> None:
+        try:
+            fs.call_s3("head_bucket", Bucket=bucket)
+        except FileNotFoundError:
+            raise StorageError(
+                f"{uri}: bucket s3://{bucket} does not exist (molre never creates buckets: check the name, or "
+                "create the bucket first)"
+            ) from None
+        except PermissionError:
+            raise StorageError(
+                f"{uri}: access to bucket s3://{bucket} denied (HeadBucket: check the credentials and the bucket "
+                "policy; s3:ListBucket is needed)"
+            ) from None
+
+    with_retries("check bucket", uri, head)
+
+
 def _is_transient(err: BaseException) -> bool:
     if isinstance(err, (*_PERMANENT, StorageError)):
+        return False
+    if _PERMANENT_BOTO & {c.__name__ for c in type(err).__mro__}:
         return False
     if isinstance(err, ConnectionError | TimeoutError):
         return True
@@ -167,11 +252,16 @@ def with_retries(op: str, uri: str, fn: Callable[[], T], policy: RetryPolicy | N
     for attempt in range(1, policy.attempts + 1):
         try:
             return fn()
-        except (FileNotFoundError, MolreError):
+        except FileNotFoundError as err:
+            if is_s3(uri) and _missing_bucket(err):
+                raise _no_bucket_error(uri, op) from err
+            raise
+        except MolreError:
             raise
         except Exception as err:
             if not _is_transient(err):
-                raise StorageError(f"{uri}: {op} failed: {type(err).__name__}: {err}") from err
+                hint = f"; {_NO_CREDENTIALS_HINT}" if _is_credentials_error(err) else ""
+                raise StorageError(f"{uri}: {op} failed: {type(err).__name__}: {err}{hint}") from err
             if attempt == policy.attempts:
                 raise StorageError(
                     f"{uri}: {op} failed after {policy.attempts} attempts: {type(err).__name__}: {err}"
@@ -184,9 +274,24 @@ def with_retries(op: str, uri: str, fn: Callable[[], T], policy: RetryPolicy | N
     raise AssertionError("unreachable")
 
 
+def _is_credentials_error(err: BaseException) -> bool:
+    return bool(_CREDENTIAL_ERRORS & {c.__name__ for c in type(err).__mro__})
+
+
 def exists(uri: str) -> bool:
+    """Whether an object or folder is at ``uri``; a missing bucket is a ``StorageError``, not False."""
     fs, path = filesystem(uri)
-    return with_retries("exists", uri, lambda: fs.exists(path))
+
+    def _exists() -> bool:
+        try:
+            fs.info(path)
+            return True
+        except FileNotFoundError as err:
+            if is_s3(uri) and _missing_bucket(err):
+                raise  # with_retries names the URI and the bucket
+            return False
+
+    return with_retries("exists", uri, _exists)
 
 
 def list_sizes(uri: str, suffix: str = "") -> dict[str, int]:
@@ -197,7 +302,9 @@ def list_sizes(uri: str, suffix: str = "") -> dict[str, int]:
     def _ls() -> list[dict]:
         try:
             return [e for e in fs.ls(path, detail=True) if e.get("type") == "file"]
-        except FileNotFoundError:
+        except FileNotFoundError as err:
+            if is_s3(uri) and _missing_bucket(err):
+                raise  # a missing bucket is not an empty folder: with_retries names it
             return []
 
     base = str(uri).rstrip("/")
@@ -238,7 +345,7 @@ def write_bytes(uri: str, data: bytes) -> None:
     tmp = f"{path}{TMP_MARK}{uuid.uuid4().hex}"
     try:
         if not is_s3(uri):
-            fs.makedirs(os.path.dirname(path), exist_ok=True)
+            with_retries("write", uri, lambda: fs.makedirs(os.path.dirname(path), exist_ok=True))
         with_retries("write", uri, lambda: fs.pipe_file(tmp, data))
         if is_s3(uri):
             with_retries("commit", uri, lambda: fs.copy(tmp, path))
@@ -261,8 +368,11 @@ def delete(uri: str) -> None:
     fs, path = filesystem(uri)
 
     def _rm() -> None:
-        with contextlib.suppress(FileNotFoundError):
+        try:
             fs.rm_file(path)
+        except FileNotFoundError as err:
+            if is_s3(uri) and _missing_bucket(err):
+                raise
 
     with_retries("delete", uri, _rm)
 
