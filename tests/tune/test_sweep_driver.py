@@ -13,6 +13,7 @@ import ray.train
 
 from molre.data import storage
 from molre.data.dataset import arrow_filesystem
+from molre.data.storage import StorageError
 from molre.errors import ConfigError
 from molre.tune import sweep
 from molre.tune.space import SweepSpec
@@ -152,3 +153,11 @@ def test_checkpoint_uri_keeps_the_s3_scheme(s3_bucket, tmp_path):
     assert uri == where and storage.read_bytes(f"{uri}/config.yaml") == b"x: 1\n"
     local = ray.train.Checkpoint.from_directory(str(tmp_path))
     assert sweep.checkpoint_uri(local) == str(tmp_path)
+
+
+def test_a_sweep_into_a_missing_bucket_fails_first_and_creates_no_bucket(s3_bucket, tmp_path):
+    """Ray's storage check would mkdir a mistyped bucket where the credentials allow it; the sweep stops first."""
+    missing = s3_bucket.replace("s3://", "s3://no-such-") + "/sweeps"
+    for _ in range(2):  # the second time: still missing, nothing created by the first attempt
+        with pytest.raises(StorageError, match=r"bucket s3://no-such-\S+ does not exist"):
+            sweep.run_sweep(_spec(str(tmp_path / "data")), missing)

@@ -351,6 +351,7 @@ def run_sweep(spec: SweepSpec, storage_root: str, resume: bool = False, syntheti
     """
     from molre.train.run import ensure_ray
 
+    storage.check_bucket(storage_root)  # before Ray's storage check, which would create a mistyped bucket
     ensure_ray()
     if not storage.is_s3(storage_root):
         storage_root = os.path.abspath(storage_root)
