@@ -25,7 +25,6 @@ class DataError(MolreError, ValueError):
         self.reason = reason
         super().__init__(f"{self.path}: {reason}")
 
-    def __reduce__(
-        self,
-    ):  # pickled by its two arguments: it crosses process boundaries (Ray tasks and workers)
+    def __reduce__(self):
+        """Pickled by its two arguments: it crosses process boundaries (Ray tasks and workers)."""
         return (type(self), (self.path, self.reason))
