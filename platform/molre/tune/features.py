@@ -296,8 +296,9 @@ def _frozen_backbone(cfg: RunConfig, device: torch.device, grid: tuple | None = 
 
 def volumes_of(cfg: RunConfig, split: str):
     """Yield ``(hu int16 [D,H,W] numpy, labels [75], known [75], study_hash)`` of a split, in shard order."""
+    grid = shards.manifest_grid(shards.read_manifest(cfg.data.uri))  # every row's shape is checked against it
     for uri in shards.list_shards(cfg.data.uri, split):
-        table = shards.read_shard(uri, ["study_hash", "volume", "shape", "labels", "known"])
+        table = shards.read_shard(uri, ["study_hash", "volume", "shape", "labels", "known"], grid=grid)
         cols = table.to_pydict()
         for i in range(len(table)):
             yield (shards.decode_volume(cols["volume"][i], cols["shape"][i]),
