@@ -67,6 +67,23 @@ def test_evaluate_writes_per_finding_aucs(checkpoint, tiny_dataset, tmp_path, ca
     )
 
 
+def test_summary_is_strict_json_when_no_finding_has_an_auc(checkpoint, tmp_path, capsys):
+    from tests.tiny_data import write_tiny_dataset
+
+    directory, _ = checkpoint
+    one = write_tiny_dataset(str(tmp_path / "one"), counts={"test": 1})  # one volume: one class per finding
+    out = tmp_path / "eval"
+    assert main(["evaluate", directory, "--data", one, "--out", str(out), "--device", "cpu"]) == 0
+    assert "no AUC: no finding has both classes" in capsys.readouterr().out
+
+    def refuse(constant):
+        raise AssertionError(f"summary.json holds {constant}, which strict JSON parsers reject")
+
+    summary = json.loads((out / "summary.json").read_text(), parse_constant=refuse)
+    assert summary["mean_auc"] is None and summary["std_auc"] is None
+    assert summary["n_defined"] == 0 and len(summary["undefined"]) == len(FINDING_IDS)
+
+
 def test_predict_one_dicom_series(checkpoint, tmp_path, capsys):
     directory, _ = checkpoint
     generate(tmp_path / "series", 1, seed=5, shape=(16, 64, 64))

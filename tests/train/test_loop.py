@@ -1,14 +1,26 @@
-"""Worker-loop pieces that need no Ray cluster: the shard cache and the optimizer."""
+"""Worker-loop pieces that need no Ray cluster: the shard cache, the optimizer, the restore guard."""
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
+import pytest
 import torch
 
 from molre.config import build_config
 from molre.data.dataset import decode_batch
+from molre.errors import ConfigError
 from molre.models import build_model
-from molre.train.loop import ShardCache, make_optimizer
+from molre.train.checkpoint import (
+    FINGERPRINT,
+    FINGERPRINT_KEY,
+    TrainState,
+    run_fingerprint,
+    save_checkpoint,
+    trained_state,
+)
+from molre.train.loop import ShardCache, _restore, make_optimizer
 
 
 class FakeShard:
@@ -78,3 +90,53 @@ def test_fused_adamw_on_request_and_by_default_only_on_cuda():
     for a, b in zip(*results, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert any(not torch.equal(a, s) for a, s in zip(results[1], start, strict=True))
+
+
+def _save_finished_run(directory, cfg, dataset_sha256: str) -> None:
+    """A checkpoint as a worker writes it (one epoch, finished), with the fingerprint the driver gave it."""
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    setup = {FINGERPRINT_KEY: run_fingerprint(cfg, dataset_sha256)}
+    state = TrainState(epoch=0, best_epoch=0, best_metric=0.7, finished=True, history=[{"epoch": 0}])
+    save_checkpoint(
+        directory, model, make_optimizer(model, cfg), state, cfg, trained_state(model), None, setup
+    )
+
+
+def test_restore_refuses_a_checkpoint_of_another_config_or_dataset(tmp_path, caplog):
+    """The workers' guard (the driver checks first, in prepare): a checkpoint is resumed only by its own run."""
+    tree = {"train": {"seed": 1, "max_epochs": 3, "run_name": "r", "storage": str(tmp_path / "runs")}}
+    cfg = build_config(tree)
+    _save_finished_run(tmp_path, cfg, "a" * 64)
+
+    def restore(run_cfg, dataset_sha256):
+        torch.manual_seed(0)
+        model = build_model(run_cfg)
+        setup = {FINGERPRINT_KEY: run_fingerprint(run_cfg, dataset_sha256)}
+        return _restore(tmp_path, model, make_optimizer(model, run_cfg), run_cfg, torch.device("cpu"), setup)
+
+    other = build_config(tree, {"train.seed": 2, "optim.lr_head": 5e-4})
+    with pytest.raises(ConfigError) as info:
+        restore(other, "b" * 64)  # e.g. a finished run's name reused: it must not be reported as this run
+    message = str(info.value)
+    assert f"run 'r': its checkpoint {tmp_path} belongs to a run with another config or dataset" in message
+    assert (
+        "optim.lr_head: 0.001 -> 0.0005; train.seed: 1 -> 2; dataset: manifest sha256 aaaaaaaaaaaa" in message
+    )
+    assert f"Pick another train.run_name, or delete the run folder {tmp_path / 'runs'}/r" in message
+    with pytest.raises(
+        ConfigError, match=r"belongs to a run with another config or dataset \(dataset: manifest"
+    ):
+        restore(cfg, "b" * 64)  # same config, other data
+    # what may change on a resume: retries, storage location, data location, resources, caches
+    moved = build_config(tree, {"scaling.max_failures": 3, "train.storage": "s3://b/x", "data.uri": "s3://b/d",
+                                "scaling.cpus_per_worker": 2, "train.cache_val": False})  # fmt: skip
+    state, best, _ = restore(moved, "a" * 64)
+    assert state.epoch == 0 and state.finished and best
+    # a checkpoint written before fingerprints: its config.yaml is compared, its dataset cannot be (a warning)
+    (tmp_path / FINGERPRINT).unlink()
+    with caplog.at_level(logging.WARNING, logger="molre.train.checkpoint"):
+        assert restore(cfg, "b" * 64)[0].epoch == 0
+    assert f"has no {FINGERPRINT} (written by an older molre)" in caplog.text
+    with pytest.raises(ConfigError, match=r"\(backbone.preset: \"tiny-vit\" -> \"tiny-davit\"\)"):
+        restore(build_config(tree, {"backbone.preset": "tiny-davit"}), "a" * 64)

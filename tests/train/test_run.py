@@ -2,16 +2,30 @@
 
 from __future__ import annotations
 
+import io
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import uuid
 from pathlib import Path
 
+import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+import yaml
 
-from molre.config import build_config
+from molre.cli import main
+from molre.config import build_config, config_to_dict
 from molre.data import shards, storage
-from molre.errors import DataError, ModelError
-from molre.train.checkpoint import read_state
-from molre.train.run import prepare, train
+from molre.errors import ConfigError, DataError, ModelError
+from molre.findings import FINDING_IDS
+from molre.train.checkpoint import FINGERPRINT, FINGERPRINT_KEY, read_fingerprint, read_state
+from molre.train.evaluate import evaluate
+from molre.train.run import latest_checkpoint, prepare, train
+from tests.conftest import S3_REGION, s3_env_vars
 
 pytestmark = pytest.mark.slow
 
@@ -54,9 +68,15 @@ def test_two_workers_learn_and_a_fixed_seed_repeats(steady, tiny_dataset, tmp_pa
         assert a["val/mean_auc"] == pytest.approx(b["val/mean_auc"], abs=1e-9)
         assert a["train/loss"] == pytest.approx(b["train/loss"], rel=1e-6)
     ckpt = Path(first.checkpoint_path)
-    assert {"best.safetensors", "model.safetensors", "optimizer.pt", "config.yaml", "setup.json"} <= {
-        p.name for p in ckpt.iterdir()
+    files = {
+        "best.safetensors",
+        "model.safetensors",
+        "optimizer.pt",
+        "config.yaml",
+        "setup.json",
+        FINGERPRINT,
     }
+    assert files <= {p.name for p in ckpt.iterdir()}
     assert any((storage_dir / "repeat-a" / "tensorboard").iterdir())
 
 
@@ -79,19 +99,106 @@ def test_killed_worker_resumes_from_checkpoint_and_finished_run_is_not_retrained
         assert resumed["val/mean_auc"] == pytest.approx(uninterrupted["val/mean_auc"], abs=1e-9)
         assert resumed["train/loss"] == pytest.approx(uninterrupted["train/loss"], rel=1e-6)
     checkpoints = sorted(p.name for p in (tmp_path / "faulty").glob("checkpoint_*"))
-    again = train(_cfg(tiny_dataset, tmp_path, "faulty", adapter=DROPOUT))
+    # the same run again; max_failures may change on a resume (it does not change what is computed)
+    again = train(_cfg(tiny_dataset, tmp_path, "faulty", adapter=DROPOUT, scaling={"max_failures": 0}))
     assert again.checkpoint_path == result.checkpoint_path  # restored, and nothing new was trained or saved
     assert sorted(p.name for p in (tmp_path / "faulty").glob("checkpoint_*")) == checkpoints
     assert [h["epoch"] for h in _history(again)] == [0, 1, 2, 3]
 
 
-def test_checkpoint_of_another_preset_is_refused(ray_local, tiny_dataset, tmp_path):
-    train(_cfg(tiny_dataset, tmp_path, "preset-a", train={"max_epochs": 1}))
-    other = _cfg(
-        tiny_dataset, tmp_path, "preset-a", backbone={"preset": "tiny-davit"}, scaling={"max_failures": 0}
-    )
-    with pytest.raises(Exception, match="trained with preset tiny-vit, this config asks for tiny-davit"):
-        train(other)
+def _on_s3(data: str, root: str, train: dict | None = None, scaling: dict | None = None, **extra):
+    """The config of the run on S3 (one worker, one epoch), with changes."""
+    return _cfg(data, root, "on-s3", train={"max_epochs": 1, **(train or {})},
+                scaling={"num_workers": 1, **(scaling or {})}, **extra)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def s3_run(s3_server, tmp_path_factory):
+    """`molre train` of one epoch on 4 + 4 volumes with its storage in a bucket of the loopback S3 server:
+    (storage root, the checkpoint it printed, the data). A subprocess: its own local Ray has the AWS variables in
+    every process (the session's Ray, started before them, lacks them in Ray Train's controller, which writes the
+    run's snapshot to storage)."""
+    import boto3
+
+    from tests.tiny_data import write_tiny_dataset
+
+    folder = tmp_path_factory.mktemp("s3-run")
+    data = write_tiny_dataset(str(folder / "data"), counts={"train": 4, "val": 4, "test": 4})
+    aws = s3_env_vars(s3_server)
+    bucket = f"molre-run-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_server, region_name=S3_REGION, aws_access_key_id=aws["AWS_ACCESS_KEY_ID"],
+                 aws_secret_access_key=aws["AWS_SECRET_ACCESS_KEY"]).create_bucket(Bucket=bucket)  # fmt: skip
+    root = f"s3://{bucket}/runs"
+    (folder / "run.yaml").write_text(yaml.safe_dump(config_to_dict(_on_s3(data, root))))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update({**aws, "RAY_USAGE_STATS_ENABLED": "0"})
+    done = subprocess.run([sys.executable, "-m", "molre.cli", "train", "--config", str(folder / "run.yaml")],
+                          env=env, capture_output=True, text=True, timeout=400)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+    (line,) = [line for line in done.stdout.splitlines() if line.startswith("checkpoint: ")]
+    return root, line.removeprefix("checkpoint: "), data
+
+
+def test_a_run_on_s3_reports_uris_and_evaluate_and_predict_read_and_write_s3(
+    s3_run, s3_env, tmp_path, monkeypatch, capsys
+):
+    root, checkpoint, data = s3_run
+    assert checkpoint.startswith(f"{root}/on-s3/checkpoint_")  # with its scheme: a URI molre's tools take
+    assert read_state(checkpoint).history[0]["epoch"] == 0
+    monkeypatch.chdir(tmp_path)  # where an s3:// output taken for a local path would land ("s3:/...")
+    out = f"{root.rsplit('/', 1)[0]}/eval"
+    assert main(["evaluate", checkpoint, "--data", data, "--out", out, "--device", "cpu"]) == 0
+    assert f"on 4 volumes; written to {out}" in capsys.readouterr().out
+    written = [uri.rsplit("/", 1)[1] for uri in storage.list_dir(out)]
+    assert written == ["per_finding_auc.md", "per_finding_auc.parquet", "summary.json"]
+    assert json.loads(storage.read_bytes(f"{out}/summary.json"))["volumes"] == 4
+    table = pd.read_parquet(io.BytesIO(storage.read_bytes(f"{out}/per_finding_auc.parquet")))
+    assert list(table["finding"]) == list(FINDING_IDS)
+    assert not (tmp_path / "s3:").exists()
+    # the default output folder lies under the checkpoint, on S3 too
+    assert evaluate(checkpoint, data, "test")["out_dir"] == f"{checkpoint}/eval-test"
+    assert storage.exists(f"{checkpoint}/eval-test/summary.json")
+    from molre.data.synth import generate
+
+    generate(tmp_path / "series", 1, seed=5, shape=(16, 64, 64))
+    series = next(p for p in (tmp_path / "series").iterdir() if p.is_dir())
+    assert main(["predict", checkpoint, "--input", str(series), "--device", "cpu"]) == 0
+    assert list(json.loads(capsys.readouterr().out)["probabilities"]) == list(FINDING_IDS)
+
+
+def test_a_rerun_under_the_same_name_resumes_only_the_same_run(ray_local, s3_run, s3_env, tmp_path, caplog):
+    root, checkpoint, data = s3_run
+    from tests.tiny_data import write_tiny_dataset
+
+    other_data = write_tiny_dataset(str(tmp_path / "other"), counts={"train": 4, "val": 4}, seed=1)
+    changed = _on_s3(other_data, root, train={"max_epochs": 3, "seed": 123}, optim={"lr_head": 5e-4},
+                     backbone={"preset": "tiny-davit"}, scaling={"num_workers": 2, "max_failures": 0})  # fmt: skip
+    with pytest.raises(ConfigError) as info:  # refused on the driver, before any trainer or shard read
+        train(changed)
+    message = str(info.value)
+    assert f"run 'on-s3': its checkpoint {checkpoint} belongs to a run with another config" in message
+    for change in ('backbone.preset: "tiny-vit" -> "tiny-davit"', "optim.lr_head: 0.01 -> 0.0005",
+                   "scaling.num_workers: 1 -> 2", "train.max_epochs: 1 -> 3", "train.seed: 7 -> 123",
+                   "dataset: manifest sha256 "):  # fmt: skip
+        assert change in message
+    assert "max_failures" not in message and "data.uri" not in message
+    assert f"Pick another train.run_name, or delete the run folder {root}/on-s3" in message
+    assert latest_checkpoint(changed) == checkpoint  # nothing was trained or checkpointed
+    # the same data at another URI, other retries and caches: the same run
+    copy = str(shutil.copytree(data, tmp_path / "copy"))
+    same = _on_s3(copy, root, train={"cache_val": False}, scaling={"max_failures": 0})
+    assert prepare(same)[FINGERPRINT_KEY]["sha256"] == read_fingerprint(checkpoint)["sha256"]
+    # a checkpoint from before fingerprints: its config.yaml is compared, its dataset is not (a warning)
+    saved = storage.read_bytes(f"{checkpoint}/{FINGERPRINT}")
+    storage.delete(f"{checkpoint}/{FINGERPRINT}")
+    try:
+        with caplog.at_level(logging.WARNING, logger="molre.train.checkpoint"):
+            prepare(_on_s3(other_data, root))
+        assert f"has no {FINGERPRINT} (written by an older molre)" in caplog.text
+        with pytest.raises(ConfigError, match="train.seed: 7 -> 123"):
+            prepare(_on_s3(data, root, train={"seed": 123}))
+    finally:
+        storage.write_bytes(f"{checkpoint}/{FINGERPRINT}", saved)
 
 
 def test_bad_inputs_name_what_is_wrong(tiny_dataset, tmp_path):

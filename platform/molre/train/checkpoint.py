@@ -10,27 +10,50 @@ A checkpoint directory holds
   setup.json          data facts of the run: voxel spacing, grid, model input size, the preprocessing's
                       anti-aliasing and minimum slice count (predict prepares a series the same way)
   val_outputs.npz     validation scores / labels / known / mean routing weights of the best epoch
+  fingerprint.json    what defines the run (``run_fingerprint``): its config less ``RESUMABLE_KEYS``, and the
+                      sha256 of its dataset's manifest; a re-run under the same run name must match it to resume
 Frozen weights are not stored (they are rebuilt from the config), so a DINOv3-Base LoRA+MoLRE checkpoint is ~3 MB,
 not 350 MB. Buffers are, since training changes them even under a frozen backbone: a BatchNorm in train mode
 updates its running statistics (DeepCNTD: 264 buffers, 52,200 numbers; the ViT presets have none).
+
+The readers take a local directory or an ``s3://`` URI: each file is read through ``molre.data.storage`` (with its
+retries), and every error names the file.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import yaml
+from safetensors.torch import load as load_safetensors
 from safetensors.torch import load_file, save_file
 
-from molre.config import RunConfig, build_config, config_to_dict, read_yaml
+from molre.config import RunConfig, build_config, config_to_dict
+from molre.data import storage
 from molre.data.ingest import DEFAULT_MIN_SLICES
-from molre.errors import WeightsError
+from molre.errors import ConfigError, WeightsError
+
+log = logging.getLogger(__name__)
 
 SETUP_FACTS = ("grid", "spacing", "input_size", "antialias", "min_slices")
+FINGERPRINT = "fingerprint.json"
+FINGERPRINT_KEY = "fingerprint"  # setup[FINGERPRINT_KEY]: the run's fingerprint, from the driver's prepare()
+# Config keys a re-run may change and still resume: where the run and its data live, how failures are retried,
+# what each worker is given and what it keeps in host RAM. None of them changes what is computed (the dataset
+# is compared by content instead, its manifest's sha256). Everything else defines the run, scaling.num_workers
+# and scaling.use_gpu included: the worker count decides each worker's share of the train split and its
+# random streams (augmentation, dropout), the device decides the arithmetic (bf16 autocast under "auto").
+RESUMABLE_KEYS = frozenset({
+    "train.run_name", "train.storage", "data.uri",
+    "scaling.max_failures", "scaling.cpus_per_worker", "scaling.gpus_per_worker",
+    "train.cache_val", "train.cache_train_gb",
+})  # fmt: skip
 
 
 @dataclass
@@ -106,35 +129,75 @@ def save_checkpoint(
     (d / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     facts = {k: setup[k] for k in SETUP_FACTS if k in setup}
     (d / "setup.json").write_text(json.dumps(facts))
+    if setup.get(FINGERPRINT_KEY) is not None:
+        (d / FINGERPRINT).write_text(json.dumps(setup[FINGERPRINT_KEY], indent=1, sort_keys=True))
     if val_outputs is not None:
         np.savez_compressed(d / "val_outputs.npz", **val_outputs)
 
 
-def read_state(directory: str | Path) -> TrainState:
-    path = Path(directory) / "state.json"
+def _file(directory: str | Path, name: str) -> str:
+    return storage.join(str(directory), name)
+
+
+def _read(directory: str | Path, name: str) -> bytes | None:
+    """The bytes of ``directory/name`` (a local path or s3://), None when the file is not there."""
     try:
-        return TrainState(**json.loads(path.read_text()))
+        return storage.read_bytes(_file(directory, name))
+    except FileNotFoundError:
+        return None
+
+
+def read_state(directory: str | Path) -> TrainState:
+    path = _file(directory, "state.json")
+    try:
+        data = _read(directory, "state.json")
+        if data is None:
+            raise FileNotFoundError(path)
+        return TrainState(**json.loads(data))
     except (OSError, ValueError, TypeError) as err:
         raise WeightsError(f"{path}: not a readable training state ({type(err).__name__})") from None
 
 
 def read_config(directory: str | Path) -> RunConfig:
-    path = Path(directory) / "config.yaml"
-    if not path.exists():
+    path = _file(directory, "config.yaml")
+    data = _read(directory, "config.yaml")
+    if data is None:
         raise WeightsError(f"{directory} is not a molre checkpoint (no config.yaml)")
-    raw = read_yaml(path)
+    raw = _parse_yaml(data, path)
     molre = (raw.get("adapter") or {}).get("molre")
     if isinstance(molre, dict) and molre.get("placement") == "blocks" and "route_by" not in molre:
         molre["route_by"] = "token"  # written before route_by existed: blocks placement routed every token
-    return build_config(raw, source=str(path))
+    return build_config(raw, source=path)
+
+
+def _parse_yaml(data: bytes, path: str) -> dict:
+    """A YAML mapping from bytes; errors as ``molre.config.read_yaml`` words them, naming ``path``."""
+    try:
+        raw = yaml.safe_load(data.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not UTF-8 text") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+    except RecursionError:  # PyYAML recurses once per nesting level
+        raise ConfigError(f"config file {path} is not valid YAML: nested too deeply") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path}: top level must be a mapping, got {type(raw).__name__}")
+    return raw
 
 
 def read_setup(directory: str | Path) -> dict:
     """The run's data facts (``preprocessing_facts`` gives the ones a checkpoint from before them lacks)."""
-    path = Path(directory) / "setup.json"
+    path = _file(directory, "setup.json")
     try:
-        facts = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
+        data = _read(directory, "setup.json")
+        if data is None:
+            raise FileNotFoundError(path)
+        facts = json.loads(data)
+        if not isinstance(facts, dict):
+            raise TypeError("not an object")
+    except (OSError, ValueError, TypeError) as err:
         raise WeightsError(f"{path}: not a readable molre setup ({type(err).__name__})") from None
     return {**facts, **preprocessing_facts(facts)}
 
@@ -147,10 +210,116 @@ def preprocessing_facts(config: dict) -> dict:
 
 
 def read_weights(directory: str | Path, which: str = "best") -> dict[str, torch.Tensor]:
-    path = Path(directory) / f"{'best' if which == 'best' else 'model'}.safetensors"
-    if not path.exists():
-        raise WeightsError(f"{directory} is not a molre checkpoint (no {path.name})")
+    name = f"{'best' if which == 'best' else 'model'}.safetensors"
+    path = _file(directory, name)
+    local = not storage.is_s3(path)
+    data = None if local else _read(directory, name)
+    if (local and not Path(path).exists()) or (not local and data is None):
+        raise WeightsError(f"{directory} is not a molre checkpoint (no {name})")
     try:
-        return load_file(path)
+        return load_file(path) if local else load_safetensors(data)  # a local file is memory-mapped
     except Exception as err:  # safetensors raises its own SafetensorError (and OSError)
         raise WeightsError(f"{path}: not a readable safetensors file ({type(err).__name__})") from None
+
+
+# ---- what defines a run: its fingerprint ------------------------------------------------------------------
+
+
+def run_fingerprint(cfg: RunConfig, dataset_sha256: str | None) -> dict:
+    """What a resumed run must share with the run that wrote the checkpoint: the config less ``RESUMABLE_KEYS``
+    and the sha256 of the dataset's manifest (which lists every shard's sha256); ``sha256`` digests the two."""
+    body = {"config": _defining(config_to_dict(cfg)), "dataset_sha256": dataset_sha256}
+    digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+    return {**body, "sha256": digest}
+
+
+def read_fingerprint(directory: str | Path) -> dict | None:
+    """The checkpoint's fingerprint; None for a checkpoint written before fingerprints existed."""
+    path = _file(directory, FINGERPRINT)
+    data = _read(directory, FINGERPRINT)
+    if data is None:
+        return None
+    try:
+        fingerprint = json.loads(data)
+        if not isinstance(fingerprint, dict) or not isinstance(fingerprint.get("config"), dict):
+            raise TypeError("no config mapping")
+    except (ValueError, TypeError) as err:
+        raise WeightsError(f"{path}: not a readable run fingerprint ({type(err).__name__})") from None
+    return fingerprint
+
+
+def fingerprint_changes(saved: dict, current: dict) -> list[str]:
+    """``key: saved -> current`` for each defining config key that differs, and the dataset when both name one.
+    Both configs are rebuilt first, so a key that this molre added (at its default) is no change."""
+    before, after = (_flat(config_to_dict(build_config(f["config"]))) for f in (saved, current))
+    changes = [
+        f"{key}: {json.dumps(before.get(key))} -> {json.dumps(after.get(key))}"
+        for key in sorted(before.keys() | after.keys())
+        if key not in RESUMABLE_KEYS and before.get(key) != after.get(key)
+    ]
+    old, new = saved.get("dataset_sha256"), current.get("dataset_sha256")
+    if old and new and old != new:
+        changes.append(f"dataset: manifest sha256 {old[:12]}... -> {new[:12]}...")
+    return changes
+
+
+def check_same_run(
+    directory: str | Path, cfg: RunConfig, fingerprint: dict | None, name: str | None = None
+) -> None:
+    """Refuse to resume the checkpoint at ``directory`` under a run that another config or dataset defines.
+
+    ``fingerprint``: this run's (``run_fingerprint``; None = its config only). ``name``: what messages call the
+    checkpoint (its URI on storage, where ``directory`` is a local copy). A checkpoint without a fingerprint
+    (written before them) is compared by its config.yaml and resumed with a warning: its dataset is unknown."""
+    name = str(name or directory)
+    current = fingerprint or run_fingerprint(cfg, None)
+    saved = read_fingerprint(directory)
+    if saved is None:
+        log.warning(
+            "run %s: checkpoint %s has no %s (written by an older molre): its config is compared but not its "
+            "dataset; resuming it", cfg.train.run_name, name, FINGERPRINT,
+        )  # fmt: skip
+        saved = {"config": config_to_dict(read_config(directory)), "dataset_sha256": None}
+    try:
+        changes = fingerprint_changes(saved, current)
+    except ConfigError as err:
+        raise ConfigError(f"{_file(name, FINGERPRINT)}: its config does not fit this molre: {err}") from None
+    if changes:
+        run_dir = storage.join(cfg.train.storage, cfg.train.run_name)
+        raise ConfigError(
+            f"run {cfg.train.run_name!r}: its checkpoint {name} belongs to a run with another config or "
+            f"dataset ({'; '.join(changes)}); resuming would continue that run (or report its result again if it "
+            f"finished) instead of training this one. Pick another train.run_name, or delete the run folder {run_dir} to start afresh"
+        )
+
+
+def checkpoint_uri(path: str | None, storage_root: str) -> str | None:
+    """The URI of a checkpoint or run folder that Ray reports (``Checkpoint.path``, ``Result.path``): its path is
+    inside the filesystem molre gave Ray for ``storage_root``, which for ``s3://bucket/prefix`` is
+    ``bucket/prefix/...``, without the scheme; a local path is returned as it is."""
+    if path is None or not storage.is_s3(storage_root) or storage.is_s3(path):
+        return path
+    scheme = str(storage_root).split("://", 1)[0]
+    return f"{scheme}://{str(path).lstrip('/')}"
+
+
+def _defining(tree: dict) -> dict:
+    """A nested config dict without ``RESUMABLE_KEYS``."""
+    out = json.loads(json.dumps(tree))
+    for key in RESUMABLE_KEYS:
+        *parents, leaf = key.split(".")
+        node = out
+        for part in parents:
+            node = node.get(part, {})
+        node.pop(leaf, None)
+    return out
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out

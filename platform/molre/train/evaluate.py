@@ -2,12 +2,16 @@
 
 evaluate: per-finding AUCs (Parquet + Markdown), mean +- std and stratified counts, as ``summary.json``.
 predict: the 75 probabilities, the routing weights of each slice and the attention weight of each slice.
-Both run in-process on one device (no cluster needed) and read shards with pyarrow.
+Both run in-process on one device (no cluster needed) and read shards with pyarrow. The checkpoint, the data and
+evaluate's output folder may each be a local path or an ``s3://`` URI (read and written through
+``molre.data.storage``).
 """
 
 from __future__ import annotations
 
+import io
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +19,7 @@ import pandas as pd
 import torch
 
 from molre.config import RunConfig
-from molre.data import shards
+from molre.data import shards, storage
 from molre.data.augment import augment_batch
 from molre.errors import DataError, WeightsError
 from molre.findings import FINDING_IDS, FINDINGS
@@ -69,17 +73,32 @@ def evaluate(
         "finding": FINDING_IDS, "name": [f.name for f in FINDINGS], "category": [f.category for f in FINDINGS],
         "auc": aucs, "positives": np.concatenate(labels).sum(0) if labels else 0,
     })  # fmt: skip
-    out = Path(out_dir or Path(checkpoint) / f"eval-{split}")
-    out.mkdir(parents=True, exist_ok=True)
-    table.to_parquet(out / "per_finding_auc.parquet")
-    (out / "per_finding_auc.md").write_text(_markdown(table, summary, split))
+    out = str(out_dir or storage.join(str(checkpoint), f"eval-{split}"))
+    parquet = io.BytesIO()
+    table.to_parquet(parquet)
     result = {
         **summary.as_dict(),
         "undefined": summary.undefined,
         "volumes": int(sum(len(s) for s in scores)),
     }
-    (out / "summary.json").write_text(json.dumps(result, indent=1))
-    return {**result, "out_dir": str(out)}
+    for name, data in (
+        ("per_finding_auc.parquet", parquet.getvalue()),
+        ("per_finding_auc.md", _markdown(table, summary, split).encode()),
+        ("summary.json", json.dumps(_json_safe(result), indent=1, allow_nan=False).encode()),
+    ):
+        storage.write_bytes(storage.join(out, name), data)
+    return {**result, "out_dir": out}
+
+
+def _json_safe(value):
+    """``value`` with every NaN / infinity as None: strict JSON (an undefined mean AUC is null, not NaN)."""
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def _markdown(table: pd.DataFrame, summary, split: str) -> str:
@@ -162,11 +181,15 @@ def _study_series(path: str) -> list:
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("checkpoint", help="a checkpoint directory written by molre train")
+    parser.add_argument(
+        "checkpoint", help="a checkpoint directory written by molre train (local path or s3://)"
+    )
     if parser.prog.endswith("evaluate"):
         parser.add_argument("--data", required=True, help="preprocessed shard root (local path or s3://)")
         parser.add_argument("--split", default="test", choices=["train", "val", "test"])
-        parser.add_argument("--out", help="output directory (default: CHECKPOINT/eval-SPLIT)")
+        parser.add_argument(
+            "--out", help="output directory, local path or s3:// (default: CHECKPOINT/eval-SPLIT)"
+        )
     else:
         parser.add_argument(
             "--input", required=True, help="one study: a DICOM folder or file, or a NIfTI file"

@@ -34,14 +34,15 @@ from molre.config import RunConfig, build_config
 from molre.data.augment import augment_batch
 from molre.data.dataset import decode_batch, rfs_batches
 from molre.data.prefetch import device_batches
-from molre.errors import WeightsError
 from molre.findings import FINDING_IDS
 from molre.models import build_model, parameter_groups
 from molre.models.runtime import prepare_runtime, uses_bf16
 from molre.train.checkpoint import (
+    FINGERPRINT_KEY,
     TrainState,
+    check_same_run,
+    checkpoint_uri,
     load_trained_state,
-    read_config,
     read_state,
     read_weights,
     save_checkpoint,
@@ -221,8 +222,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
-            state, best_weights, best_outputs = _restore(d, core, optimizer, cfg, device)
-    if state.finished:  # a re-run of a finished run name: report its result again instead of retraining
+            name = checkpoint_uri(checkpoint.path, cfg.train.storage)
+            state, best_weights, best_outputs = _restore(d, core, optimizer, cfg, device, setup, name)
+    # a re-run of a finished run (same fingerprint: _restore refused any other) reports its result again
+    if state.finished:
         ray.train.report({**state.history[-1], "epoch": state.epoch, "best_epoch": state.best_epoch,
                           "val/best_mean_auc": state.best_metric, "resumed_finished": True})  # fmt: skip
         return
@@ -333,13 +336,10 @@ def _scalars(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if not k.startswith("val/auc/")}
 
 
-def _restore(directory, core, optimizer, cfg, device):
-    saved = read_config(directory)
-    if saved.backbone.preset != cfg.backbone.preset:
-        raise WeightsError(
-            f"run {cfg.train.run_name}: its checkpoint {directory} was trained with preset {saved.backbone.preset}, "
-            f"this config asks for {cfg.backbone.preset}; use another train.run_name"
-        )
+def _restore(directory, core, optimizer, cfg, device, setup: dict, name: str | None = None):
+    """State, best weights and best outputs of the checkpoint at ``directory`` (``name``: its URI), after checking
+    that it belongs to this run (the driver checked before building the trainer; this guards other callers)."""
+    check_same_run(directory, cfg, setup.get(FINGERPRINT_KEY), name)
     state = read_state(directory)
     load_trained_state(core, read_weights(directory, "last"), directory)
     optimizer.load_state_dict(

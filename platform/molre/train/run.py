@@ -3,6 +3,8 @@
 Used by ``molre train``, ``jobs/train.py`` and every sweep trial. Locally it starts a Ray for you; under
 ``ray job submit`` it joins the cluster it runs on. A re-run with the same ``train.run_name`` and storage
 resumes from the latest checkpoint (Ray Train V2 restores the run's snapshot); a finished run is not retrained.
+Resuming needs the same run: ``prepare`` compares this config and dataset with the fingerprint of the checkpoint
+it would resume (``molre.train.checkpoint.run_fingerprint``) and refuses another, naming what changed.
 """
 
 from __future__ import annotations
@@ -18,7 +20,13 @@ from molre.data import dataset, shards, storage
 from molre.errors import ModelError, MolreError
 from molre.models import build_model
 from molre.ray_init import existing_cluster, start_or_join
-from molre.train.checkpoint import preprocessing_facts
+from molre.train.checkpoint import (
+    FINGERPRINT_KEY,
+    check_same_run,
+    checkpoint_uri,
+    preprocessing_facts,
+    run_fingerprint,
+)
 from molre.train.loop import METRIC, train_loop_per_worker
 
 HEALTH_CHECK_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
@@ -70,10 +78,13 @@ def check_model_fits(cfg: RunConfig, input_size: tuple[int, int, int]) -> None:
 
 
 SHARDS_KEY = "shards"  # prepare() -> build_trainer(): the checked shards of each split (not sent to workers)
+# Ray Train V2's run snapshot in the run folder (ray.train.v2._internal.constants): what a re-run restores from
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
 
 
 def prepare(cfg: RunConfig, verify: bool = True) -> dict:
-    """Driver-side facts for the workers (grid, spacing, input size, RFS factors, focal alpha); validates data.
+    """Driver-side facts for the workers (grid, spacing, input size, RFS factors, focal alpha, the run's
+    fingerprint); validates data, and that a checkpoint under the run name belongs to this run (``check_resume``).
 
     The manifest is read once and each shard checked once (footer schema; sha256 when ``verify``); the checked
     shards travel under ``setup["shards"]`` to ``build_trainer``, which takes them out before the setup goes to
@@ -82,7 +93,9 @@ def prepare(cfg: RunConfig, verify: bool = True) -> dict:
         from molre.data.default import ensure_default_dataset
 
         cfg.data.uri = ensure_default_dataset()
-    manifest = shards.read_manifest(cfg.data.uri)
+    manifest, manifest_sha256 = read_manifest(cfg.data.uri)
+    fingerprint = run_fingerprint(cfg, manifest_sha256)
+    check_resume(cfg, fingerprint)  # before the shard checks: a refused re-run costs no data reads
     grid, spacing = tuple(manifest.config["grid"]), tuple(manifest.config["spacing"])
     checked = {s: dataset.checked_shards(cfg.data.uri, s, verify, manifest) for s in ("train", "val")}
     input_size = model_input_size(cfg, grid)
@@ -90,7 +103,40 @@ def prepare(cfg: RunConfig, verify: bool = True) -> dict:
     train_uris = [s.uri for s in checked["train"]]
     stats = dataset.training_statistics(cfg.data.uri, cfg.data.rfs_threshold, cfg.loss.alpha_clip, train_uris)
     return {**stats, "grid": list(grid), "spacing": list(spacing), "input_size": list(input_size),
-            **preprocessing_facts(manifest.config), SHARDS_KEY: checked}  # fmt: skip
+            **preprocessing_facts(manifest.config), FINGERPRINT_KEY: fingerprint, SHARDS_KEY: checked}  # fmt: skip
+
+
+def read_manifest(uri: str) -> tuple[shards.Manifest, str]:
+    """The dataset's manifest and the sha256 of its bytes (one read): the dataset's identity in a fingerprint."""
+    where = storage.join(uri, shards.MANIFEST)
+    try:
+        data = storage.read_bytes(where)
+        text = data.decode("utf-8")
+    except (FileNotFoundError, UnicodeDecodeError):
+        shards.read_manifest(uri)  # raises the DataError that names the manifest and says why
+        raise
+    return shards.Manifest.from_json(text, where), storage.sha256_bytes(data)
+
+
+def latest_checkpoint(cfg: RunConfig) -> str | None:
+    """The URI of the checkpoint a run of ``cfg`` would resume (the latest of its run folder's Ray Train
+    snapshot); None when the run folder holds none."""
+    import ray.train
+
+    run_dir = storage.join(cfg.train.storage, cfg.train.run_name)
+    if not storage.exists(storage.join(run_dir, RAY_SNAPSHOT)):
+        return None
+    fs, path = dataset.arrow_filesystem(run_dir)
+    result = ray.train.Result.from_path(path, storage_filesystem=fs)
+    return checkpoint_uri(result.checkpoint.path, cfg.train.storage) if result.checkpoint else None
+
+
+def check_resume(cfg: RunConfig, fingerprint: dict) -> None:
+    """A re-run under an existing run name resumes (or, finished, reports) that run: refuse it, naming the
+    changed keys, when its config or dataset differ from the checkpoint's (``check_same_run``)."""
+    latest = latest_checkpoint(cfg)
+    if latest is not None:
+        check_same_run(latest, cfg, fingerprint)
 
 
 def use_gpu(cfg: RunConfig) -> bool:
@@ -171,10 +217,11 @@ def train(cfg: RunConfig, fault: dict | None = None, num_cpus: int | None = None
     setup = prepare(cfg)
     trainer = build_trainer(cfg, setup, fault, storage_env=worker_storage_env(cfg) if foreign else None)
     result = fit(trainer)
-    checkpoint = result.checkpoint.path if result.checkpoint else None
+    # Ray's paths are inside the filesystem it was given: an s3:// storage's lose their scheme
+    checkpoint = checkpoint_uri(result.checkpoint.path, cfg.train.storage) if result.checkpoint else None
     metrics = result.metrics or {}
     return TrainResult(metrics, float(metrics.get("val/best_mean_auc", metrics.get(METRIC, float("nan")))),
-                       checkpoint, result.path)  # fmt: skip
+                       checkpoint, checkpoint_uri(result.path, cfg.train.storage))  # fmt: skip
 
 
 def fit(trainer):
