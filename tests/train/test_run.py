@@ -244,3 +244,12 @@ def test_an_odd_train_split_loses_no_volume_to_the_workers(ray_local, tmp_path):
     # rfs_threshold ~0: every repeat factor is 1, so an epoch trains each study once
     cfg = _cfg(data, tmp_path, "odd", data={"rfs_threshold": 1e-6}, train={"max_epochs": 1})
     assert _history(train(cfg))[0]["train/volumes"] == 10  # 9 + the first repeated for 2 workers (was 8)
+
+
+def test_a_run_into_a_missing_bucket_fails_first_and_creates_no_bucket(s3_bucket, tiny_dataset, tmp_path):
+    """Ray's storage check would mkdir a mistyped bucket where the credentials allow it: the run stops before."""
+    cfg = _cfg(tiny_dataset, tmp_path, "no-bucket")
+    cfg.train.storage = s3_bucket.replace("s3://", "s3://no-such-") + "/runs"
+    for _ in range(2):  # the second time: still missing
+        with pytest.raises(storage.StorageError, match=r"bucket s3://no-such-\S+ does not exist"):
+            train(cfg)

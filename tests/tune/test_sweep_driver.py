@@ -15,6 +15,7 @@ from molre.data import storage
 from molre.data.dataset import arrow_filesystem
 from molre.data.storage import StorageError
 from molre.errors import ConfigError
+from molre.train.checkpoint import checkpoint_uri
 from molre.tune import sweep
 from molre.tune.space import SweepSpec
 from tests.tiny_data import write_tiny_dataset
@@ -149,10 +150,10 @@ def test_checkpoint_uri_keeps_the_s3_scheme(s3_bucket, tmp_path):
     assert not checkpoint.path.startswith(
         "s3://"
     )  # what Train reports: bucket/key, relative to its filesystem
-    uri = sweep.checkpoint_uri(checkpoint)
+    uri = checkpoint_uri(checkpoint.path, s3_bucket)
     assert uri == where and storage.read_bytes(f"{uri}/config.yaml") == b"x: 1\n"
     local = ray.train.Checkpoint.from_directory(str(tmp_path))
-    assert sweep.checkpoint_uri(local) == str(tmp_path)
+    assert checkpoint_uri(local.path, str(tmp_path)) == str(tmp_path)
 
 
 def test_a_sweep_into_a_missing_bucket_fails_first_and_creates_no_bucket(s3_bucket, tmp_path):

@@ -211,6 +211,8 @@ def train(cfg: RunConfig, fault: dict | None = None, num_cpus: int | None = None
     ray = sys.modules.get("ray")
     # a Ray started elsewhere (`ray start`, RAY_ADDRESS, a test's) has workers that may lack the storage variables
     foreign = existing_cluster() is not None or (ray is not None and ray.is_initialized())
+    # the bucket first: Ray's storage check (s3fs mkdir) would create a mistyped one
+    storage.check_bucket(cfg.train.storage)
     ensure_ray(num_cpus)
     if not storage.is_s3(cfg.train.storage):
         cfg.train.storage = os.path.abspath(cfg.train.storage)

@@ -31,6 +31,7 @@ from molre.config import config_to_dict
 from molre.data import storage
 from molre.errors import ConfigError
 from molre.findings import CATEGORY_SIZES, FINDING_IDS, FINDINGS
+from molre.train.checkpoint import checkpoint_uri
 from molre.train.metrics import per_finding_auc, summarize
 from molre.tune.space import OptunaSpace, SweepSpec, active_keys, grid_points, run_config_for
 
@@ -137,24 +138,9 @@ def run_trial(config: dict, spec: dict, data_uri: str, experiment_uri: str) -> N
     result = fit(build_trainer(cfg, setup, callbacks=[BestEpochReportCallback()]))
     with result.checkpoint.as_directory() as directory:
         final = final_metrics(directory, cfg)
-    where = checkpoint_uri(result.checkpoint)  # s3://... on S3: `molre evaluate` and storage read it as is
+    # s3://... on S3 (Ray's path lacks the scheme): `molre evaluate` and storage read it as is
+    where = checkpoint_uri(result.checkpoint.path, cfg.train.storage)
     ray.tune.report({**final, "point": json.dumps(point, default=str), "checkpoint_path": where})
-
-
-def checkpoint_uri(checkpoint) -> str:
-    """A checkpoint's URI as molre's storage layer reads it: ``s3://bucket/...`` for one on S3.
-
-    ``checkpoint.path`` is relative to the checkpoint's pyarrow filesystem (``bucket/key`` when Train's storage
-    is the fsspec-wrapped s3fs of ``arrow_filesystem``, or pyarrow's own S3 filesystem): the scheme is the
-    filesystem's. A local checkpoint's path is returned unchanged."""
-    path = str(checkpoint.path)
-    fs = checkpoint.filesystem
-    if "://" in path or fs is None or fs.type_name == "local":
-        return path
-    inner = getattr(getattr(fs, "handler", None), "fs", None)  # PyFileSystem(FSSpecHandler(fsspec fs))
-    protocol = getattr(inner, "protocol", None) or fs.type_name  # ("s3", "s3a") / "s3" (pyarrow's own)
-    scheme = protocol[0] if isinstance(protocol, list | tuple) else str(protocol)
-    return f"{scheme}://{path.lstrip('/')}"
 
 
 def final_metrics(checkpoint_dir: str, cfg) -> dict:
