@@ -23,9 +23,10 @@
   into new batches (their patients keep their split), the gone ones are dropped, and the outdated batch's marker
   and shard are deleted once the new manifest is written. Until then the old manifest and its shards stay as they
   were, so a crash at any point leaves either the old dataset or the new one; the outdated markers are flagged
-  ``superseded`` first, so that a re-run finishes the job whatever the input then holds. Markers of an older molre hold no label fingerprints: withdrawn studies
-  are still found, label corrections of their studies are not (a warning says so; preprocess into a new output to
-  be sure). A changed DICOM series under an unchanged study key is not detected either.
+  ``superseded`` first, so that a re-run finishes the job whatever the input then holds. Markers of an older
+  molre hold no label fingerprints: withdrawn studies are still found, label corrections of their studies are not
+  (a warning says so; preprocess into a new output to be sure). A changed DICOM series under an unchanged study
+  key is not detected either.
 - **Counts.** ``in`` = series found + files rejected by discovery = ``processed + quarantined``.
 """
 
@@ -749,9 +750,8 @@ def preprocess(
             "%s: %d studies changed labels, %d are no longer in the input: the finished batches holding them "
             "are redone, without the gone ones", output_uri, changed, gone,
         )  # fmt: skip
-    for batch_id in sorted(
-        outdated
-    ):  # the decision outlives a crash, whatever the input looks like next time
+    # flagged first: the decision outlives a crash, whatever the input looks like next time
+    for batch_id in sorted(outdated):
         if not loaded[batch_id].get(SUPERSEDED):
             marker = loaded[batch_id] | {SUPERSEDED: True}
             storage.write_bytes(marker_uri(output_uri, batch_id), json.dumps(marker, sort_keys=True).encode())
