@@ -243,20 +243,26 @@ def build_config(
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        return parse_yaml(path.read_bytes(), str(path))
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
+
+
+def parse_yaml(data: bytes, path: str) -> dict:
+    """A YAML mapping from a config file's bytes; every problem a ``ConfigError`` naming ``path``."""
+    try:
+        tree = yaml.safe_load(data.decode("utf-8"))
     except UnicodeDecodeError:
         raise ConfigError(f"config file {path} is not UTF-8 text") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
     except RecursionError:  # PyYAML recurses once per nesting level
         raise ConfigError(f"config file {path} is not valid YAML: nested too deeply") from None
-    if data is None:
+    if tree is None:
         return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path}: top level must be a mapping, got {type(data).__name__}")
-    return data
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config file {path}: top level must be a mapping, got {type(tree).__name__}")
+    return tree
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:

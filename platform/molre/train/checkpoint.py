@@ -34,7 +34,7 @@ import yaml
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import load_file, save_file
 
-from molre.config import RunConfig, build_config, config_to_dict
+from molre.config import RunConfig, build_config, config_to_dict, parse_yaml
 from molre.data import storage
 from molre.data.ingest import DEFAULT_MIN_SLICES
 from molre.errors import ConfigError, WeightsError
@@ -163,28 +163,11 @@ def read_config(directory: str | Path) -> RunConfig:
     data = _read(directory, "config.yaml")
     if data is None:
         raise WeightsError(f"{directory} is not a molre checkpoint (no config.yaml)")
-    raw = _parse_yaml(data, path)
+    raw = parse_yaml(data, path)
     molre = (raw.get("adapter") or {}).get("molre")
     if isinstance(molre, dict) and molre.get("placement") == "blocks" and "route_by" not in molre:
         molre["route_by"] = "token"  # written before route_by existed: blocks placement routed every token
     return build_config(raw, source=path)
-
-
-def _parse_yaml(data: bytes, path: str) -> dict:
-    """A YAML mapping from bytes; errors as ``molre.config.read_yaml`` words them, naming ``path``."""
-    try:
-        raw = yaml.safe_load(data.decode("utf-8"))
-    except UnicodeDecodeError:
-        raise ConfigError(f"config file {path} is not UTF-8 text") from None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
-    except RecursionError:  # PyYAML recurses once per nesting level
-        raise ConfigError(f"config file {path} is not valid YAML: nested too deeply") from None
-    if raw is None:
-        return {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"config file {path}: top level must be a mapping, got {type(raw).__name__}")
-    return raw
 
 
 def read_setup(directory: str | Path) -> dict:
@@ -289,7 +272,8 @@ def check_same_run(
         raise ConfigError(
             f"run {cfg.train.run_name!r}: its checkpoint {name} belongs to a run with another config or "
             f"dataset ({'; '.join(changes)}); resuming would continue that run (or report its result again if it "
-            f"finished) instead of training this one. Pick another train.run_name, or delete the run folder {run_dir} to start afresh"
+            f"finished) instead of training this one. Pick another train.run_name, or delete the run folder "
+            f"{run_dir} to start afresh"
         )
 
 
