@@ -144,6 +144,17 @@ def assert_no_phi(blobs: dict[str, bytes], extra: tuple[str, ...] = ()) -> None:
             assert secret.encode() not in data, f"{secret!r} found in {name}"
 
 
+def assert_rows_as_expected(rows: list[dict], cohort: dict) -> None:
+    """The shard rows are the cohort's studies, each bit for bit as processing it in this process gives."""
+    want = expected_rows(cohort)
+    assert sorted(r["study_hash"] for r in rows) == sorted(want)
+    for row in rows:
+        exp = want[row["study_hash"]]
+        np.testing.assert_array_equal(shards.decode_volume(row), exp["volume"])
+        assert row["patient_hash"] == exp["patient_hash"]
+        assert row["labels"] == exp["labels"] and row["known"] == exp["known"]
+
+
 def check_dataset(root: str, cohort: dict) -> shards.Manifest:
     """Manifest counts reconcile, rows equal the in-process result bit for bit, no patient in two splits."""
     manifest = shards.read_manifest(root)
@@ -154,13 +165,8 @@ def check_dataset(root: str, cohort: dict) -> shards.Manifest:
     assert manifest.config["grid"] == list(GRID) and manifest.config["spacing"] == list(SPACING_OUT)
     assert "salt" not in json.dumps(manifest.config)
     rows = read_all_rows(root)
-    want = expected_rows(cohort)
-    assert sorted(r["study_hash"] for r in rows) == sorted(want)
+    assert_rows_as_expected(rows, cohort)
     for row in rows:
-        exp = want[row["study_hash"]]
-        np.testing.assert_array_equal(shards.decode_volume(row), exp["volume"])
-        assert row["patient_hash"] == exp["patient_hash"]
-        assert row["labels"] == exp["labels"] and row["known"] == exp["known"]
         assert row["shape"] == list(GRID) and row["spacing"] == list(SPACING_OUT)
     assert_no_patient_leak([r["patient_hash"] for r in rows], [r["split"] for r in rows])
     for split, stats in c["splits"].items():
@@ -584,12 +590,8 @@ def check_rerun_output(root: str, cohort: dict, first: shards.Manifest, first_sp
     c = manifest.counts
     assert (c["in"], c["processed"], c["quarantined"]) == (9, 7, 2)
     rows = read_all_rows(root)
-    want = expected_rows(cohort)
-    assert sorted(r["study_hash"] for r in rows) == sorted(want)
+    assert_rows_as_expected(rows, cohort)
     for row in rows:
-        exp = want[row["study_hash"]]
-        np.testing.assert_array_equal(shards.decode_volume(row), exp["volume"])
-        assert row["labels"] == exp["labels"] and row["patient_hash"] == exp["patient_hash"]
         assert row["split"] == first_splits[row["study_hash"]]  # patients keep their split
     for split, stats in c["splits"].items():
         positives = np.sum([r["labels"] for r in rows if r["split"] == split] or [[0] * 75], axis=0)

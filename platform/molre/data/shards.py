@@ -139,16 +139,23 @@ def _check_manifest_types(manifest: Manifest) -> None:
 def read_manifest(uri: str) -> Manifest:
     """The manifest of the dataset rooted at ``uri`` (local path or s3://). No manifest is a ``DataError``; a
     missing bucket a ``StorageError`` saying so."""
+    return read_manifest_and_sha256(uri)[0]
+
+
+def read_manifest_and_sha256(uri: str) -> tuple[Manifest, str]:
+    """The manifest and the sha256 of its bytes, from one read: the dataset's identity (the manifest lists every
+    shard's sha256, the grid and the preprocessing settings) for run fingerprints and sweep records."""
     where = storage.join(uri, MANIFEST)
     try:
-        text = storage.read_bytes(where).decode("utf-8")
+        data = storage.read_bytes(where)
+        text = data.decode("utf-8")
     except FileNotFoundError:
         raise DataError(
             where, "no manifest: not a preprocessed dataset, or its run has not finished"
         ) from None
     except UnicodeDecodeError:
         raise DataError(where, "not a valid molre manifest (not UTF-8 text)") from None
-    return Manifest.from_json(text, where)
+    return Manifest.from_json(text, where), storage.sha256_bytes(data)
 
 
 def manifest_grid(manifest: Manifest, where: str = MANIFEST) -> tuple[int, int, int] | None:

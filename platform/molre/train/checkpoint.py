@@ -34,7 +34,7 @@ import yaml
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import load_file, save_file
 
-from molre.config import RunConfig, build_config, config_to_dict, parse_yaml
+from molre.config import RunConfig, build_config, config_to_dict, flat_dotted, parse_yaml
 from molre.data import storage
 from molre.data.ingest import DEFAULT_MIN_SLICES
 from molre.errors import ConfigError, WeightsError
@@ -234,7 +234,7 @@ def read_fingerprint(directory: str | Path) -> dict | None:
 def fingerprint_changes(saved: dict, current: dict) -> list[str]:
     """``key: saved -> current`` for each defining config key that differs, and the dataset when both name one.
     Both configs are rebuilt first, so a key that this molre added (at its default) is no change."""
-    before, after = (_flat(config_to_dict(build_config(f["config"]))) for f in (saved, current))
+    before, after = (flat_dotted(config_to_dict(build_config(f["config"]))) for f in (saved, current))
     changes = [
         f"{key}: {json.dumps(before.get(key))} -> {json.dumps(after.get(key))}"
         for key in sorted(before.keys() | after.keys())
@@ -296,14 +296,4 @@ def _defining(tree: dict) -> dict:
         for part in parents:
             node = node.get(part, {})
         node.pop(leaf, None)
-    return out
-
-
-def _flat(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
     return out

@@ -93,7 +93,7 @@ def prepare(cfg: RunConfig, verify: bool = True) -> dict:
         from molre.data.default import ensure_default_dataset
 
         cfg.data.uri = ensure_default_dataset()
-    manifest, manifest_sha256 = read_manifest(cfg.data.uri)
+    manifest, manifest_sha256 = shards.read_manifest_and_sha256(cfg.data.uri)
     fingerprint = run_fingerprint(cfg, manifest_sha256)
     check_resume(cfg, fingerprint)  # before the shard checks: a refused re-run costs no data reads
     grid, spacing = tuple(manifest.config["grid"]), tuple(manifest.config["spacing"])
@@ -104,18 +104,6 @@ def prepare(cfg: RunConfig, verify: bool = True) -> dict:
     stats = dataset.training_statistics(cfg.data.uri, cfg.data.rfs_threshold, cfg.loss.alpha_clip, train_uris)
     return {**stats, "grid": list(grid), "spacing": list(spacing), "input_size": list(input_size),
             **preprocessing_facts(manifest.config), FINGERPRINT_KEY: fingerprint, SHARDS_KEY: checked}  # fmt: skip
-
-
-def read_manifest(uri: str) -> tuple[shards.Manifest, str]:
-    """The dataset's manifest and the sha256 of its bytes (one read): the dataset's identity in a fingerprint."""
-    where = storage.join(uri, shards.MANIFEST)
-    try:
-        data = storage.read_bytes(where)
-        text = data.decode("utf-8")
-    except (FileNotFoundError, UnicodeDecodeError):
-        shards.read_manifest(uri)  # raises the DataError that names the manifest and says why
-        raise
-    return shards.Manifest.from_json(text, where), storage.sha256_bytes(data)
 
 
 def latest_checkpoint(cfg: RunConfig) -> str | None:

@@ -27,7 +27,7 @@ import ray.tune
 from pydantic import ValidationError
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from molre.config import config_to_dict
+from molre.config import config_to_dict, flat_dotted
 from molre.data import storage
 from molre.errors import ConfigError
 from molre.findings import CATEGORY_SIZES, FINDING_IDS, FINDINGS
@@ -181,16 +181,6 @@ def router_analysis(outputs: dict[str, np.ndarray]) -> dict:
 # ---- the trials table -------------------------------------------------------------------------------------
 
 
-def _flat(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = json.dumps(value) if isinstance(value, list | tuple) else value
-    return out
-
-
 def trial_row(
     trial_id: str, status: str, config: dict, metrics: dict, spec: SweepSpec, data_uri: str | None = None
 ) -> dict:
@@ -199,7 +189,11 @@ def trial_row(
     ``data_uri``: the data the sweep resolved (else the spec's ``data.uri``)."""
     cfg, point = trial_config(config or {"point": {}, "seed": 0}, spec, data_uri)
     row = {"trial_id": trial_id, "status": status, "searched": json.dumps([*spec.space, "train.seed"])}
-    values = _flat(config_to_dict(cfg))
+    # lists (windows, augmentation ranges) as JSON text: one value per table cell
+    values = {
+        k: json.dumps(v) if isinstance(v, list | tuple) else v
+        for k, v in flat_dotted(config_to_dict(cfg)).items()
+    }
     searched_here = active_keys(spec, {**values, **point})  # the keys whose `when` condition held
     row["active_keys"] = json.dumps([*searched_here, "train.seed"])
     row.update({f"config/{k}": v for k, v in values.items()})
@@ -414,8 +408,7 @@ def data_identity(data_uri: str | None) -> dict | None:
         return None
     from molre.data import shards
 
-    manifest = storage.read_bytes(storage.join(data_uri, shards.MANIFEST))
-    return {"uri": data_uri, "manifest_sha256": storage.sha256_bytes(manifest)}
+    return {"uri": data_uri, "manifest_sha256": shards.read_manifest_and_sha256(data_uri)[1]}
 
 
 def experiment_record(spec: SweepSpec, data_uri: str | None) -> dict:
