@@ -58,6 +58,9 @@ class BackboneConfig(_Strict):
         None, gt=0
     )  # slice (2D) or volume side (3D); None = the preset's native size
     finetune: Literal["lora", "full", "frozen"] | None = None  # None = the preset's default (paper protocol)
+    # scale the 0..1 HU windows to the pretrained preset's input statistics (ImageNet mean / std for DINOv3
+    # and MedImageInsight, [-1, 1] for MedGemma); no effect on presets without them (3D stand-ins, tiny models)
+    normalize: Bool = True
 
 
 class LoRAConfig(_Strict):

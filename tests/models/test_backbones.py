@@ -1,9 +1,10 @@
+import dataclasses
+
 import pytest
 import torch
-from safetensors.torch import save_file
 
-from molre.errors import ModelError, WeightsError
-from molre.models import PRESETS, create_backbone, get_preset, load_backbone_weights
+from molre.errors import ModelError
+from molre.models import PRESETS, Backbone, create_backbone, get_preset
 from molre.models.backbones import PAPER_PRESETS
 
 
@@ -30,82 +31,6 @@ def test_unknown_preset_names_the_choices():
         get_preset("dinov4")
 
 
-def test_weights_round_trip_safetensors_and_torch(tmp_path):
-    torch.manual_seed(0)
-    src = create_backbone("tiny-vit")
-    state = {f"net.{k}": v.clone() for k, v in src.net.state_dict().items()}
-    save_file(state, tmp_path / "w.safetensors")
-    torch.save({"state_dict": src.net.state_dict()}, tmp_path / "w.pt")
-    x = torch.randn(1, 3, 64, 64)
-    for path in ("w.safetensors", "w.pt"):
-        dst = create_backbone("tiny-vit")
-        load_backbone_weights(dst, str(tmp_path / path))
-        torch.testing.assert_close(dst.eval()(x), src.eval()(x))
-
-
-def test_a_bf16_export_loads_as_the_model_s_own_fp32(tmp_path):
-    torch.manual_seed(0)
-    src = create_backbone("tiny-davit")  # has the projection too
-    state = {f"net.{k}": v.to(torch.bfloat16) for k, v in src.net.state_dict().items()}
-    state |= {f"proj.{k}": v.to(torch.bfloat16) for k, v in src.proj.state_dict().items()}
-    save_file(state, tmp_path / "bf16.safetensors")
-    with torch.no_grad():  # the source with its weights rounded to bf16, kept fp32
-        for p in src.parameters():
-            p.copy_(p.to(torch.bfloat16).float())
-    dst = create_backbone("tiny-davit")
-    load_backbone_weights(dst, str(tmp_path / "bf16.safetensors"))
-    assert {p.dtype for p in dst.parameters()} == {torch.float32}
-    x = torch.randn(2, 3, 64, 64)
-    torch.testing.assert_close(dst.eval()(x), src.eval()(x))
-
-
-def test_weights_with_a_projection(tmp_path):
-    src = create_backbone("tiny-davit")
-    state = {**src.net.state_dict(), **{f"proj.{k}": v for k, v in src.proj.state_dict().items()}}
-    save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "d.safetensors")
-    dst = create_backbone("tiny-davit")
-    load_backbone_weights(dst, str(tmp_path / "d.safetensors"))
-    torch.testing.assert_close(dst.proj.weight, src.proj.weight)
-
-
-def test_wrong_weights_list_missing_unexpected_and_misshaped_keys(tmp_path):
-    state = create_backbone("tiny-vit").net.state_dict()
-    state.pop("norm.weight")
-    state["extra.weight"] = torch.zeros(3)
-    state["blocks.0.attn.qkv.weight"] = torch.zeros(5, 5)
-    state["head.weight"] = torch.zeros(10, 64)  # a classifier head is ignored, not an error
-    save_file(state, tmp_path / "bad.safetensors")
-    with pytest.raises(WeightsError) as err:
-        load_backbone_weights(create_backbone("tiny-vit"), str(tmp_path / "bad.safetensors"))
-    msg = str(err.value)
-    assert "missing keys: norm.weight" in msg
-    assert "unexpected keys: extra.weight" in msg
-    assert "blocks.0.attn.qkv.weight: checkpoint (5, 5) vs model (192, 64)" in msg
-    assert "head.weight" not in msg
-
-
-def test_unreadable_weights_are_clear_errors(tmp_path):
-    with pytest.raises(WeightsError, match="does not exist"):
-        load_backbone_weights(create_backbone("tiny-vit"), str(tmp_path / "nope.safetensors"))
-    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(WeightsError, match="neither safetensors nor a torch state dict"):
-        load_backbone_weights(create_backbone("tiny-vit"), str(tmp_path / "junk.pt"))
-
-
-def test_weights_from_s3(s3_bucket, tmp_path):
-    from molre.data import storage
-
-    src = create_backbone("tiny-vit")
-    save_file(src.net.state_dict(), tmp_path / "w.safetensors")
-    uri = storage.join(s3_bucket, "weights", "tiny-vit.safetensors")
-    storage.write_bytes(uri, (tmp_path / "w.safetensors").read_bytes())
-    dst = create_backbone("tiny-vit")
-    load_backbone_weights(dst, uri)
-    torch.testing.assert_close(dst.net.state_dict()["norm.weight"], src.net.state_dict()["norm.weight"])
-    with pytest.raises(WeightsError, match="does not exist"):
-        load_backbone_weights(dst, storage.join(s3_bucket, "weights", "missing.safetensors"))
-
-
 @pytest.mark.parametrize("name", ["dinov3-base", "dinov3-large", "tiny-vit"])
 def test_dinov3_presets_embed_a_slice_as_its_normed_cls_token(name):
     with torch.device("meta"):
@@ -126,3 +51,42 @@ def test_tiny_vit_embeds_the_cls_token_and_its_random_blocks_count():
         backbone.net.blocks = blocks
     assert float((bare - bare[0]).abs().max()) == 0
     assert float(features.std(dim=0).mean()) > 0.01  # with them, slices differ
+
+
+_IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+def test_pretrained_2d_presets_see_their_pretraining_input_statistics():
+    """The windows (0..1) enter DINOv3 / MedImageInsight standardised by ImageNet's statistics and MedGemma's
+    SigLIP in [-1, 1], as their pretraining images did; stand-ins and random test models as they are."""
+    with torch.device("meta"):
+        built = {name: create_backbone(name) for name in PRESETS}
+    normalized = {name for name, backbone in built.items() if backbone.normalized}
+    assert normalized == {"dinov3-base", "dinov3-large", "medimageinsight", "medgemma"}
+    assert get_preset("medgemma").input_stats == ((0.5,) * 3, (0.5,) * 3)
+    assert all(get_preset(n).input_stats == _IMAGENET for n in normalized - {"medgemma"})
+
+
+def test_normalization_standardises_each_window_channel_and_is_not_checkpoint_state():
+    from torchvision.transforms.functional import normalize
+
+    preset = dataclasses.replace(get_preset("tiny-vit"), input_stats=_IMAGENET)
+    torch.manual_seed(0)
+    backbone = Backbone(preset, 64, 0).eval()
+    bare = Backbone(preset, 64, 0, normalize=False).eval()
+    bare.load_state_dict(backbone.state_dict())  # the statistics are rebuilt from the config, not stored
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(backbone(x), bare(normalize(x, *_IMAGENET)))
+        assert not torch.allclose(backbone(x), bare(x))
+    assert not {"input_mean", "input_inv_std"} & set(backbone.state_dict())
+
+
+def test_a_run_config_can_turn_the_normalization_off():
+    from molre.config import build_config
+    from molre.models import build_model
+
+    for normalize in (True, False):
+        cfg = build_config({"backbone": {"preset": "dinov3-base", "normalize": normalize}})
+        with torch.device("meta"):
+            assert build_model(cfg, load_weights=False).backbone.normalized is normalize

@@ -294,6 +294,12 @@ def exists(uri: str) -> bool:
     return with_retries("exists", uri, _exists)
 
 
+def is_dir(uri: str) -> bool:
+    """Whether ``uri`` is a folder (on S3: a prefix with objects under it)."""
+    fs, path = filesystem(uri)
+    return bool(with_retries("stat", uri, lambda: fs.isdir(path)))
+
+
 def list_sizes(uri: str, suffix: str = "") -> dict[str, int]:
     """``{uri: size in bytes}`` of the files directly under ``uri`` whose names end with ``suffix``; {} if the
     folder does not exist."""
@@ -327,6 +333,18 @@ def size(uri: str) -> int:
 def read_bytes(uri: str) -> bytes:
     fs, path = filesystem(uri)
     return with_retries("read", uri, lambda: fs.cat_file(path))
+
+
+def read_ranges(uri: str, ranges: list[tuple[int, int]]) -> list[bytes]:
+    """The bytes ``[start, end)`` of each range of one object, fetched concurrently on S3 (a checkpoint's
+    tensors without the rest of the file)."""
+    if not ranges:
+        return []
+    fs, path = filesystem(uri)
+    starts, ends = [r[0] for r in ranges], [r[1] for r in ranges]
+    return with_retries(
+        "read", uri, lambda: fs.cat_ranges([path] * len(ranges), starts, ends, on_error="raise")
+    )
 
 
 def read_many(uris: list[str]) -> dict[str, bytes]:

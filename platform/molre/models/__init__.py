@@ -3,11 +3,12 @@
 Imports torch / timm / MONAI only (no Ray), so it can be tested and benchmarked without a cluster.
 """
 
-from molre.models.backbones import PRESETS, Backbone, create_backbone, get_preset, load_backbone_weights
+from molre.models.backbones import PRESETS, Backbone, create_backbone, get_preset
 from molre.models.classifier import MoLREClassifier, build_model, parameter_groups
 from molre.models.lora import LoRALinear, inject_lora
 from molre.models.molre import MoLRE, molre_param_count
 from molre.models.pooling import AttentionPooling
+from molre.models.weights import load_backbone_weights
 
 __all__ = [
     "PRESETS",

@@ -1,15 +1,17 @@
 """Backbone presets: the paper's six foundation models plus tiny test models, timm style (registry + factory).
 
-Every preset builds the real architecture with random weights (timm for 2D, MONAI for 3D) and loads real
-weights only from a local path or s3:// URI (``load_backbone_weights``); nothing here ever touches a model hub.
+Every preset builds the real architecture with random weights (timm for 2D, MONAI for 3D); real weights come
+only from a local path or s3:// URI, in the formats they are published in (``molre.models.weights``); nothing
+here ever touches a model hub.
 
 A built ``Backbone`` maps a batch to one embedding per item:
   2D: ``[N, 3, H, W] -> [N, width]`` (N = B*S slices)      3D: ``[B, 3, D, H, W] -> [B, width]``
+The 0..1 HU windows enter a pretrained preset scaled as its pretraining images were (``Preset.input_stats``:
+ImageNet mean / std for DINOv3 and MedImageInsight, [-1, 1] for MedGemma's SigLIP) unless ``normalize=False``.
 """
 
 from __future__ import annotations
 
-import io
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -17,7 +19,7 @@ import timm
 import torch
 from torch import nn
 
-from molre.errors import ModelError, WeightsError
+from molre.errors import ModelError
 
 
 @dataclass(frozen=True)
@@ -34,12 +36,15 @@ class Preset:
     make: Callable[[Preset, int, int], nn.Module]  # (preset, image_size, depth) -> net
     weights: str  # what real checkpoint the preset expects
     project_to: int | None = None  # frozen linear projection after the net (MedImageInsight: 2048 -> 1024)
+    input_stats: tuple[tuple[float, ...], ...] | None = (
+        None  # the pretraining images' (mean, std) per channel
+    )
 
 
 class Backbone(nn.Module):
     """A net plus (optionally) a projection, returning ``[N, width]`` embeddings; knows its input contract."""
 
-    def __init__(self, preset: Preset, image_size: int, depth: int):
+    def __init__(self, preset: Preset, image_size: int, depth: int, normalize: bool = True):
         super().__init__()
         self.preset = preset
         self.image_size = image_size
@@ -47,6 +52,12 @@ class Backbone(nn.Module):
         self.net = preset.make(preset, image_size, depth)
         native = _net_width(self.net)
         self.proj = nn.Linear(native, preset.project_to, bias=False) if preset.project_to else None
+        self.normalized = normalize and preset.input_stats is not None
+        if self.normalized:  # x' = (x - mean) / std per channel; buffers, not state: the config rebuilds them
+            view = (1, 3) + (1,) * preset.dims  # [1, 3, 1, 1] (2D) or [1, 3, 1, 1, 1] (3D)
+            mean, std = (torch.tensor(v).view(view) for v in preset.input_stats)
+            self.register_buffer("input_mean", mean, persistent=False)
+            self.register_buffer("input_inv_std", 1 / std, persistent=False)
 
     @property
     def width(self) -> int:
@@ -63,6 +74,8 @@ class Backbone(nn.Module):
         return (3, self.depth, self.image_size, self.image_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.normalized:
+            x = (x - self.input_mean.to(x.dtype)) * self.input_inv_std.to(x.dtype)
         feats = self.net(x)
         if isinstance(feats, tuple | list):  # MONAI ViT returns (tokens [B,T,d], hidden_states)
             feats = feats[0]
@@ -158,20 +171,29 @@ def register(preset: Preset) -> Preset:
 
 # DINOv3's image embedding is its normed CLS token (upstream's, and Hugging Face's pooler_output); timm's default
 # for the architecture is the mean of the patch tokens, so the pooling is set explicitly.
+# What the pretrained nets saw: ImageNet mean / std (DINOv3; MedImageInsight's config), SigLIP's [-1, 1].
+_IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+_SIGLIP = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 register(Preset("dinov3-base", 2, 768, 224, 0, "Natural", "lora", _VIT, True,
                 _timm("vit_base_patch16_dinov3", global_pool="token"),
-                "timm safetensors of vit_base_patch16_dinov3.lvd1689m"))  # fmt: skip
+                "Meta's dinov3_vitb16 .pth, or Hugging Face's or timm's safetensors of dinov3 vitb16 lvd1689m",
+                input_stats=_IMAGENET))  # fmt: skip
 register(Preset("dinov3-large", 2, 1024, 224, 0, "Natural", "lora", _VIT, True,
                 _timm("vit_large_patch16_dinov3", global_pool="token"),
-                "timm safetensors of vit_large_patch16_dinov3.lvd1689m"))  # fmt: skip
-# MedGemma's vision tower is SigLIP so400m/14 at its native 896^2 (4,096 patches); timm's gap variant pools tokens.
+                "Meta's dinov3_vitl16 .pth, or Hugging Face's or timm's safetensors of dinov3 vitl16 lvd1689m",
+                input_stats=_IMAGENET))  # fmt: skip
+# MedGemma's vision tower is SigLIP so400m/14 at its native 896^2 (4,096 patches); timm's gap variant pools
+# tokens (Gemma 3 takes the tower's last hidden state without SigLIP's attention-pooling head).
 register(Preset("medgemma", 2, 1152, 896, 0, "Medical", "lora", _VIT, True,
-                _timm("vit_so400m_patch14_siglip_gap_896"), "MedGemma vision tower converted to timm keys"))  # fmt: skip
+                _timm("vit_so400m_patch14_siglip_gap_896"),
+                "the Hugging Face medgemma-4b checkpoint folder (its vision tower is read), or timm keys",
+                input_stats=_SIGLIP))  # fmt: skip
 # MedImageInsight's image encoder: DaViT dims 256/512/1024/2048, depths 1/1/9/1, window 12, 480^2, proj to 1024.
 register(Preset("medimageinsight", 2, 1024, 480, 0, "Medical", "lora", _VIT, True,
                 _davit(embed_dims=(256, 512, 1024, 2048), depths=(1, 1, 9, 1), num_heads=(8, 16, 32, 64),
                        window_size=12),
-                "MedImageInsight image encoder (timm DaViT keys + proj.weight)", project_to=1024))  # fmt: skip
+                "MedImageInsight image encoder (timm DaViT keys + proj.weight)", project_to=1024,
+                input_stats=_IMAGENET))  # fmt: skip
 # Pillar0-HeadCT stand-in: a MONAI 3D ViT of width 1152; 7 layers x 12 d^2 + embeddings = 117.48M backbone,
 # 117.97M in the Table-2 setting (+ head and MoLRE; `molre params`) against the paper's 113.9M.
 register(Preset("pillar0-headct", 3, 1152, 256, 32, "Head CT", "full", _MONAI_VIT, True,
@@ -209,83 +231,9 @@ def get_preset(name: str) -> Preset:
         raise ModelError(f"unknown backbone preset {name!r}; expected one of {sorted(PRESETS)}") from None
 
 
-def create_backbone(name: str, image_size: int | None = None, depth: int | None = None) -> Backbone:
+def create_backbone(
+    name: str, image_size: int | None = None, depth: int | None = None, normalize: bool = True
+) -> Backbone:
     """Build a preset's architecture (random init). Call under ``torch.device("meta")`` to build for free."""
     preset = get_preset(name)
-    return Backbone(preset, image_size or preset.image_size, depth or preset.depth)
-
-
-# ---- weights ---------------------------------------------------------------------------------------------
-
-_HEAD_KEYS = ("head.", "fc_norm.", "head_drop.", "class_layers.")  # classifier heads a headless net drops
-
-
-def read_state_dict(uri: str) -> dict[str, torch.Tensor]:
-    """Read safetensors or a torch file from a local path or s3:// (s3fs imported only for s3)."""
-    from molre.data import storage
-
-    try:
-        blob = storage.read_bytes(uri)
-    except FileNotFoundError:
-        raise WeightsError(f"weights file {uri} does not exist") from None
-    except OSError as err:
-        raise WeightsError(f"weights file {uri} cannot be read: {err}") from None
-    if uri.endswith(".safetensors"):
-        from safetensors.torch import load as load_safetensors
-
-        try:
-            return load_safetensors(blob)
-        except Exception as err:
-            raise WeightsError(f"weights file {uri} is not valid safetensors: {err}") from None
-    try:
-        state = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise WeightsError(
-            f"weights file {uri} is neither safetensors nor a torch state dict: {err}"
-        ) from None
-    for key in ("state_dict", "model", "module"):  # common checkpoint wrappers
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise WeightsError(f"weights file {uri} does not hold a flat name -> tensor state dict")
-    return {k.removeprefix("module."): v for k, v in state.items()}
-
-
-def check_state_dict(
-    model: nn.Module, state: dict[str, torch.Tensor], source: str, ignore=_HEAD_KEYS
-) -> None:
-    """Raise a ``WeightsError`` listing missing, unexpected and mis-shaped keys, if any."""
-    own = model.state_dict()
-    missing = sorted(k for k in own if k not in state)
-    unexpected = sorted(k for k in state if k not in own and not k.startswith(ignore))
-    misshaped = sorted(
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in own
-        if k in state and tuple(state[k].shape) != tuple(own[k].shape)
-    )
-    if missing or unexpected or misshaped:
-        parts = [f"weights {source} do not fit {type(model).__name__}:"]
-        for label, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
-            if keys:
-                shown = ", ".join(keys[:8]) + (f", ... ({len(keys)} in all)" if len(keys) > 8 else "")
-                parts.append(f"  {label} keys: {shown}")
-        raise WeightsError("\n".join(parts))
-
-
-def load_backbone_weights(backbone: Backbone, uri: str) -> None:
-    """Load a preset's real weights into a freshly built backbone (before LoRA wraps its linears)."""
-    state = read_state_dict(uri)
-    proj_state = {k.removeprefix("proj."): v for k, v in state.items() if k.startswith("proj.")}
-    net_state = {k.removeprefix("net."): v for k, v in state.items() if not k.startswith("proj.")}
-    check_state_dict(backbone.net, net_state, uri)
-    backbone.net.load_state_dict(_in_own_dtypes(backbone.net, net_state), assign=True)
-    if backbone.proj is not None:
-        check_state_dict(backbone.proj, proj_state, f"{uri} (projection)")
-        backbone.proj.load_state_dict(_in_own_dtypes(backbone.proj, proj_state), assign=True)
-
-
-def _in_own_dtypes(module: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The checkpoint's tensors that ``module`` holds, cast to the module's own dtypes: ``assign=True`` would
-    otherwise keep a bf16 export's dtype (MedGemma's towers ship in bf16) under fp32 adapters and head."""
-    own = module.state_dict()
-    return {k: v.to(own[k].dtype) for k, v in state.items() if k in own}
+    return Backbone(preset, image_size or preset.image_size, depth or preset.depth, normalize)

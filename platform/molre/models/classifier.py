@@ -13,10 +13,11 @@ from torch import nn
 from molre.config import RunConfig
 from molre.errors import ModelError
 from molre.findings import NUM_FINDINGS
-from molre.models.backbones import Backbone, create_backbone, load_backbone_weights
+from molre.models.backbones import Backbone, create_backbone
 from molre.models.lora import inject_lora, wrap_linears
 from molre.models.molre import MoLRE
 from molre.models.pooling import AttentionPooling
+from molre.models.weights import load_backbone_weights
 
 
 class MoLREClassifier(nn.Module):
@@ -104,7 +105,7 @@ def build_model(cfg: RunConfig, load_weights: bool = True) -> MoLREClassifier:
     Build under ``torch.device("meta")`` (with ``load_weights=False``) to count parameters at no memory cost.
     """
     bcfg, acfg = cfg.backbone, cfg.adapter
-    backbone = create_backbone(bcfg.preset, bcfg.image_size, cfg.data.num_slices)
+    backbone = create_backbone(bcfg.preset, bcfg.image_size, cfg.data.num_slices, bcfg.normalize)
     preset = backbone.preset
     if load_weights and bcfg.weights:  # "{preset}" in the URI lets one sweep give every preset its own file
         load_backbone_weights(backbone, bcfg.weights.replace("{preset}", preset.name))

@@ -44,6 +44,7 @@ from molre.config import RunConfig
 from molre.data import shards, storage
 from molre.errors import ConfigError, DataError
 from molre.findings import FINDING_IDS, NUM_FINDINGS
+from molre.models.backbones import get_preset
 from molre.models.fp8 import apply_frozen_matmul
 from molre.models.molre import MoLRE
 from molre.models.pooling import AttentionPooling
@@ -105,6 +106,9 @@ def key_fields(
     # absent by default, so that caches built before the setting existed keep their keys
     if cfg.train.frozen_matmul != "auto":
         fields["frozen_matmul"] = cfg.train.frozen_matmul
+    stats = get_preset(cfg.backbone.preset).input_stats
+    if stats and cfg.backbone.normalize:  # absent for presets without statistics: their caches keep their keys
+        fields["input_stats"] = [list(v) for v in stats]
     if augment_copies:  # absent otherwise: caches built before augmented copies existed keep their keys
         fields["augment_copies"] = augment_copies
         fields["augment"] = cfg.data.augment.model_dump(mode="json")
