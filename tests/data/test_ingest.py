@@ -28,7 +28,7 @@ from pydicom.uid import (
 
 from molre.data import labels
 from molre.data.dicom_write import nifti_affine, write_dicom_series, write_nifti
-from molre.data.ingest import DEFAULT_MIN_SLICES, discover, largest_first, load_series
+from molre.data.ingest import DEFAULT_MIN_SLICES, discover, largest_first, load_series, source_digest
 from molre.errors import DataError
 from molre.findings import FINDING_IDS
 from tests.data.jpeg_lossless import encode_frame
@@ -652,3 +652,49 @@ def test_one_instance_uid_with_other_pixels_is_kept_and_named(tmp_path):
         f"{os.path.join('resend', 'IM-0006.dcm')} (one SOPInstanceUID, different pixel data: keep one copy)"
     )):  # fmt: skip
         load_series(ref)
+
+
+# ---------------------------------------------------------------------------------------------------- source digest
+
+
+def _copied(src: Path, dst: Path) -> Path:
+    """``src`` copied as a move to another disk does it: the same bytes, new modification times."""
+    shutil.copytree(src, dst, copy_function=shutil.copyfile)
+    return dst
+
+
+def _digest(root: Path) -> str:
+    return source_digest(_only(discover(root)[0]))
+
+
+def test_source_digest_sees_a_replaced_dicom_series_not_a_copy(tmp_path):
+    write_good_dicom(tmp_path / "a" / "study", series_uid="1.2.826.0.1.3680043.8.498.77")
+    first = _digest(tmp_path / "a")
+    copy = _copied(tmp_path / "a", tmp_path / "b")
+    (copy / "study" / "IM-0001.dcm").rename(copy / "study" / "renamed.dcm")  # file names do not count
+    assert _digest(copy) == first
+    write_good_dicom(tmp_path / "c" / "study")  # re-sent: new SOPInstanceUIDs (a new SeriesInstanceUID)
+    assert _digest(tmp_path / "c") != first
+    (copy / "study" / "IM-0010.dcm").unlink()  # a slice less
+    assert _digest(copy) != first
+
+    def station(ds):  # the same UIDs, one file rewritten with an element more: another size
+        ds.StationName = "PACS2"
+
+    reencoded = _copied(tmp_path / "a", tmp_path / "d")
+    _resend(tmp_path / "a" / "study" / "IM-0005.dcm", reencoded / "study", station)
+    assert _digest(reencoded) != first
+
+
+@pytest.mark.parametrize("name", ["study.nii.gz", "study.nii"])
+def test_source_digest_sees_an_overwritten_nifti_not_a_copy(tmp_path, name):
+    path = write_nifti(phantom(), SPACING, tmp_path / "a" / name)
+    first, size = _digest(tmp_path / "a"), path.stat().st_size
+    assert _digest(_copied(tmp_path / "a", tmp_path / "b")) == first
+    write_nifti(phantom(), SPACING, path)  # written again, the same volume
+    assert _digest(tmp_path / "a") == first
+    corrected = phantom()
+    corrected[4, 16, 16] = 60.0  # one voxel corrected
+    write_nifti(corrected, SPACING, path)
+    assert name.endswith(".gz") or path.stat().st_size == size  # .nii: the same size, only its bytes differ
+    assert _digest(tmp_path / "a") != first

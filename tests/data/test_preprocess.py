@@ -629,7 +629,10 @@ def test_rerun_redoes_the_batches_of_corrected_labels_and_withdrawn_studies(coho
     second = preprocess.preprocess(
         cohort["input"], cohort["labels"], "generic", root, executor="inline", **SETTINGS
     )
-    assert f"{root}: 1 studies changed labels, 1 are no longer in the input" in caplog.text
+    assert (
+        f"{root}: 1 studies changed labels, 0 changed images (a series replaced, added or removed), 1 are no "
+        "longer in the input" in caplog.text
+    )
     assert "counts do not reconcile" not in caplog.text
     check_rerun_output(root, cohort, first, first_splits)
     # only the batches holding the two studies were redone: the other shards were neither rewritten nor renamed
@@ -719,6 +722,15 @@ def test_a_redo_once_started_is_finished_even_if_the_input_comes_back(cohort, tm
     assert again.counts == first.counts
 
 
+def strip_markers(root: str, *keys: str) -> None:
+    """The batch markers as a molre before ``keys`` wrote them."""
+    for path in Path(root, shards.PROGRESS).glob("batch-*.json"):
+        marker = json.loads(path.read_bytes())
+        for key in keys:
+            marker.pop(key, None)
+        path.write_text(json.dumps(marker))
+
+
 def test_markers_of_an_older_molre_still_lose_withdrawn_studies(cohort, tmp_path, caplog):
     """Batch markers written before label fingerprints: a withdrawn study is still found (and dropped); a label
     correction cannot be, and a warning says so."""
@@ -726,10 +738,7 @@ def test_markers_of_an_older_molre_still_lose_withdrawn_studies(cohort, tmp_path
     first = preprocess.preprocess(
         cohort["input"], cohort["labels"], "generic", root, executor="inline", **SETTINGS
     )
-    for path in Path(root, shards.PROGRESS).glob("batch-*.json"):
-        marker = json.loads(path.read_bytes())
-        marker.pop("label_fingerprints", None)
-        path.write_text(json.dumps(marker))
+    strip_markers(root, "label_fingerprints", "source_fingerprints")
     correct_and_withdraw(cohort)
     caplog.set_level(logging.WARNING)
     second = preprocess.preprocess(
@@ -738,7 +747,120 @@ def test_markers_of_an_older_molre_still_lose_withdrawn_studies(cohort, tmp_path
     gone = preprocess.salted_hash(SALT, "study", WITHDRAWN)
     assert gone not in [r["study_hash"] for r in read_all_rows(root)]
     assert (second.counts["processed"], first.counts["processed"]) == (7, 8)
-    assert "without label fingerprints" in caplog.text
+    assert "without label fingerprints" in caplog.text and "without source fingerprints" in caplog.text
+
+
+# ---- re-runs after a study's images were replaced under its study key ----------------------------------------
+
+REPLACED = ("study_03", "study_07")  # a DICOM series and the NIfTI
+
+
+def run_inline(cohort: dict, root: str) -> shards.Manifest:
+    return preprocess.preprocess(
+        cohort["input"], cohort["labels"], "generic", root, executor="inline", **SETTINGS
+    )
+
+
+def replace_images(cohort: dict, study: str, seed: int) -> None:
+    """``study``'s images replaced under its study key: the DICOM series re-sent by the PACS (a new
+    SeriesInstanceUID, other pixels, the same StudyInstanceUID), or the NIfTI overwritten with a corrected
+    volume."""
+    folder = cohort["input"] / study
+    if study == f"study_{len(cohort['uids']):02d}":  # write_cohort's last study is the NIfTI
+        write_nifti(head_ct(seed), SPACING_IN, folder / f"{study}.nii.gz")
+        return
+    shutil.rmtree(folder)
+    headers = phi_headers(cohort["rows"][study][1], cohort["uids"][int(study[-2:])])
+    write_dicom_series(head_ct(seed), SPACING_IN, folder, **headers)
+
+
+def test_rerun_redoes_the_batches_of_replaced_images_not_of_a_copied_input(cohort, tmp_path, caplog):
+    root = str(tmp_path / "out")
+    first = run_inline(cohort, root)
+    first_splits = {r["study_hash"]: r["split"] for r in read_all_rows(root)}
+    # the input copied to another disk (new modification times) and read from there: nothing is redone
+    cohort["input"] = shutil.copytree(cohort["input"], tmp_path / "moved", copy_function=shutil.copyfile)
+    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in Path(root).rglob("*.parquet")}
+    assert run_inline(cohort, root) == first
+    assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in Path(root).rglob("*.parquet")} == before
+    hashes = {preprocess.salted_hash(SALT, "study", k) for k in REPLACED}
+    touched = {r["shard"] for r in shards.read_index(root).to_pylist() if r["study_hash"] in hashes}
+    untouched = {s.path: Path(root, s.path).stat().st_mtime_ns for s in first.shards if s.path not in touched}
+    assert untouched, "the cohort must have batches that the replacement leaves alone"
+    for seed, study in enumerate(REPLACED, start=100):
+        replace_images(cohort, study, seed)
+    caplog.set_level(logging.WARNING)
+    second = run_inline(cohort, root)
+    assert (
+        f"{root}: 0 studies changed labels, 2 changed images (a series replaced, added or removed), 0 are no "
+        "longer in the input" in caplog.text
+    )
+    assert "counts do not reconcile" not in caplog.text and second.counts == first.counts
+    rows = read_all_rows(root)
+    assert_rows_as_expected(rows, cohort)  # the new volumes, bit for bit
+    assert {r["study_hash"]: r["split"] for r in rows} == first_splits
+    assert {p: Path(root, p).stat().st_mtime_ns for p in untouched} == untouched
+    on_disk = sorted(str(p.relative_to(root)) for p in Path(root).rglob("*.parquet"))
+    assert on_disk == sorted(s.path for s in second.shards) and not touched & set(on_disk)
+    assert run_inline(cohort, root) == second  # then a no-op again
+
+
+def test_a_crash_while_redoing_replaced_images_leaves_the_old_dataset_whole(cohort, tmp_path, monkeypatch):
+    """The redone batch holds the same studies with the same labels: its shard must get a new name, not
+    overwrite the one the old manifest lists."""
+    root = str(tmp_path / "out")
+    first = run_inline(cohort, root)
+    replace_images(cohort, REPLACED[0], 100)
+    real_write = storage.write_bytes
+
+    def write(uri: str, data: bytes) -> None:
+        if uri.endswith("/" + shards.MANIFEST):
+            raise OSError("killed")
+        real_write(uri, data)
+
+    monkeypatch.setattr(storage, "write_bytes", write)
+    with pytest.raises(OSError, match="killed"):
+        run_inline(cohort, root)
+    monkeypatch.undo()
+    assert shards.read_manifest(root) == first
+    assert len(read_all_rows(root)) == 8  # every shard it lists is there, whole (sha256)
+    run_inline(cohort, root)
+    assert_rows_as_expected(read_all_rows(root), cohort)
+
+
+def test_a_quarantined_study_is_tried_again_when_its_series_is_resent(cohort, tmp_path):
+    root = str(tmp_path / "out")
+    assert run_inline(cohort, root).counts["quarantined_by_reason"]["modality MR is not CT"] == 1
+    shutil.rmtree(cohort["input"] / "study_mr")
+    write_dicom_series(head_ct(99), SPACING_IN, cohort["input"] / "study_mr", **phi_headers(PHI_ID, None))
+    counts = run_inline(cohort, root).counts
+    assert (counts["processed"], counts["quarantined"], counts["quarantined_by_reason"]) == (
+        9,
+        1,
+        {"no labels": 1},
+    )
+    assert "study_mr" not in storage.read_bytes(storage.join(root, shards.QUARANTINE)).decode()
+
+
+def test_markers_without_source_fingerprints_are_kept_and_then_watched(cohort, tmp_path, caplog):
+    """Markers of a molre before source fingerprints: a series replaced meanwhile cannot be told (its batch
+    is kept, a one-line notice says so); the current fingerprints are recorded, so a later replacement is
+    found."""
+    root = str(tmp_path / "out")
+    first = run_inline(cohort, root)
+    strip_markers(root, "source_fingerprints")
+    replace_images(cohort, REPLACED[0], 100)
+    caplog.set_level(logging.WARNING)
+    assert run_inline(cohort, root) == first  # not redone: the old volume stays
+    assert caplog.text.count("without source fingerprints") == 1 and "changed images" not in caplog.text
+    markers = [json.loads(p.read_bytes()) for p in Path(root, shards.PROGRESS).glob("batch-*.json")]
+    assert all(len(m["source_fingerprints"]) == len(m["label_fingerprints"]) for m in markers)
+    caplog.clear()
+    replace_images(cohort, REPLACED[0], 101)
+    run_inline(cohort, root)
+    assert "0 studies changed labels, 1 changed images" in caplog.text
+    assert "without source fingerprints" not in caplog.text
+    assert_rows_as_expected(read_all_rows(root), cohort)
 
 
 def test_preprocess_into_a_missing_bucket_fails_first_naming_the_output(cohort, s3_env):

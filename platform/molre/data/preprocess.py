@@ -10,23 +10,28 @@
   root, and DICOM UIDs in messages are blanked.
 - **Studies.** One shard row per study (per label row): when several series match one study, the one with the most
   slices that loads is used and the others are quarantined ("another series of the same study was used").
-- **Resume.** Batches are deterministic (a split's unfinished studies sorted by hash, ``shard_size`` at a time;
-  shard id = hash of its studies' hashes and label fingerprints). Each shard is written under a temporary name and
-  committed by rename or copy; then ``_progress/<batch>.json`` records it, with a fingerprint of each study's
-  label row (patient hash, labels, known). A re-run skips every study in a marker whose shard is still there,
-  pins already-placed patients to their split, deletes shard files no marker claims, and never duplicates a
-  study. ``manifest.json`` is written last, after the output has been checked (no duplicate study, no patient in
-  two splits, row counts as listed); shards and markers that it no longer lists are deleted after it.
-- **Changed input.** A re-run reads the label file and the input afresh. A finished batch holding a study whose
-  label row changed (a corrected label or patient id) or that is no longer in the input or the label file (a
-  withdrawn study) is *redone*, not refused: its remaining studies are processed again with their current labels
-  into new batches (their patients keep their split), the gone ones are dropped, and the outdated batch's marker
-  and shard are deleted once the new manifest is written. Until then the old manifest and its shards stay as they
-  were, so a crash at any point leaves either the old dataset or the new one; the outdated markers are flagged
-  ``superseded`` first, so that a re-run finishes the job whatever the input then holds. Markers of an older
-  molre hold no label fingerprints: withdrawn studies are still found, label corrections of their studies are not
-  (a warning says so; preprocess into a new output to be sure). A changed DICOM series under an unchanged study
-  key is not detected either.
+- **Resume.** Batches are deterministic (a split's unfinished studies sorted by hash, ``shard_size`` at a
+  time; shard id = hash of its studies' hashes, label and source fingerprints). Each shard is written under a
+  temporary name and committed by rename or copy; then ``_progress/<batch>.json`` records it, with two
+  fingerprints per study: of its label row (patient hash, labels, known) and of its source images
+  (``source_fingerprint``: the candidate series' UIDs and file sizes, a NIfTI's gzip CRC or content; salted).
+  A re-run skips every study in a marker whose shard is still there, pins already-placed patients to their
+  split, deletes shard files no marker claims, and never duplicates a study. ``manifest.json`` is written
+  last, after the output has been checked (no duplicate study, no patient in two splits, row counts as
+  listed); shards and markers that it no longer lists are deleted after it.
+- **Changed input.** A re-run reads the label file and the input afresh. A finished batch holding a study
+  whose label row changed (a corrected label or patient id), whose images changed (a series replaced or
+  re-sent, added or removed, a NIfTI overwritten: its source fingerprint differs) or that is no longer in the
+  input or the label file (a withdrawn study) is *redone*, not refused: its remaining studies are processed
+  again with their current labels and images into new batches (their patients keep their split), the gone ones
+  are dropped, and the outdated batch's marker and shard are deleted once the new manifest is written. Until
+  then the old manifest and its shards stay as they were, so a crash at any point leaves either the old
+  dataset or the new one; the outdated markers are flagged ``superseded`` first, so that a re-run finishes the
+  job whatever the input then holds. A copy of the input elsewhere (new paths, new modification times) changes
+  no fingerprint. Markers of an older molre hold no label (source) fingerprints: withdrawn studies are still
+  found, label corrections (replaced images) of their studies are not (a warning says so; preprocess into a
+  new output to be sure); their current source fingerprints are then recorded, so that a later replacement
+  is.
 - **Counts.** ``in`` = series found + files rejected by discovery = ``processed + quarantined``.
 """
 
@@ -238,6 +243,7 @@ class StudyJob:
     known: np.ndarray  # uint8[75]
     refs: list[ingest.SeriesRef]
     split: str = ""
+    source_fingerprint: str = ""  # salted hash of its series' ingest.source_digest (see source_fingerprint)
 
 
 @dataclass
@@ -321,6 +327,7 @@ def plan_studies(
                 labels=row.labels.astype(np.uint8),
                 known=row.known.astype(np.uint8),
                 refs=members,
+                source_fingerprint=source_fingerprint(salt, members),
             )
         )
     if anonymous:
@@ -369,10 +376,18 @@ def label_fingerprint(job: StudyJob) -> str:
     return digest.hexdigest()[:HASH_HEX]
 
 
+def source_fingerprint(salt: bytes, refs: Sequence[ingest.SeriesRef]) -> str:
+    """A salted hash of the study's candidate series, each by ``ingest.source_digest`` (UIDs and file sizes,
+    a NIfTI's gzip CRC or content; no paths, no mtimes): a series replaced, re-sent, added or removed changes
+    it, a copy of the input to another disk does not. Every candidate counts, not only the series used: an
+    added one may be the one used now. Salted, as every id stored: the digests come from header UIDs."""
+    return salted_hash(salt, "source", "\n".join(sorted(ingest.source_digest(r) for r in refs)))
+
+
 def make_batches(jobs: Sequence[StudyJob], shard_size: int) -> list[Batch]:
-    """Per split, studies sorted by hash, ``shard_size`` at a time; batch id = hash of its study hashes and label
-    fingerprints (a batch redone with corrected labels gets a new shard name: the old shard stays whole until the
-    new manifest is written)."""
+    """Per split, studies sorted by hash, ``shard_size`` at a time; batch id = hash of its study hashes, label
+    and source fingerprints (a batch redone with corrected labels or a replaced series gets a new shard name:
+    the old shard stays whole until the new manifest is written)."""
     batches = []
     by_split: dict[str, list[StudyJob]] = defaultdict(list)
     for job in sorted(jobs, key=lambda j: j.study_hash):
@@ -381,7 +396,7 @@ def make_batches(jobs: Sequence[StudyJob], shard_size: int) -> list[Batch]:
         members = by_split[split]
         for start in range(0, len(members), shard_size):
             chunk = members[start : start + shard_size]
-            text = "\n".join(f"{j.study_hash} {label_fingerprint(j)}" for j in chunk)
+            text = "\n".join(f"{j.study_hash} {label_fingerprint(j)} {j.source_fingerprint}" for j in chunk)
             batches.append(Batch(hashlib.sha256(text.encode()).hexdigest()[:HASH_HEX], split, chunk))
     return batches
 
@@ -458,6 +473,7 @@ def process_batch(batch: Batch, ctx: BatchContext) -> dict:
         "studies": [[r["study_hash"], r["patient_hash"]] for r in rows],
         "failed_studies": sorted({j.study_hash for j in batch.studies} - {r["study_hash"] for r in rows}),
         "label_fingerprints": {j.study_hash: label_fingerprint(j) for j in batch.studies},
+        "source_fingerprints": {j.study_hash: j.source_fingerprint for j in batch.studies},
         "quarantined": [asdict(q) for q in quarantined],
         "positives": np.sum([r["labels"] for r in rows], axis=0, dtype=np.int64).tolist()
         if rows
@@ -571,33 +587,76 @@ def _load_markers(output_uri: str, splits: Sequence[str]) -> dict[str, dict]:
     return markers
 
 
-def outdated_batches(markers: dict[str, dict], jobs: Sequence[StudyJob]) -> tuple[set[str], int, int]:
-    """Finished batches to redo: those holding a study whose label row changed since (its fingerprint differs) or
-    that is no longer planned (gone from the input or the label file, or its labels now unusable), and those an
-    interrupted run marked ``superseded``. Returns ``(batch ids, studies changed, studies gone)``."""
-    current = {j.study_hash: label_fingerprint(j) for j in jobs}
-    outdated, changed, gone, unchecked = set(), 0, 0, 0
+@dataclass
+class Changes:
+    """What a re-run found changed in the studies of finished batches (counts are studies)."""
+
+    batches: set[str] = field(default_factory=set)  # finished batches to redo
+    labels: int = 0  # label row changed (labels, known, patient)
+    images: int = 0  # candidate series changed (source fingerprint): replaced, re-sent, added, removed
+    gone: int = 0  # no longer in the input or the label file
+    unsourced: list[str] = field(default_factory=list)  # kept batches whose marker has no source fingerprints
+
+
+def outdated_batches(markers: dict[str, dict], jobs: Sequence[StudyJob]) -> Changes:
+    """Finished batches to redo: those holding a study whose label row or source series changed since (its
+    label or source fingerprint differs) or that is no longer planned (gone from the input or the label file,
+    or its labels now unusable), and those an interrupted run marked ``superseded``. A marker of an older
+    molre without fingerprints of a kind detects no change of that kind."""
+    labels_now = {j.study_hash: label_fingerprint(j) for j in jobs}
+    sources_now = {j.study_hash: j.source_fingerprint for j in jobs}
+    out, unlabelled = Changes(), 0
     for batch_id, marker in markers.items():
         if marker.get(SUPERSEDED):  # found outdated by an earlier run that did not finish: stays outdated
-            outdated.add(batch_id)
+            out.batches.add(batch_id)
             continue
-        fingerprints = marker.get("label_fingerprints")
-        unchecked += fingerprints is None
-        members = [s for s, _ in marker["studies"]] + list(marker["failed_studies"])
-        lost = sum(s not in current for s in members)
-        moved = sum(
-            s in current and fingerprints is not None and fingerprints.get(s) != current[s] for s in members
-        )
-        if lost or moved:
-            outdated.add(batch_id)
-            changed, gone = changed + moved, gone + lost
-    if unchecked:
+        members = _members(marker)
+        lost = sum(s not in labels_now for s in members)
+        relabelled = _differing(marker.get("label_fingerprints"), labels_now, members)
+        replaced = _differing(marker.get("source_fingerprints"), sources_now, members)
+        unlabelled += marker.get("label_fingerprints") is None
+        if lost or relabelled or replaced:
+            out.batches.add(batch_id)
+            out.labels, out.images, out.gone = out.labels + relabelled, out.images + replaced, out.gone + lost
+        elif marker.get("source_fingerprints") is None:
+            out.unsourced.append(batch_id)
+    if unlabelled:
         log.warning(
             "%d finished batches were written by an older molre without label fingerprints: a corrected label of "
             "their studies is not detected (withdrawn studies are); preprocess into a new output to be sure",
-            unchecked,
+            unlabelled,
         )
-    return outdated, changed, gone
+    return out
+
+
+def _members(marker: dict) -> list[str]:
+    """Every study a batch marker accounts for: processed and failed."""
+    return [s for s, _ in marker["studies"]] + list(marker["failed_studies"])
+
+
+def _differing(recorded: dict | None, current: dict[str, str], members: Sequence[str]) -> int:
+    """How many still-planned ``members`` have a recorded fingerprint other than the current one (0 when the
+    marker records none)."""
+    if recorded is None:
+        return 0
+    return sum(s in current and recorded.get(s) != current[s] for s in members)
+
+
+def record_sources(output_uri: str, markers: dict[str, dict], jobs: Sequence[StudyJob]) -> None:
+    """Markers of a molre before source fingerprints: their studies' current fingerprints are written into
+    them, with a one-line notice. A series replaced before this run stays undetected in them; one replaced
+    later is found like any other."""
+    if not markers:
+        return
+    log.warning(
+        "%d finished batches were written by an older molre without source fingerprints: a series "
+        "replaced before this run is not detected in them (preprocess into a new output to be sure); their "
+        "current ones are recorded now, so later replacements are", len(markers),
+    )  # fmt: skip
+    current = {j.study_hash: j.source_fingerprint for j in jobs}
+    for batch_id, marker in sorted(markers.items()):
+        marker["source_fingerprints"] = {s: current[s] for s in _members(marker)}
+        storage.write_bytes(marker_uri(output_uri, batch_id), json.dumps(marker, sort_keys=True).encode())
 
 
 def _sweep(output_uri: str, splits: Sequence[str], keep: set[str]) -> None:
@@ -744,17 +803,20 @@ def preprocess(
     loaded = _load_markers(output_uri, list(cfg.splits))
     # patients keep the split they were placed in, also those of batches about to be redone
     pinned = {p: m["split"] for m in loaded.values() for _, p in m["studies"]}
-    outdated, changed, gone = outdated_batches(loaded, jobs)
-    if changed or gone:
+    changes = outdated_batches(loaded, jobs)
+    outdated = changes.batches
+    if changes.labels or changes.images or changes.gone:
         log.warning(
-            "%s: %d studies changed labels, %d are no longer in the input: the finished batches holding them "
-            "are redone, without the gone ones", output_uri, changed, gone,
+            "%s: %d studies changed labels, %d changed images (a series replaced, added or removed), %d are "
+            "no longer in the input: the finished batches holding them are redone, without the gone ones",
+            output_uri, changes.labels, changes.images, changes.gone,
         )  # fmt: skip
     # flagged first: the decision outlives a crash, whatever the input looks like next time
     for batch_id in sorted(outdated):
         if not loaded[batch_id].get(SUPERSEDED):
             marker = loaded[batch_id] | {SUPERSEDED: True}
             storage.write_bytes(marker_uri(output_uri, batch_id), json.dumps(marker, sort_keys=True).encode())
+    record_sources(output_uri, {b: loaded[b] for b in changes.unsourced}, jobs)
     done = {b: m for b, m in loaded.items() if b not in outdated}
     finished = {s for m in done.values() for s, _ in m["studies"]} | {
         s for m in done.values() for s in m["failed_studies"]
