@@ -95,6 +95,14 @@ def test_key_follows_what_the_features_depend_on(data, weights, tmp_path):
     assert features.feature_key(_cfg(data, weights, data={"num_slices": 4})) != base
     assert features.feature_key(_cfg(data, weights, backbone={"image_size": 32})) != base
     assert features.feature_key(_cfg(data, weights, train={"frozen_matmul": "fp8"})) != base
+    # input scaling: a pretrained preset's statistics join the key; presets without any keep their old keys
+    assert features.feature_key(_cfg(data, weights, backbone={"normalize": False})) == base
+    dinov3 = {"preset": "dinov3-base", "image_size": 32}
+    scaled = features.key_fields(_cfg(data, weights, backbone=dinov3))
+    assert scaled["input_stats"] == [[0.485, 0.456, 0.406], [0.229, 0.224, 0.225]]
+    assert "input_stats" not in features.key_fields(
+        _cfg(data, weights, backbone={**dinov3, "normalize": False})
+    )
 
 
 def test_fp8_caches_hold_the_fp8_backbones_features(data, weights, tmp_path):

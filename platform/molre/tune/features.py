@@ -106,8 +106,8 @@ def key_fields(
     # absent by default, so that caches built before the setting existed keep their keys
     if cfg.train.frozen_matmul != "auto":
         fields["frozen_matmul"] = cfg.train.frozen_matmul
-    stats = get_preset(cfg.backbone.preset).input_stats
-    if stats and cfg.backbone.normalize:  # absent for presets without statistics: their caches keep their keys
+    stats = get_preset(cfg.backbone.preset).input_stats  # None: no field, and old caches keep their keys
+    if stats and cfg.backbone.normalize:
         fields["input_stats"] = [list(v) for v in stats]
     if augment_copies:  # absent otherwise: caches built before augmented copies existed keep their keys
         fields["augment_copies"] = augment_copies
