@@ -24,7 +24,9 @@ Modes, for every side: ``eager``; ``compiled`` = ``torch.compile`` of the whole 
 ``train.compile=auto`` runs on a GPU). Ablations (``ablations=True``, eager only: skipped when ``eager`` is not
 among the modes, since they are read against molre eager) switch one fast path of molre off:
 ``molre-fp32-frozen`` (frozen weights kept fp32 and re-cast by autocast every step; only under bf16) and
-``molre-foreach-adamw`` / ``molre-fused-adamw`` (the other AdamW implementation than the device's default).
+``molre-foreach-adamw`` / ``molre-fused-adamw`` (the other AdamW implementation than the device's default);
+``molre-recompute`` switches a memory path on instead: ``train.activation_checkpointing`` (its cost is the ratio,
+what it saves the peak memory column; at a shape where molre does not fit, molre's row is the out-of-memory error).
 ``fp8=True`` adds ``molre-fp8`` in every mode: molre with ``train.frozen_matmul=fp8`` (the frozen linears' products
 on e4m3 operands, ``molre.models.fp8``), a fast path that changes the numbers, so it is a variant of its own.
 
@@ -103,7 +105,7 @@ class Variant:
 
 def run_config(
     shape: StepShape, kind: str = "molre", placement: str = "features", finetune: str | None = None,
-    route_by: str = "slice", precision: str = "auto", frozen_matmul: str = "auto",
+    route_by: str = "slice", precision: str = "auto", frozen_matmul: str = "auto", recompute: bool = False,
 ):  # fmt: skip
     from molre.config import build_config
 
@@ -111,7 +113,7 @@ def run_config(
         "backbone": {"preset": shape.preset, "image_size": shape.image_size, "finetune": finetune},
         "adapter": {"kind": kind, "molre": {"placement": placement, "route_by": route_by}},
         "data": {"num_slices": shape.slices},
-        "train": {"precision": precision, "frozen_matmul": frozen_matmul},
+        "train": {"precision": precision, "frozen_matmul": frozen_matmul, "activation_checkpointing": recompute},
     })  # fmt: skip
 
 
@@ -598,6 +600,8 @@ def model_step_case(
             model, opt = eager["molre"]()
             return model, make_optimizer_like(model, cfg, fused=not opt.defaults.get("fused"))
 
+        recompute = _seeded(molre_model, run_config(shape, precision=precision, recompute=True), device)
+        _add(variants, "molre-recompute/eager", "molre-recompute", "eager", recompute, bf16, ck, device)
         other = (
             "foreach" if device.type == "cuda" else "fused"
         )  # the other AdamW than make_optimizer's default

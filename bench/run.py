@@ -409,7 +409,9 @@ def _ablations_md(ratios: list[dict]) -> list[str]:
                          "setting changed, from the median wall step (the fastest step; CPU time per step); > 1 = "
                          "the default is faster. `fp32-frozen` = frozen weights kept fp32 and re-cast by bf16 "
                          "autocast every step (GPU); `foreach-adamw` / `fused-adamw` = the other AdamW than the "
-                         "device's default (fused on CUDA, foreach on CPU). Measured only when the run has eager.",
+                         "device's default (fused on CUDA, foreach on CPU); `recompute` = activation "
+                         "checkpointing on (what it costs; what it saves is its peak memory in the step table). "
+                         "Measured only when the run has eager.",
                          "| preset | input | changed | default / changed |", lines)  # fmt: skip
 
 

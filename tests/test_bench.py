@@ -91,7 +91,7 @@ def test_step_variants_regional_compile_and_ablations_at_toy_size(bench, capsys)
     assert set(steps) == {("molre", "eager"), ("peer", "eager"), ("peer+", "eager"), ("molre", "regional"),
                           ("peer", "regional"), ("peer+", "regional"), ("molre-fp8", "eager"),
                           ("molre-fp8", "regional"), ("molre-fp32-frozen", "eager"),
-                          ("molre-fused-adamw", "eager")}  # fmt: skip
+                          ("molre-recompute", "eager"), ("molre-fused-adamw", "eager")}  # fmt: skip
     assert not any("error" in r for r in rows)
     # one FLOP basis: the implementation's meta-device count, whatever the mode, precision or FP8 padding
     molre_flops = {steps[i, m]["gflop_per_slice_step"] for i, m in steps if i.startswith("molre")}
@@ -102,6 +102,7 @@ def test_step_variants_regional_compile_and_ablations_at_toy_size(bench, capsys)
     assert summary["bf16"] and summary["molre_over_peer_regional"] > 0
     assert summary["molre_over_peerplus_regional"] > 0 and summary["best_molre_over_best_peerplus"] > 0
     assert summary["speedup_vs_fp32-frozen"] > 0 and summary["speedup_vs_fused-adamw"] > 0
+    assert summary["speedup_vs_recompute"] > 0  # activation checkpointing: what it costs
     assert summary["fp8_over_molre_regional"] > 0 and summary["best_fp8_over_best_peer"] > 0
     text = bench.render_block("cpu", {"model_step": {"rows": rows, "command": "c", "date": "d", "machine": {
         "cpu": "x", "cores": 2, "threads": 2, "torch": "t"}}})  # fmt: skip
@@ -261,9 +262,9 @@ def test_gpu_suite_quick_on_cpu_isolates_a_failing_variant(bench, tmp_path, monk
     assert {"machine", "flops", "model_step", "model_step_ratio", "blocks_step", "blocks_overhead",
             "augment"} == {r["case"] for r in rows}  # fmt: skip
     steps = {(r["impl"], r["mode"]): r for r in rows if r["case"] == "model_step"}
-    # eager on CPU: molre, peer, FP8 and the one ablation there (fused AdamW); no peer+ (fp32: it is the peer)
+    # eager on CPU: molre, peer, FP8, recompute and fused AdamW; no peer+ (fp32: it is the peer)
     assert set(steps) == {("molre", "eager"), ("peer", "eager"), ("molre-fp8", "eager"),
-                          ("molre-fused-adamw", "eager")}  # fmt: skip
+                          ("molre-recompute", "eager"), ("molre-fused-adamw", "eager")}  # fmt: skip
     assert steps["molre-fp8", "eager"]["error"].startswith("RuntimeError: simulated")
     assert all("error" not in r and r["slices_per_s"] > 0 for k, r in steps.items() if k[0] != "molre-fp8")
     (ratio,) = [r for r in rows if r["case"] == "model_step_ratio"]
@@ -284,7 +285,8 @@ def test_gpu_suite_quick_on_cpu_isolates_a_failing_variant(bench, tmp_path, monk
     assert "| tiny-vit | 1x2x64^2 | peer | " in text and "warp only, full-res field" in text
     stored = json.loads(results.read_text())
     assert {(r["impl"], "error" in r) for r in stored["model_step"]["rows"] if r["case"] == "model_step"} == {
-        ("molre", False), ("peer", False), ("molre-fp8", True), ("molre-fused-adamw", False)}  # fmt: skip
+        ("molre", False), ("peer", False), ("molre-fp8", True), ("molre-recompute", False),
+        ("molre-fused-adamw", False)}  # fmt: skip
 
 
 def test_step_case_skips_ablations_without_eager_and_variants_past_the_deadline(bench, monkeypatch, capsys):

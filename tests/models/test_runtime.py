@@ -8,10 +8,12 @@ import pytest
 import torch
 
 from molre.config import build_config
+from molre.errors import ModelError
 from molre.models import build_model
 from molre.models.runtime import (
     attention_blocks,
     cast_frozen_weights,
+    checkpoint_blocks,
     compile_classifier,
     compile_mode,
     compile_regions,
@@ -115,7 +117,7 @@ def test_prepare_runtime_follows_the_config_and_the_device():
     model = _model()
     done = prepare_runtime(model, build_config({}), "cpu")  # auto: fp32, eager on CPU
     assert done == {"bf16_autocast": False, "bf16_frozen_tensors": 0, "fp8_frozen_linears": 0, "compile": "off",
-                    "compiled_regions": 0}  # fmt: skip
+                    "compiled_regions": 0, "checkpointed_blocks": 0}  # fmt: skip
     done = prepare_runtime(model, build_config({"train": {"precision": "bf16"}}), "cpu")
     assert (
         done["bf16_autocast"] and done["bf16_frozen_tensors"] == 16
@@ -132,3 +134,67 @@ def test_set_tf32_switches_matmul_and_conv_precision():
         assert torch.backends.cudnn.conv.fp32_precision == "ieee"
     finally:
         torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = before
+
+
+def _step(model, x, seed=2) -> tuple[int, dict]:
+    """One forward + backward: the bytes autograd kept for the backward, and the gradients."""
+    kept = [0]
+
+    def pack(t):
+        kept[0] += t.numel() * t.element_size()
+        return t
+
+    torch.manual_seed(seed)  # the same dropout draws
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(x).sum()
+    loss.backward()
+    return kept[0], {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize(
+    ("preset", "slices", "kept_at_most"),
+    [("tiny-vit", 4, 0.2), ("tiny-davit", 4, 0.15), ("tiny-vit3d", 8, 0.8)],
+)
+def test_activation_checkpointing_keeps_the_gradients_and_drops_the_block_activations(
+    preset, slices, kept_at_most
+):
+    """Non-reentrant recompute replays dropout (LoRA dropout 0.1 here): the same gradients, bit for bit, from a
+    fraction of the saved activations (the blocks' inside is recomputed; 3D: the tiny MONAI ViT's patch
+    embedding and head keep most of it)."""
+    tree = {
+        "backbone": {"preset": preset},
+        "adapter": {"lora": {"dropout": 0.1}},
+        "data": {"num_slices": slices},
+    }
+    x = torch.rand(2, 3, slices, 64, 64)
+    results = {}
+    for recompute in (False, True):
+        cfg = build_config({**tree, "train": {"activation_checkpointing": recompute}})
+        torch.manual_seed(0)
+        model = build_model(cfg).train()
+        assert prepare_runtime(model, cfg, "cpu")["checkpointed_blocks"] == (
+            len(attention_blocks(model.backbone.net, model.backbone.preset.lora_targets)) if recompute else 0
+        )
+        results[recompute] = _step(model, x)
+    (plain_bytes, plain), (recomputed_bytes, recomputed) = results[False], results[True]
+    assert recomputed.keys() == plain.keys() and all(torch.equal(recomputed[n], plain[n]) for n in plain)
+    assert recomputed_bytes < kept_at_most * plain_bytes
+
+
+def test_checkpointed_blocks_compile_and_keep_the_math():
+    eager = _model(molre={"placement": "blocks"})
+    recomputed = copy.deepcopy(eager)
+    assert checkpoint_blocks(recomputed.backbone.net, ("attn.qkv", "attn.proj")) == ["blocks.0", "blocks.1"]
+    compile_classifier(recomputed, "regional", backend="aot_eager")
+    x = torch.rand(2, 3, 4, 64, 64)
+    with torch.no_grad():  # validation: nothing recomputed
+        torch.testing.assert_close(recomputed(x), eager(x), rtol=1e-5, atol=1e-5)
+    (_, want), (_, got) = _step(eager, x), _step(recomputed, x)
+    for name, grad in want.items():
+        torch.testing.assert_close(got[name], grad, rtol=1e-5, atol=1e-6)
+
+
+def test_activation_checkpointing_needs_attention_blocks():
+    model = build_model(build_config({"backbone": {"preset": "tiny-cnn3d"}, "adapter": {"kind": "none"}}))
+    with pytest.raises(ModelError, match="activation checkpointing recomputes attention blocks; .* has none"):
+        checkpoint_blocks(model.backbone.net, model.backbone.preset.lora_targets)

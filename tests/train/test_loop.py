@@ -128,9 +128,10 @@ def test_restore_refuses_a_checkpoint_of_another_config_or_dataset(tmp_path, cap
         ConfigError, match=r"belongs to a run with another config or dataset \(dataset: manifest"
     ):
         restore(cfg, "b" * 64)  # same config, other data
-    # what may change on a resume: retries, storage location, data location, resources, caches
+    # what may change on a resume: retries, storage location, data location, resources, caches, recompute
     moved = build_config(tree, {"scaling.max_failures": 3, "train.storage": "s3://b/x", "data.uri": "s3://b/d",
-                                "scaling.cpus_per_worker": 2, "train.cache_val": False})  # fmt: skip
+                                "scaling.cpus_per_worker": 2, "train.cache_val": False,
+                                "train.activation_checkpointing": True})  # fmt: skip
     state, best, _ = restore(moved, "a" * 64)
     assert state.epoch == 0 and state.finished and best
     # a checkpoint written before fingerprints: its config.yaml is compared, its dataset cannot be (a warning)

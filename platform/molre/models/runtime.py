@@ -20,12 +20,17 @@ Each is what the worker loop applies (``molre.train.loop``) and what ``bench/mod
   MoLRE on the features, pooling, head) is < 1% of the FLOPs and stays eager.
 - **TF32** for the fp32 matmuls that remain on CUDA (everything with ``precision=fp32``; under bf16 autocast only
   the few ops autocast keeps in fp32).
+- **activation checkpointing** (``train.activation_checkpointing``, off by default): each block's activations
+  are recomputed in the backward pass instead of kept, for memory (``checkpoint_blocks``).
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from molre.errors import ModelError
 from molre.models.fp8 import apply_frozen_matmul
@@ -107,6 +112,33 @@ def compile_regions(net: nn.Module, targets, **compile_kwargs) -> list[str]:
     return blocks
 
 
+def checkpoint_blocks(net: nn.Module, targets) -> list[str]:
+    """Recompute each attention block's activations in the backward pass instead of keeping them, in place
+    (parameter names unchanged); returns the blocks' names. Apply before ``compile_regions``, which then compiles
+    the checkpointed forward.
+
+    A block then keeps only its input for the backward: MedGemma at 896^2 keeps 27 blocks x 4,096 tokens x 1,152
+    x 2 bytes = 0.25 GB per slice instead of its ~3 GB of activations (BENCHMARKS.md: 24 GB peak at 8 slices, so
+    a 32-slice volume needs this on an 80 GB GPU), for one more forward of every block (+~1/3 of the step's
+    FLOPs). Non-reentrant ``torch.utils.checkpoint``: dropout masks are replayed, gradients are unchanged.
+    """
+    blocks = attention_blocks(net, targets)
+    if not blocks:
+        raise ModelError(
+            f"activation checkpointing recomputes attention blocks; {type(net).__name__} has none"
+        )
+    for name in blocks:
+        block = net.get_submodule(name)
+        block.forward = functools.partial(_recomputed, block.forward)
+    return blocks
+
+
+def _recomputed(forward, *args, **kwargs):
+    if not torch.is_grad_enabled():  # validation / features: nothing to keep, nothing to recompute
+        return forward(*args, **kwargs)
+    return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+
 def compile_classifier(model: nn.Module, mode: str, targets=None, **compile_kwargs) -> list[str]:
     """Compile a ``MoLREClassifier`` in place: ``regional`` (its backbone's blocks), ``model`` (all), ``off``.
 
@@ -139,7 +171,8 @@ def prepare_runtime(
 
     TF32 per ``train.tf32`` (CUDA only), frozen linears in FP8 per ``train.frozen_matmul``, the other frozen
     weights in bf16 when the run trains under bf16 autocast (``cast_frozen=False`` keeps them fp32: the
-    benchmark's ablation), compile per ``train.compile`` or the ``compile`` mode given. Returns what was done.
+    benchmark's ablation), blocks checkpointed per ``train.activation_checkpointing``, compile per
+    ``train.compile`` or the ``compile`` mode given. Returns what was done.
     """
     device = torch.device(device)
     if device.type == "cuda":
@@ -147,12 +180,15 @@ def prepare_runtime(
     bf16 = uses_bf16(cfg.train.precision, device)
     fp8 = apply_frozen_matmul(model, cfg.train.frozen_matmul, device)
     cast = cast_frozen_weights(model, torch.bfloat16) if bf16 and cast_frozen else 0
+    targets = cfg.adapter.lora.targets or model.backbone.preset.lora_targets
+    recomputed = checkpoint_blocks(model.backbone.net, targets) if cfg.train.activation_checkpointing else []
     mode = compile_mode(compile or cfg.train.compile, device)
-    regions = compile_classifier(model, mode, cfg.adapter.lora.targets, **compile_kwargs)
+    regions = compile_classifier(model, mode, targets, **compile_kwargs)
     return {
         "bf16_autocast": bf16,
         "bf16_frozen_tensors": cast,
         "fp8_frozen_linears": len(fp8),
         "compile": mode,
         "compiled_regions": len(regions),
+        "checkpointed_blocks": len(recomputed),
     }

@@ -45,14 +45,15 @@ SETUP_FACTS = ("grid", "spacing", "input_size", "antialias", "min_slices")
 FINGERPRINT = "fingerprint.json"
 FINGERPRINT_KEY = "fingerprint"  # setup[FINGERPRINT_KEY]: the run's fingerprint, from the driver's prepare()
 # Config keys a re-run may change and still resume: where the run and its data live, how failures are retried,
-# what each worker is given and what it keeps in host RAM. None of them changes what is computed (the dataset
-# is compared by content instead, its manifest's sha256). Everything else defines the run, scaling.num_workers
+# what each worker is given, keeps in host RAM or recomputes (activation checkpointing: the same gradients for
+# less memory). None of them changes what is computed (the dataset is compared by content instead, its
+# manifest's sha256). Everything else defines the run, scaling.num_workers
 # and scaling.use_gpu included: the worker count decides each worker's share of the train split and its
 # random streams (augmentation, dropout), the device decides the arithmetic (bf16 autocast under "auto").
 RESUMABLE_KEYS = frozenset({
     "train.run_name", "train.storage", "data.uri",
     "scaling.max_failures", "scaling.cpus_per_worker", "scaling.gpus_per_worker",
-    "train.cache_val", "train.cache_train_gb",
+    "train.cache_val", "train.cache_train_gb", "train.activation_checkpointing",
 })  # fmt: skip
 
 
