@@ -272,6 +272,10 @@ def test_a_truncated_or_damaged_checkpoint_names_the_file(tmp_path):
     (tmp_path / "model.safetensors.index.json").write_text("{}")
     with pytest.raises(WeightsError, match="is not a safetensors index"):
         read_state_dict(str(tmp_path))
+    index = {"weight_map": {"w": "w.safetensors", "v": "model-00002-of-00002.safetensors"}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))  # a shard not downloaded
+    with pytest.raises(WeightsError, match=r"model-00002-of-00002\.safetensors does not exist"):
+        read_state_dict(str(tmp_path))
     (tmp_path / "empty").mkdir()
     with pytest.raises(
         WeightsError, match="holds neither model.safetensors nor model.safetensors.index.json"

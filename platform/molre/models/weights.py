@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
 import posixpath
 import re
 from collections.abc import Callable
@@ -81,22 +82,17 @@ class Checkpoint:
         }
 
     def _read_file(self, uri: str, names: list[str]) -> dict[str, torch.Tensor]:
-        from molre.data import storage
-
         entries = [self._entries[n] for n in names]
-        blobs = storage.read_ranges(uri, [(e.start, e.end) for e in entries])
+        blobs = _read_ranges(uri, [(e.start, e.end) for e in entries])
         return {n: _tensor(uri, n, e, blob) for n, e, blob in zip(names, entries, blobs, strict=True)}
 
 
 def _tensor(uri: str, name: str, entry: _Entry, blob: bytes) -> torch.Tensor:
-    itemsize = torch.empty((), dtype=entry.dtype).element_size()
-    numel = 1
-    for n in entry.shape:
-        numel *= n
-    if len(blob) != numel * itemsize:  # a truncated download reads short at the end of the file
+    size = math.prod(entry.shape) * torch.empty((), dtype=entry.dtype).element_size()
+    if len(blob) != size:  # a truncated download reads short at the end of the file
         raise WeightsError(
-            f"weights file {uri}: tensor {name} has {len(blob)} bytes, its shape {entry.shape} needs "
-            f"{numel * itemsize} (a truncated file?)"
+            f"weights file {uri}: tensor {name} has {len(blob)} bytes, its shape {entry.shape} needs {size} "
+            "(a truncated file?)"
         )
     if not blob:
         return torch.empty(entry.shape, dtype=entry.dtype)
