@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "check-cluster": ("molre.cluster", "security + schema checks of ray_cluster.yaml / deploy/*.yaml"),
     "leaderboard": ("molre.tune.leaderboard", "Markdown + HTML leaderboard of a sweep's trials.parquet"),
     "params": ("molre.models.params", "parameter table of a preset (total, trainable, MoLRE share)"),
+    "weights": ("molre.models.weights", "check a backbone checkpoint against a preset before a run uses it"),
     "preprocess": ("molre.data.preprocess", "DICOM/NIfTI + labels -> int16 HU Parquet shards on storage"),
     "synth": ("molre.data.synth", "synthetic head CTs with planted findings: DICOM/NIfTI + labels.csv"),
     "train": (

@@ -360,3 +360,14 @@ def test_weights_from_s3(s3_bucket, tmp_path):
     torch.testing.assert_close(dst.net.state_dict()["norm.weight"], src.net.state_dict()["norm.weight"])
     with pytest.raises(WeightsError, match="does not exist"):
         load_backbone_weights(dst, storage.join(s3_bucket, "weights", "missing.safetensors"))
+
+
+def test_the_weights_command_loads_a_checkpoint_into_its_preset_and_reports_it(hf_dinov3, tmp_path, capsys):
+    from molre.cli import main
+
+    assert main(["weights", "tiny-vit", str(hf_dinov3[1])]) == 0
+    out = capsys.readouterr().out
+    assert f"{hf_dinov3[1]}: read as dinov3-hf, " in out and " parameters loaded into tiny-vit" in out
+    assert "embedding of 2 random inputs (3, 64, 64): width 64" in out
+    assert main(["weights", "tiny-davit", str(hf_dinov3[1])]) == 2  # another architecture: the keys say so
+    assert "do not fit DaVit" in capsys.readouterr().err

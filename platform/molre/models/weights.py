@@ -401,3 +401,37 @@ def _in_own_dtypes(module: nn.Module, state: dict[str, torch.Tensor]) -> dict[st
     otherwise keep a bf16 export's dtype (MedGemma's towers ship in bf16) under fp32 adapters and head."""
     own = module.state_dict()
     return {k: v.to(own[k].dtype) for k, v in state.items() if k in own}
+
+
+# ---- `molre weights` ----------------------------------------------------------------------------------------
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("preset", help="backbone preset, e.g. dinov3-base or medgemma")
+    parser.add_argument(
+        "uri", help="a checkpoint file, a *.safetensors.index.json or a folder; local or s3://"
+    )
+    parser.add_argument("--image-size", type=int, default=None, help="slice / volume side (default: native)")
+
+
+def run(args) -> int:
+    """Load a checkpoint into a preset's backbone on the CPU, as a run would, and report what was read: the
+    check to make before a cluster sweep spends GPU hours on a checkpoint that does not fit."""
+    import time
+
+    from molre.models.backbones import create_backbone
+
+    start = time.perf_counter()
+    backbone = create_backbone(args.preset, args.image_size).eval()
+    fmt = load_backbone_weights(backbone, args.uri)
+    params = sum(p.numel() for p in backbone.parameters())
+    x = torch.rand(2, *backbone.expected_input())  # two random window stacks in 0..1
+    with torch.no_grad():
+        embedding = backbone(x)
+    if not torch.isfinite(embedding).all():
+        raise WeightsError(f"weights {args.uri}: the {args.preset} backbone's embedding is not finite")
+    print(f"{args.uri}: read as {fmt}, {params:,} parameters loaded into {args.preset} "
+          f"({time.perf_counter() - start:.1f} s)")  # fmt: skip
+    print(f"embedding of 2 random inputs {tuple(x.shape[1:])}: width {embedding.shape[1]}, "
+          f"std {embedding.std().item():.4g}, finite; input scaled: {backbone.normalized}")  # fmt: skip
+    return 0
