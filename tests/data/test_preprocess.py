@@ -571,6 +571,18 @@ def test_one_patient_id_for_many_studies_is_warned_of(caplog):
 CORRECTED, WITHDRAWN = "study_01", "study_02"
 
 
+def kill_at_the_manifest(monkeypatch) -> None:
+    """Writing the manifest fails from now on, as a run killed just before it (everything else written)."""
+    real_write = storage.write_bytes
+
+    def write(uri: str, data: bytes) -> None:
+        if uri.endswith("/" + shards.MANIFEST):
+            raise OSError("killed")
+        real_write(uri, data)
+
+    monkeypatch.setattr(storage, "write_bytes", write)
+
+
 def correct_and_withdraw(cohort: dict, correct: bool = True, withdraw: str = WITHDRAWN) -> None:
     """The label file gets a corrected row (CORRECTED's first finding flipped) and loses ``withdraw``'s, whose
     series leaves the input too: what a site sends after a review and a withdrawal of consent."""
@@ -700,14 +712,7 @@ def test_a_redo_once_started_is_finished_even_if_the_input_comes_back(cohort, tm
     shutil.copytree(cohort["input"] / withdraw, tmp_path / "kept")
     labels_before = cohort["labels"].read_bytes()
     correct_and_withdraw(cohort, correct=False, withdraw=withdraw)
-    real_write = storage.write_bytes
-
-    def write(uri: str, data: bytes) -> None:
-        if uri.endswith("/" + shards.MANIFEST):
-            raise OSError("killed")
-        real_write(uri, data)
-
-    monkeypatch.setattr(storage, "write_bytes", write)
+    kill_at_the_manifest(monkeypatch)
     with pytest.raises(OSError, match="killed"):
         preprocess.preprocess(
             cohort["input"], cohort["labels"], "generic", root, executor="inline", **SETTINGS
@@ -811,14 +816,7 @@ def test_a_crash_while_redoing_replaced_images_leaves_the_old_dataset_whole(coho
     root = str(tmp_path / "out")
     first = run_inline(cohort, root)
     replace_images(cohort, REPLACED[0], 100)
-    real_write = storage.write_bytes
-
-    def write(uri: str, data: bytes) -> None:
-        if uri.endswith("/" + shards.MANIFEST):
-            raise OSError("killed")
-        real_write(uri, data)
-
-    monkeypatch.setattr(storage, "write_bytes", write)
+    kill_at_the_manifest(monkeypatch)
     with pytest.raises(OSError, match="killed"):
         run_inline(cohort, root)
     monkeypatch.undo()

@@ -221,9 +221,15 @@ def detect_format(names: list[str]) -> str:
     return "native"
 
 
-def _root(names: list[str], suffix: str) -> str:
-    """The prefix a model's tensors sit under (``vision_tower.vision_model.`` in a Gemma 3 checkpoint)."""
-    return min((n[: -len(suffix)] for n in names if n.endswith(suffix)), key=len)
+def _read_model(
+    checkpoint: Checkpoint, root_tensor: str, skip: tuple[str, ...] = ()
+) -> dict[str, torch.Tensor]:
+    """The tensors of the model that holds ``root_tensor``, named from that model's root: a Gemma 3
+    checkpoint's vision tower (under ``vision_tower.vision_model.``) without its language model; ``skip``:
+    name prefixes left unread."""
+    root = min((n[: -len(root_tensor)] for n in checkpoint.names if n.endswith(root_tensor)), key=len)
+    wanted = [n for n in checkpoint.names if n.startswith(root) and not n.removeprefix(root).startswith(skip)]
+    return {n.removeprefix(root): t for n, t in checkpoint.read(wanted).items()}
 
 
 def _rename(state: dict[str, torch.Tensor], rules: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
@@ -276,10 +282,7 @@ def _qkv_bias_for(net: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, t
 
 
 def _from_dinov3_hf(checkpoint: Checkpoint, net: nn.Module) -> dict[str, torch.Tensor]:
-    root = _root(checkpoint.names, _DINOV3_HF_ROOT)
-    wanted = [n for n in checkpoint.names if n.startswith(root)]
-    state = {n.removeprefix(root): t for n, t in checkpoint.read(wanted).items()}
-    state.pop("embeddings.mask_token", None)  # masked-image pretraining only
+    state = _read_model(checkpoint, _DINOV3_HF_ROOT, skip=("embeddings.mask_token",))  # pretraining only
     layer = r"^(?:model\.)?layer\.(\d+)\."
     state = _fuse_qkv(state, layer[1:] + r"attention\.{}_proj")
     return _qkv_bias_for(net, _rename(state, [
@@ -306,11 +309,7 @@ def _from_dinov3_meta(checkpoint: Checkpoint, net: nn.Module) -> dict[str, torch
 
 
 def _from_siglip_hf(checkpoint: Checkpoint, net: nn.Module) -> dict[str, torch.Tensor]:
-    root = _root(checkpoint.names, _SIGLIP_HF_ROOT)
-    wanted = [n for n in checkpoint.names if n.startswith(root) and not n.startswith(f"{root}head.")]
-    state = {
-        n.removeprefix(root): t for n, t in checkpoint.read(wanted).items()
-    }  # the MAP head: not in Gemma 3
+    state = _read_model(checkpoint, _SIGLIP_HF_ROOT, skip=("head.",))  # SigLIP's MAP head: Gemma 3 has none
     layer = r"^encoder\.layers\.(\d+)\."
     state = _fuse_qkv(state, layer[1:] + r"self_attn\.{}_proj")
     if "embeddings.position_embedding.weight" in state:  # [T, d] -> timm's [1, T, d]
@@ -403,7 +402,7 @@ def _in_own_dtypes(module: nn.Module, state: dict[str, torch.Tensor]) -> dict[st
     return {k: v.to(own[k].dtype) for k, v in state.items() if k in own}
 
 
-# ---- `molre weights` ----------------------------------------------------------------------------------------
+# ---- `molre weights` ---------------------------------------------------------------------------------------
 
 
 def add_arguments(parser) -> None:
