@@ -46,3 +46,39 @@ def test_a_checkpoint_without_the_buffers_is_refused_by_name():
     state = {k: v for k, v in trained_state(model).items() if not k.endswith("running_var")}
     with pytest.raises(WeightsError, match="running_var"):
         load_trained_state(_model("tiny-cnn3d"), state, "old.safetensors")
+
+
+def _written_before_normalize(preset: str) -> dict:
+    from molre.config import config_to_dict
+
+    raw = config_to_dict(build_config({"backbone": {"preset": preset}}))
+    assert raw["backbone"].pop("normalize") is True  # today's default
+    return raw
+
+
+def test_pretrained_checkpoints_from_before_normalize_keep_their_unscaled_input(tmp_path):
+    """A DINOv3 run trained before backbone.normalize saw the windows in 0..1: its checkpoint is rebuilt so."""
+    import yaml
+
+    from molre.train.checkpoint import read_config
+
+    for preset, expected in (
+        ("dinov3-base", False),
+        ("tiny-vit", True),
+    ):  # tiny-vit: no statistics, no change
+        (tmp_path / "config.yaml").write_text(yaml.safe_dump(_written_before_normalize(preset)))
+        assert read_config(tmp_path).backbone.normalize is expected, preset
+
+
+def test_resuming_a_run_from_before_normalize_names_the_change_for_pretrained_presets_only():
+    from molre.config import config_to_dict
+    from molre.train.checkpoint import fingerprint_changes
+
+    def current(preset: str, **backbone) -> dict:
+        return {"config": config_to_dict(build_config({"backbone": {"preset": preset, **backbone}}))}
+
+    old = {"config": _written_before_normalize("dinov3-base")}
+    assert fingerprint_changes(old, current("dinov3-base")) == ["backbone.normalize: false -> true"]
+    assert fingerprint_changes(old, current("dinov3-base", normalize=False)) == []
+    assert "normalize" not in old["config"]["backbone"]  # the saved fingerprint is not modified
+    assert fingerprint_changes({"config": _written_before_normalize("tiny-vit")}, current("tiny-vit")) == []

@@ -164,11 +164,30 @@ def read_config(directory: str | Path) -> RunConfig:
     data = _read(directory, "config.yaml")
     if data is None:
         raise WeightsError(f"{directory} is not a molre checkpoint (no config.yaml)")
-    raw = parse_yaml(data, path)
+    return build_config(as_written(parse_yaml(data, path)), source=path)
+
+
+def as_written(raw: dict) -> dict:
+    """A config tree an older molre wrote (config.yaml, a fingerprint), completed with what that molre did where
+    a key it lacked now defaults to something else: blocks placement routed every token (before ``route_by``),
+    a pretrained preset saw the 0..1 windows unscaled (before ``backbone.normalize``)."""
     molre = (raw.get("adapter") or {}).get("molre")
     if isinstance(molre, dict) and molre.get("placement") == "blocks" and "route_by" not in molre:
-        molre["route_by"] = "token"  # written before route_by existed: blocks placement routed every token
-    return build_config(raw, source=path)
+        molre["route_by"] = "token"
+    backbone = raw.get("backbone")
+    if (
+        isinstance(backbone, dict)
+        and "normalize" not in backbone
+        and _has_input_stats(backbone.get("preset"))
+    ):
+        backbone["normalize"] = False
+    return raw
+
+
+def _has_input_stats(preset) -> bool:
+    from molre.models.backbones import PRESETS
+
+    return isinstance(preset, str) and preset in PRESETS and PRESETS[preset].input_stats is not None
 
 
 def read_setup(directory: str | Path) -> dict:
@@ -235,7 +254,8 @@ def read_fingerprint(directory: str | Path) -> dict | None:
 def fingerprint_changes(saved: dict, current: dict) -> list[str]:
     """``key: saved -> current`` for each defining config key that differs, and the dataset when both name one.
     Both configs are rebuilt first, so a key that this molre added (at its default) is no change."""
-    before, after = (flat_dotted(config_to_dict(build_config(f["config"]))) for f in (saved, current))
+    configs = (as_written(json.loads(json.dumps(saved["config"]))), current["config"])  # a copy: completed
+    before, after = (flat_dotted(config_to_dict(build_config(c))) for c in configs)
     changes = [
         f"{key}: {json.dumps(before.get(key))} -> {json.dumps(after.get(key))}"
         for key in sorted(before.keys() | after.keys())
