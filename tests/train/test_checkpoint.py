@@ -82,3 +82,52 @@ def test_resuming_a_run_from_before_normalize_names_the_change_for_pretrained_pr
     assert fingerprint_changes(old, current("dinov3-base", normalize=False)) == []
     assert "normalize" not in old["config"]["backbone"]  # the saved fingerprint is not modified
     assert fingerprint_changes({"config": _written_before_normalize("tiny-vit")}, current("tiny-vit")) == []
+
+
+def test_the_frozen_digest_covers_the_frozen_weights_only():
+    from molre.train.checkpoint import frozen_digest
+
+    model = _model("tiny-vit", kind="molre")
+    digest = frozen_digest(model)
+    assert frozen_digest(_model("tiny-vit", kind="molre")) == digest  # the same seed builds the same backbone
+    with torch.no_grad():
+        model.head.weight.add_(1.0)  # trained: stored in the checkpoint, not in the digest
+        assert frozen_digest(model) == digest
+        model.backbone.net.blocks[0].attn.qkv.base_layer.weight[0, 0] += 1e-3  # one frozen number
+        assert frozen_digest(model) != digest
+    bf16 = _model("tiny-vit").to(torch.bfloat16)  # any dtype hashes (as bytes)
+    assert frozen_digest(bf16) != frozen_digest(_model("tiny-vit"))
+
+
+def test_a_checkpoint_refuses_a_backbone_rebuilt_from_a_replaced_weights_file(tmp_path):
+    from safetensors.torch import save_file
+
+    from molre.models import create_backbone
+    from molre.train.checkpoint import FROZEN_SHA256, TrainState, frozen_digest, save_checkpoint
+    from molre.train.evaluate import load_checkpoint_model
+    from molre.train.loop import make_optimizer
+
+    def weights(seed: int) -> None:
+        torch.manual_seed(seed)
+        save_file(create_backbone("tiny-vit").net.state_dict(), tmp_path / "w.safetensors")
+
+    weights(1)
+    cfg = build_config({"backbone": {"weights": str(tmp_path / "w.safetensors")}})
+    model = build_model(cfg)
+    setup = {
+        "grid": [8, 64, 64],
+        "spacing": [4, 1, 1],
+        "input_size": [8, 64, 64],
+        FROZEN_SHA256: frozen_digest(model),
+    }
+    state = TrainState(epoch=0, best_epoch=0, best_metric=0.5, finished=True)
+    (tmp_path / "ck").mkdir()
+    save_checkpoint(
+        tmp_path / "ck", model, make_optimizer(model, cfg), state, cfg, trained_state(model), None, setup
+    )
+    load_checkpoint_model(str(tmp_path / "ck"))  # the same file: loads
+    weights(2)  # an upstream re-release, or another file copied to the same URI
+    with pytest.raises(
+        WeightsError, match=r"frozen backbone rebuilt from backbone.weights .*w\.safetensors is not the"
+    ):
+        load_checkpoint_model(str(tmp_path / "ck"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -163,3 +164,172 @@ def test_a_checkpoint_from_before_the_preprocessing_facts_reads_as_not_anti_alia
     assert read_setup(directory)["antialias"] is False and read_setup(directory)["min_slices"] == 8
     with pytest.raises(WeightsError, match="setup.json: not a readable molre setup"):
         read_setup(tmp_path)
+
+
+# ---- evaluate: the data's preprocessing against the checkpoint's, provenance, per-study scores, CIs ----------
+
+
+def _stamped(root: str, **config) -> str:
+    """A 4-study test set whose manifest records ``config`` (its shards as written: only the record differs)."""
+    from molre.data import shards
+    from tests.tiny_data import write_tiny_dataset
+
+    write_tiny_dataset(root, counts={"test": 4}, seed=1)
+    manifest = shards.read_manifest(root)
+    manifest.config.update(config)
+    (Path(root) / shards.MANIFEST).write_text(manifest.to_json())
+    return root
+
+
+def test_evaluate_refuses_data_preprocessed_unlike_the_checkpoint_unless_told(
+    checkpoint, tmp_path, capsys, caplog
+):
+    from molre.errors import DataError
+
+    directory, _ = checkpoint  # trained on 8x64x64 at 4x4x4 mm, no anti-aliasing (SPACING, GRID)
+    other = _stamped(str(tmp_path / "other"), spacing=[4.0, 3.0, 3.0], antialias=True)  # same tensor shape
+    spacing = "spacing: [4, 4, 4] (checkpoint) vs [4, 3, 3] (data)"
+    antialias = "antialias: false (checkpoint) vs true (data)"
+    out = tmp_path / "eval"
+    with pytest.raises(DataError, match="--allow-preprocessing-mismatch") as refused:
+        evaluate(directory, other, "test", str(out))
+    assert refused.value.path == f"{other}/manifest.json"
+    assert all(part in str(refused.value) for part in (spacing, antialias, directory))
+    assert not out.exists()  # refused before anything was scored or written
+    assert main(["evaluate", directory, "--data", other, "--out", str(out), "--device", "cpu"]) == 2
+    assert spacing in capsys.readouterr().err
+
+    assert main(["evaluate", directory, "--data", other, "--out", str(out), "--device", "cpu",
+                 "--allow-preprocessing-mismatch"]) == 0  # fmt: skip
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["preprocessing"]["mismatches"] == [spacing, antialias]
+    assert summary["preprocessing"]["mismatch_allowed"] is True
+    assert any(spacing in r.getMessage() and r.levelname == "WARNING" for r in caplog.records)
+    assert spacing in (out / "per_finding_auc.md").read_text()
+
+
+def test_checkpoints_record_every_preprocessing_setting_and_older_ones_say_what_was_not_compared(
+    checkpoint, tmp_path
+):
+    from molre.data.preprocess import PreprocessConfig
+    from molre.errors import DataError
+    from molre.train.checkpoint import preprocessing_facts, read_setup
+
+    directory, _ = checkpoint
+    config = PreprocessConfig(spacing=SPACING, grid=GRID, antialias=False).as_dict()  # preprocess records it
+    facts = preprocessing_facts(config)  # what the driver's prepare() gives the workers (+ grid and spacing)
+    model, cfg, _ = load_checkpoint_model(directory)
+    recent = tmp_path / "recent"
+    recent.mkdir()
+    setup = {"grid": list(GRID), "spacing": list(SPACING), "input_size": list(GRID), **facts}
+    state = TrainState(epoch=0, best_epoch=0, best_metric=0.5, finished=True)
+    save_checkpoint(recent, model, make_optimizer(model, cfg), state, cfg, trained_state(model), None, setup)
+    recorded = read_setup(recent)
+    assert {k: recorded[k] for k in ("hu_range", "pad_value", "interpolation")} == {
+        "hu_range": [-1024, 3071], "pad_value": -1024, "interpolation": "trilinear"}  # fmt: skip
+    assert recorded["alignment"] == config["alignment"]
+
+    clipped = _stamped(str(tmp_path / "clipped"), **{**config, "hu_range": [-1000, 3000]})
+    changed = r"hu_range: \[-1024, 3071\] \(checkpoint\) vs \[-1000, 3000\] \(data\)"
+    with pytest.raises(DataError, match=changed):
+        evaluate(str(recent), clipped, "test", str(tmp_path / "refused"))
+
+    # the fixture's setup.json predates these settings: compared where both record them, the rest named
+    same = _stamped(str(tmp_path / "same"), **config)
+    older = evaluate(directory, same, "test", str(tmp_path / "older"))["preprocessing"]
+    assert older["mismatches"] == []
+    assert older["not_compared"] == dict.fromkeys(
+        ("hu_range", "pad_value", "alignment", "interpolation"), "not recorded by the checkpoint"
+    )
+
+
+def test_evaluate_output_is_auditable_and_one_dataset_never_overwrites_another(
+    checkpoint, tiny_dataset, tmp_path
+):
+    import molre
+    from molre.data import shards
+    from molre.train.metrics import per_finding_auc
+
+    directory, _ = checkpoint
+    internal = evaluate(directory, tiny_dataset, "test")  # default output folder
+    sha256 = shards.read_manifest_and_sha256(tiny_dataset)[1]
+    assert internal["out_dir"] == f"{directory}/eval-test-{sha256[:12]}"
+    external = _stamped(str(tmp_path / "external"))  # another test set, preprocessed alike
+    assert evaluate(directory, external, "test")["out_dir"] != internal["out_dir"]
+
+    folder = internal["out_dir"]
+    summary = json.loads(Path(folder, "summary.json").read_text())
+    assert {k: summary[k] for k in ("checkpoint", "data", "split", "manifest_sha256", "molre_version")} == {
+        "checkpoint": directory, "data": tiny_dataset, "split": "test", "manifest_sha256": sha256,
+        "molre_version": molre.__version__}  # fmt: skip
+    assert summary["training_dataset_sha256"] is None  # the fixture's checkpoint has no fingerprint.json
+
+    (shard,) = shards.list_shards(tiny_dataset, "test")
+    rows = {row["study_hash"]: row for row in shards.read_shard(shard).to_pylist()}
+    scores = pd.read_parquet(f"{folder}/scores.parquet").set_index("study_hash")
+    assert sorted(scores.index) == sorted(rows) and len(scores) == 12
+    for column in ("labels", "known", "patient_hash"):
+        assert all(np.array_equal(scores.loc[h, column], rows[h][column]) for h in rows)
+    table = pd.read_parquet(f"{folder}/per_finding_auc.parquet")
+    recomputed = per_finding_auc(*(np.stack(scores[c].to_list()) for c in ("scores", "labels", "known")))
+    np.testing.assert_allclose(table["auc"], recomputed, equal_nan=True)  # the scores the AUCs came from
+    labels = np.stack([rows[h]["labels"] for h in rows])
+    assert (table["n_known"] == 12).all() and list(table["positives"]) == list(labels.sum(0))
+    assert (table["positives"] + table["n_negative"] == table["n_known"]).all()
+
+
+def test_the_study_bootstrap_counts_each_drawn_study_as_a_repeated_row():
+    from sklearn.metrics import roc_auc_score
+
+    from molre.train.evaluate import _weighted_auc
+
+    rng = np.random.default_rng(0)
+    score = np.round(rng.random(40), 1)  # ties within and across classes
+    label, known = rng.random(40) < 0.4, rng.random(40) < 0.8
+    counts = rng.multinomial(40, np.full(40, 1 / 40), size=20)
+    for auc, drawn in zip(_weighted_auc(score, label, known, counts.astype(float)), counts, strict=True):
+        rows = np.repeat(np.arange(40), drawn)
+        rows = rows[known[rows]]
+        assert auc == pytest.approx(roc_auc_score(label[rows], score[rows]), abs=1e-12)
+    assert np.isnan(_weighted_auc(score, np.zeros(40, bool), known, counts.astype(float))).all()  # one class
+
+
+def test_evaluate_bootstrap_gives_study_level_cis(checkpoint, tiny_dataset, tmp_path, capsys):
+    from molre.train.evaluate import bootstrap_auc_ci
+
+    directory, _ = checkpoint
+    out = tmp_path / "eval"
+    argv = ["evaluate", directory, "--data", tiny_dataset, "--out", str(out), "--device", "cpu"]
+    assert main([*argv, "--bootstrap", "200"]) == 0
+    assert "(95% CI " in capsys.readouterr().out
+    table = pd.read_parquet(out / "per_finding_auc.parquet")
+    defined = table["auc"].notna()
+    assert (table["auc_ci_low"][defined] <= table["auc"][defined]).all()
+    assert (table["auc"][defined] <= table["auc_ci_high"][defined]).all()
+    assert (table["auc_ci_high"] > table["auc_ci_low"])[defined].all()  # 12 studies: wide, not a point
+    assert table["auc_ci_low"][~defined].isna().all()
+    summary = json.loads((out / "summary.json").read_text())
+    low, high = summary["mean_auc_ci"]
+    assert low <= summary["mean_auc"] <= high and summary["bootstrap"]["resamples"] == 200
+    assert "95% CI" in (out / "per_finding_auc.md").read_text()
+    scores = pd.read_parquet(out / "scores.parquet")
+    again = bootstrap_auc_ci(*(np.stack(scores[c].to_list()) for c in ("scores", "labels", "known")), 200)
+    np.testing.assert_array_equal(again[0], table["auc_ci_low"])  # seeded: a re-run gives the same CIs
+    assert again[2] == summary["mean_auc_ci"]
+    assert main([*argv, "--bootstrap", "-1"]) == 2
+    assert "bootstrap: -1 resamples" in capsys.readouterr().err
+
+
+def test_preprocessing_settings_are_compared_as_values_and_unrecorded_ones_are_named():
+    from molre.train.checkpoint import preprocessing_changes
+
+    trained = {"grid": [8, 64, 64], "spacing": [4, 4, 4], "antialias": True, "hu_range": [-1024, 3071]}
+    data = {"grid": [8, 64, 64], "spacing": [4.0, 4.0, 4.0], "antialias": True, "min_slices": 8,
+            "pad_value": -1024}  # fmt: skip
+    changes, unknown = preprocessing_changes(trained, data)  # min_slices: the default (8) on both sides
+    assert changes == []
+    assert unknown == {"hu_range": "not recorded by the data", "pad_value": "not recorded by the checkpoint",
+                       "alignment": "recorded by neither", "interpolation": "recorded by neither"}  # fmt: skip
+    changes, _ = preprocessing_changes(trained, {**data, "grid": [16, 64, 64], "min_slices": 4})
+    assert changes == ["grid: [8, 64, 64] (checkpoint) vs [16, 64, 64] (data)",
+                       "min_slices: 8 (checkpoint) vs 4 (data)"]  # fmt: skip

@@ -141,3 +141,24 @@ def test_restore_refuses_a_checkpoint_of_another_config_or_dataset(tmp_path, cap
     assert f"has no {FINGERPRINT} (written by an older molre)" in caplog.text
     with pytest.raises(ConfigError, match=r"\(backbone.preset: \"tiny-vit\" -> \"tiny-davit\"\)"):
         restore(build_config(tree, {"backbone.preset": "tiny-davit"}), "a" * 64)
+
+
+def test_restore_refuses_a_checkpoint_trained_on_other_frozen_weights(tmp_path):
+    """A weights file replaced between two attempts of one run: the resumed epochs would train on another
+    backbone than the first ones, under the same run."""
+    from molre.errors import WeightsError
+    from molre.train.checkpoint import FROZEN_SHA256, frozen_digest
+
+    cfg = build_config({"train": {"seed": 1, "max_epochs": 3}})
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    setup = {FINGERPRINT_KEY: run_fingerprint(cfg, "a" * 64), FROZEN_SHA256: frozen_digest(model)}
+    state = TrainState(epoch=0, best_epoch=0, best_metric=0.5, history=[{"epoch": 0}])
+    save_checkpoint(
+        tmp_path, model, make_optimizer(model, cfg), state, cfg, trained_state(model), None, setup
+    )
+    optimizer = make_optimizer(model, cfg)
+    assert _restore(tmp_path, model, optimizer, cfg, torch.device("cpu"), setup)[0].epoch == 0
+    other = {**setup, FROZEN_SHA256: "0" * 64}  # what a rebuild from the replaced file digests to
+    with pytest.raises(WeightsError, match="is not the one this checkpoint was trained on"):
+        _restore(tmp_path, model, optimizer, cfg, torch.device("cpu"), other)

@@ -86,8 +86,24 @@ class MoLREClassifier(nn.Module):
         losses = [m.last_balance_loss for m in self.molre_modules() if m.last_balance_loss is not None]
         return torch.stack(losses).mean() if losses else None
 
-    def router_weights(self) -> torch.Tensor | None:
-        """Last routing weights of the features-level MoLRE: ``[B, S, K]`` (2D) or ``[B, K]`` (3D)."""
+    def router_weights(self, in_blocks: bool = False) -> torch.Tensor | dict[str, torch.Tensor] | None:
+        """Last routing weights of the features-level MoLRE: ``[B, S, K]`` (2D) or ``[B, K]`` (3D); None
+        without it (LoRA only, or placement=blocks).
+
+        ``in_blocks``: those of the MoLRE adapters inside the backbone (placement=blocks) that route by slice,
+        ``{module name: [B, S, K] (2D) or [B, K] (3D)}``, one gate per slice (volume) in every adapted linear.
+        Adapters with route_by=token are left out: they gate each token (``[rows, tokens, K]``), not a slice.
+        """
+        if in_blocks:
+            attention = self.slice_attention()  # 2D: [B, S] of the last forward; its gates are [B*S, K]
+            gates = {
+                name: m.last_router_weights
+                for name, m in self.backbone.named_modules(prefix="backbone")
+                if isinstance(m, MoLRE) and m.route_by == "slice" and m.last_router_weights is not None
+            }
+            if attention is None:  # 3D: one gate per volume, [B, K]
+                return gates
+            return {name: g.reshape(*attention.shape, -1) for name, g in gates.items()}
         if self.molre is None or self.molre.last_router_weights is None:
             return None
         g = self.molre.last_router_weights

@@ -8,13 +8,16 @@ A checkpoint directory holds
   state.json          epoch, best epoch and metric, epochs without gain, history of per-epoch metrics, finished
   config.yaml         the full run config (the frozen backbone is rebuilt from it: preset + weights URI)
   setup.json          data facts of the run: voxel spacing, grid, model input size, the preprocessing's
-                      anti-aliasing and minimum slice count (predict prepares a series the same way)
+                      anti-aliasing, minimum slice count, HU range, pad value, alignment and interpolation
+                      (predict prepares a series the same way; evaluate refuses data preprocessed otherwise),
+                      and the sha256 of the frozen weights it was built with (``frozen_digest``)
   val_outputs.npz     validation scores / labels / known / mean routing weights of the best epoch
   fingerprint.json    what defines the run (``run_fingerprint``): its config less ``RESUMABLE_KEYS``, and the
                       sha256 of its dataset's manifest; a re-run under the same run name must match it to resume
 Frozen weights are not stored (they are rebuilt from the config), so a DINOv3-Base LoRA+MoLRE checkpoint is ~3 MB,
-not 350 MB. Buffers are, since training changes them even under a frozen backbone: a BatchNorm in train mode
-updates its running statistics (DeepCNTD: 264 buffers, 52,200 numbers; the ViT presets have none).
+not 350 MB; their digest is, and a rebuild that differs (the weights file replaced) is refused (``check_frozen``).
+Buffers are stored, since training changes them even under a frozen backbone: a BatchNorm in train mode updates
+its running statistics (DeepCNTD: 264 buffers, 52,200 numbers; the ViT presets have none).
 
 The readers take a local directory or an ``s3://`` URI: each file is read through ``molre.data.storage`` (with its
 retries), and every error names the file.
@@ -41,7 +44,13 @@ from molre.errors import ConfigError, WeightsError
 
 log = logging.getLogger(__name__)
 
-SETUP_FACTS = ("grid", "spacing", "input_size", "antialias", "min_slices")
+FROZEN_SHA256 = "frozen_sha256"  # setup.json: frozen_digest of the model the run was built with
+# The settings of a manifest's config that decide what a model sees (min_slices: which studies it sees), as
+# preprocess records them (PreprocessConfig.as_dict); a checkpoint keeps its training data's in setup.json and
+# evaluate compares them with the evaluated data's (``preprocessing_changes``)
+RECORDED_AS_IS = ("hu_range", "pad_value", "alignment", "interpolation")  # absent (older molre) = unknown
+PREPROCESSING_KEYS = ("grid", "spacing", "antialias", "min_slices", *RECORDED_AS_IS)
+SETUP_FACTS = ("grid", "spacing", "input_size", "antialias", "min_slices", *RECORDED_AS_IS, FROZEN_SHA256)
 FINGERPRINT = "fingerprint.json"
 FINGERPRINT_KEY = "fingerprint"  # setup[FINGERPRINT_KEY]: the run's fingerprint, from the driver's prepare()
 # Config keys a re-run may change and still resume: where the run and its data live, how failures are retried,
@@ -110,6 +119,35 @@ def load_trained_state(model: torch.nn.Module, state: dict[str, torch.Tensor], s
     with torch.no_grad():
         for name, tensor in own.items():
             tensor.copy_(state[name].to(tensor.device, tensor.dtype))
+
+
+def frozen_digest(model: torch.nn.Module) -> str:
+    """SHA-256 of what a checkpoint does not store: every tensor of a freshly built model that training leaves
+    alone (the frozen backbone as read from ``backbone.weights``, or drawn under ``train.seed``), by name, dtype,
+    shape and bytes. Take it before any bf16 / FP8 conversion (MedGemma: 1.7 GB of fp32, ~1 s)."""
+    trained = _trained_tensors(model).keys()
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        if name not in trained:
+            flat = tensor.detach().cpu().contiguous().reshape(-1)
+            digest.update(f"{name} {flat.dtype} {tuple(tensor.shape)}\n".encode())
+            digest.update(flat.view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def check_frozen(digest: str, recorded: dict, source: str, weights: str | None) -> None:
+    """Refuse to use the checkpoint at ``source`` on a frozen backbone other than the one it was trained on:
+    ``digest`` (``frozen_digest`` of the model just built) against the one its setup.json ``recorded``
+    (checkpoints from before the digest record none: not checked)."""
+    expected = recorded.get(FROZEN_SHA256)
+    if expected is None or expected == digest:
+        return
+    origin = f"backbone.weights {weights}" if weights else "train.seed (a random backbone)"
+    raise WeightsError(
+        f"{source}: the frozen backbone rebuilt from {origin} is not the one this checkpoint was trained on "
+        f"(sha256 {digest[:12]}... vs {expected[:12]}...): the weights file was replaced, or this torch / timm "
+        "builds the backbone otherwise"
+    )
 
 
 def save_checkpoint(
@@ -207,9 +245,43 @@ def read_setup(directory: str | Path) -> dict:
 
 def preprocessing_facts(config: dict) -> dict:
     """What ``predict`` must repeat of the data's preprocessing, from a manifest's config (or a checkpoint's
-    setup.json): one written before ``antialias`` existed was made without it, with the default minimum."""
+    setup.json): one written before ``antialias`` existed was made without it, with the default minimum. The HU
+    range, pad value, alignment and interpolation are passed on as recorded (``RECORDED_AS_IS``)."""
     return {"antialias": bool(config.get("antialias", False)),
-            "min_slices": int(config.get("min_slices", DEFAULT_MIN_SLICES))}  # fmt: skip
+            "min_slices": int(config.get("min_slices", DEFAULT_MIN_SLICES)),
+            **{k: config[k] for k in RECORDED_AS_IS if k in config}}  # fmt: skip
+
+
+def preprocessing_changes(trained: dict, data: dict) -> tuple[list[str], dict[str, str]]:
+    """How data preprocessed per the manifest config ``data`` differs from a checkpoint's training data
+    (``trained``: its ``read_setup``), over ``PREPROCESSING_KEYS``: ``key: X (checkpoint) vs Y (data)`` for each
+    setting that differs, and ``{key: why}`` for each one that only one side (or neither) records."""
+    trained, data = {**trained, **preprocessing_facts(trained)}, {**data, **preprocessing_facts(data)}
+    changes, unknown = [], {}
+    for key in PREPROCESSING_KEYS:
+        missing = [side for side, facts in (("checkpoint", trained), ("data", data)) if key not in facts]
+        if missing:
+            unknown[key] = "recorded by neither" if len(missing) == 2 else f"not recorded by the {missing[0]}"
+        elif _comparable(trained[key]) != _comparable(data[key]):
+            changes.append(f"{key}: {_show(trained[key])} (checkpoint) vs {_show(data[key])} (data)")
+    return changes, unknown
+
+
+def _comparable(value):
+    """JSON-read settings compared as values: [8, 4, 4] equals [8.0, 4.0, 4.0] (to 1e-6 mm / HU)."""
+    if isinstance(value, list | tuple):
+        return tuple(_comparable(v) for v in value)
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return round(float(value), 6)
+    return value
+
+
+def _show(value) -> str:
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_show(v) for v in value) + "]"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return json.dumps(value)
 
 
 def read_weights(directory: str | Path, which: str = "best") -> dict[str, torch.Tensor]:

@@ -1,7 +1,10 @@
 """`molre evaluate` and `molre predict`: score a checkpoint's best weights on a split, or on one series.
 
-evaluate: per-finding AUCs (Parquet + Markdown), mean +- std and stratified counts, as ``summary.json``.
-predict: the 75 probabilities, the routing weights of each slice and the attention weight of each slice.
+evaluate: per-finding AUCs (Parquet + Markdown), mean +- std and stratified counts, as ``summary.json`` with the
+provenance (checkpoint, data and its manifest's sha256, split, molre version), and each study's scores; refuses
+data preprocessed unlike the checkpoint's training data.
+predict: per study (one, or a batch with the model loaded once) the 75 probabilities, the routing weights and
+attention weight of each slice, what was scored (series, slices, spacing, skipped files) and by which model.
 Both run in-process on one device (no cluster needed) and read shards with pyarrow. The checkpoint, the data and
 evaluate's output folder may each be a local path or an ``s3://`` URI (read and written through
 ``molre.data.storage``).
@@ -11,21 +14,42 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import math
+import os
+import sys
+import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import pandas as pd
 import torch
 
+from molre import __version__
 from molre.config import RunConfig
 from molre.data import shards, storage
 from molre.data.augment import augment_batch
-from molre.errors import DataError, WeightsError
+from molre.errors import ConfigError, DataError, MolreError, WeightsError
 from molre.findings import FINDING_IDS, FINDINGS
 from molre.models import MoLREClassifier, build_model
-from molre.train.checkpoint import load_trained_state, read_config, read_setup, read_weights
+from molre.train.checkpoint import (
+    check_frozen,
+    frozen_digest,
+    load_trained_state,
+    preprocessing_changes,
+    read_config,
+    read_fingerprint,
+    read_setup,
+    read_weights,
+)
 from molre.train.metrics import per_finding_auc, summarize
+
+if TYPE_CHECKING:
+    from molre.data.ingest import SeriesRef, Volume
+
+log = logging.getLogger(__name__)
 
 
 def load_checkpoint_model(checkpoint: str, device: str = "cpu", preset: str | None = None):
@@ -37,12 +61,14 @@ def load_checkpoint_model(checkpoint: str, device: str = "cpu", preset: str | No
         cfg.train.seed
     )  # the frozen backbone is rebuilt as in training when it has no weights file
     model = build_model(cfg)
+    setup = read_setup(checkpoint)
+    check_frozen(frozen_digest(model), setup, checkpoint, cfg.backbone.weights)
     load_trained_state(model, read_weights(checkpoint, "best"), checkpoint)
-    return model.to(device).eval(), cfg, read_setup(checkpoint)
+    return model.to(device).eval(), cfg, setup
 
 
-def _iter_split(root: str, split: str, batch_size: int):
-    manifest = shards.read_manifest(root)
+def _iter_split(root: str, split: str, batch_size: int, manifest: shards.Manifest | None = None):
+    manifest = manifest or shards.read_manifest(root)
     for uri in shards.list_shards(root, split, manifest):
         table = shards.read_shard(uri, verify=True)  # checksum + schema: a corrupt shard is never scored
         for batch in table.to_batches(max_chunksize=batch_size):
@@ -56,38 +82,170 @@ def score_volumes(model: MoLREClassifier, cfg: RunConfig, setup: dict, hu: torch
 
 
 def evaluate(
-    checkpoint: str, data: str, split: str = "test", out_dir: str | None = None, device: str = "cpu"
+    checkpoint: str,
+    data: str,
+    split: str = "test",
+    out_dir: str | None = None,
+    device: str = "cpu",
+    *,
+    allow_preprocessing_mismatch: bool = False,
+    bootstrap: int = 0,
 ) -> dict:
+    """Score the checkpoint's best weights on ``split`` of the shards at ``data``; write per_finding_auc.parquet /
+    .md, scores.parquet (one row per study) and summary.json (results + provenance) to ``out_dir`` (default
+    ``CHECKPOINT/eval-SPLIT-<manifest sha256[:12]>``: one folder per dataset, rewritten by the same evaluation).
+
+    Data preprocessed unlike the checkpoint's training data is a DataError, or with ``allow_preprocessing_mismatch``
+    a warning recorded in summary.json. ``bootstrap``: study-level resamples for 95% CIs (0: none)."""
+    if bootstrap < 0:
+        raise ConfigError(f"bootstrap: {bootstrap} resamples; give 0 (no CIs) or more")
+    manifest, manifest_sha256 = shards.read_manifest_and_sha256(data)
+    preprocessing = _check_preprocessing(checkpoint, data, manifest.config, allow_preprocessing_mismatch)
+    fingerprint = read_fingerprint(checkpoint) or {}  # None: a checkpoint from before fingerprints
+    provenance = {
+        "checkpoint": str(checkpoint), "data": str(data), "split": split, "manifest_sha256": manifest_sha256,
+        "training_dataset_sha256": fingerprint.get("dataset_sha256"), "molre_version": __version__,
+        "device": str(device), "preprocessing": preprocessing,
+    }  # fmt: skip
     model, cfg, setup = load_checkpoint_model(checkpoint, device)
-    scores, labels, known = [], [], []
-    for batch in _iter_split(data, split, cfg.train.batch_size):
-        volumes = [shards.decode_volume(v, s) for v, s in zip(batch["volume"], batch["shape"], strict=True)]
-        scores.append(score_volumes(model, cfg, setup, torch.from_numpy(np.stack(volumes))).cpu().numpy())
-        labels.append(np.asarray(batch["labels"]))
-        known.append(np.asarray(batch["known"]))
-    if not scores:
-        raise WeightsError(f"split '{split}' of {data} has no volumes to evaluate")
-    aucs = per_finding_auc(np.concatenate(scores), np.concatenate(labels), np.concatenate(known))
+    ids, scores, labels, known = _score_split(model, cfg, setup, data, split, manifest)
+    aucs = per_finding_auc(scores, labels, known)
     summary = summarize(aucs)
-    table = pd.DataFrame({
-        "finding": FINDING_IDS, "name": [f.name for f in FINDINGS], "category": [f.category for f in FINDINGS],
-        "auc": aucs, "positives": np.concatenate(labels).sum(0) if labels else 0,
-    })  # fmt: skip
-    out = str(out_dir or storage.join(str(checkpoint), f"eval-{split}"))
-    parquet = io.BytesIO()
-    table.to_parquet(parquet)
-    result = {
-        **summary.as_dict(),
-        "undefined": summary.undefined,
-        "volumes": int(sum(len(s) for s in scores)),
-    }
-    for name, data in (
-        ("per_finding_auc.parquet", parquet.getvalue()),
-        ("per_finding_auc.md", _markdown(table, summary, split).encode()),
+    table = _per_finding_table(aucs, labels, known)
+    result = {**summary.as_dict(), "undefined": summary.undefined, "volumes": len(scores)}
+    if bootstrap:
+        low, high, mean_ci = bootstrap_auc_ci(scores, labels, known, bootstrap)
+        table["auc_ci_low"], table["auc_ci_high"] = low, high
+        result |= {"mean_auc_ci": mean_ci, "bootstrap": {"resamples": bootstrap, "unit": "study", "level": 0.95,
+                                                          "seed": 0}}  # fmt: skip
+    result |= provenance
+    out = str(out_dir or storage.join(str(checkpoint), f"eval-{split}-{manifest_sha256[:12]}"))
+    for name, blob in (
+        ("per_finding_auc.parquet", _parquet(table)),
+        ("per_finding_auc.md", _markdown(table, summary, result).encode()),
+        ("scores.parquet", _scores_parquet(ids, scores, labels, known)),
         ("summary.json", json.dumps(_json_safe(result), indent=1, allow_nan=False).encode()),
     ):
-        storage.write_bytes(storage.join(out, name), data)
+        storage.write_bytes(storage.join(out, name), blob)
     return {**result, "out_dir": out}
+
+
+def _check_preprocessing(checkpoint: str, data: str, config: dict, allow: bool) -> dict:
+    """Compare the data's preprocessing (its manifest's ``config``) with the checkpoint's training data's: a
+    difference is a DataError naming each setting, unless ``allow`` (then a warning). What summary.json records."""
+    changes, unknown = preprocessing_changes(read_setup(checkpoint), config)
+    if unknown:
+        log.warning("evaluate: preprocessing settings not compared between checkpoint %s and %s: %s", checkpoint,
+                    data, "; ".join(f"{key} ({why})" for key, why in unknown.items()))  # fmt: skip
+    if changes and not allow:
+        raise DataError(
+            storage.join(str(data), shards.MANIFEST),
+            f"preprocessed unlike the training data of checkpoint {checkpoint}: {'; '.join(changes)}. The model "
+            "would score inputs it was not trained on; preprocess the data with the checkpoint's settings, or "
+            "pass --allow-preprocessing-mismatch to evaluate anyway",
+        )
+    if changes:
+        log.warning("evaluate: %s is preprocessed unlike checkpoint %s's training data (%s); evaluating anyway "
+                    "(--allow-preprocessing-mismatch)", data, checkpoint, "; ".join(changes))  # fmt: skip
+    return {"mismatches": changes, "not_compared": unknown, "mismatch_allowed": bool(allow)}
+
+
+def _score_split(model, cfg: RunConfig, setup: dict, data: str, split: str, manifest: shards.Manifest):
+    """({study_hash, patient_hash: [N]}, scores [N, C] float32, labels [N, C] uint8, known [N, C] uint8)."""
+    ids, scores, labels, known = {"study_hash": [], "patient_hash": []}, [], [], []
+    for batch in _iter_split(data, split, cfg.train.batch_size, manifest):
+        volumes = [shards.decode_volume(v, s) for v, s in zip(batch["volume"], batch["shape"], strict=True)]
+        scores.append(score_volumes(model, cfg, setup, torch.from_numpy(np.stack(volumes))).cpu().numpy())
+        labels.append(np.asarray(batch["labels"], dtype=np.uint8))
+        known.append(np.asarray(batch["known"], dtype=np.uint8))
+        for key, column in ids.items():
+            column.extend(batch[key])
+    if not scores:
+        raise WeightsError(f"split '{split}' of {data} has no volumes to evaluate")
+    return ids, *(np.concatenate(parts) for parts in (scores, labels, known))
+
+
+def _per_finding_table(aucs: np.ndarray, labels: np.ndarray, known: np.ndarray) -> pd.DataFrame:
+    """One row per finding: its AUC and the studies behind it (known = positives + negatives; unknown: neither)."""
+    n_known, positives = known.astype(bool).sum(0), (known.astype(bool) & labels.astype(bool)).sum(0)
+    return pd.DataFrame({
+        "finding": FINDING_IDS, "name": [f.name for f in FINDINGS], "category": [f.category for f in FINDINGS],
+        "auc": aucs, "n_known": n_known, "positives": positives, "n_negative": n_known - positives,
+    })  # fmt: skip
+
+
+def _parquet(table: pd.DataFrame) -> bytes:
+    buffer = io.BytesIO()
+    table.to_parquet(buffer)
+    return buffer.getvalue()
+
+
+def _scores_parquet(ids: dict, scores: np.ndarray, labels: np.ndarray, known: np.ndarray) -> bytes:
+    """scores.parquet: per study its hashes and the 75 scores / labels / known flags in ``FINDING_IDS`` order (the
+    order is also in the file's metadata), for calibration, operating points or one's own statistics."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def per_study(matrix: np.ndarray, kind) -> pa.FixedSizeListArray:
+        return pa.FixedSizeListArray.from_arrays(pa.array(matrix.ravel(), kind), matrix.shape[1])
+
+    table = pa.table(
+        {**{key: pa.array(column, pa.string()) for key, column in ids.items()},
+         "scores": per_study(scores.astype(np.float32), pa.float32()),
+         "labels": per_study(labels, pa.uint8()), "known": per_study(known, pa.uint8())},
+        metadata={"molre.finding_ids": ",".join(FINDING_IDS)},
+    )  # fmt: skip
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer, compression="zstd")
+    return buffer.getvalue()
+
+
+def bootstrap_auc_ci(
+    scores: np.ndarray, labels: np.ndarray, known: np.ndarray, n_boot: int, seed: int = 0, level: float = 0.95
+) -> tuple[np.ndarray, np.ndarray, list[float] | None]:
+    """Percentile CIs of each finding's AUC and of the mean AUC, resampling the studies with replacement
+    ``n_boot`` times (seeded: the same CIs on a re-run); one resample serves every finding, so the mean's CI
+    carries their correlation. A finding without both classes in a resample is left out of that resample; the
+    mean is over the findings defined on the whole split (NaN / None where there is none).
+
+    ``tune.leaderboard.bootstrap_ci`` resamples findings (the unit of a sweep comparison); here the study is the
+    unit and each resample needs every AUC recomputed, done as a weighted Mann-Whitney count (``_weighted_auc``)."""
+    n, c = scores.shape
+    rng = np.random.default_rng(seed)
+    boot = np.full((n_boot, c), np.nan)
+    for start in range(0, n_boot, 256):  # 256 resamples at a time: [256, N] weights, 20 MB for N = 10,000
+        counts = rng.multinomial(n, np.full(n, 1 / n), size=min(256, n_boot - start)).astype(np.float64)
+        rows = slice(start, start + len(counts))
+        for k in range(c):
+            boot[rows, k] = _weighted_auc(scores[:, k], labels[:, k], known[:, k], counts)
+    defined = ~np.isnan(per_finding_auc(scores, labels, known))
+    tail = 100 * (1 - level) / 2
+    with warnings.catch_warnings():  # all-NaN columns (undefined findings) are NaN, on purpose
+        warnings.simplefilter("ignore", RuntimeWarning)
+        low, high = np.nanpercentile(np.where(defined, boot, np.nan), [tail, 100 - tail], axis=0)
+        means = np.nanmean(boot[:, defined], axis=1) if defined.any() else np.full(n_boot, np.nan)
+    mean_ci = np.nanpercentile(means, [tail, 100 - tail]).tolist() if not np.isnan(means).all() else None
+    return low, high, mean_ci
+
+
+def _weighted_auc(score: np.ndarray, label: np.ndarray, known: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """[B] ROC AUCs of one finding, one per row of ``counts`` [B, N] (how often each study is drawn): the
+    Mann-Whitney statistic P(s+ > s-) + P(s+ = s-) / 2, with each study counted ``counts`` times (what
+    ``roc_auc_score`` gives on the repeated rows). NaN where a resample lacks a class."""
+    keep = known.astype(bool)
+    score, positive, counts = score[keep], label[keep].astype(bool), counts[:, keep]
+    order = np.argsort(score[~positive], kind="stable")
+    negatives = score[~positive][order]
+    cum = np.zeros((len(counts), negatives.size + 1))  # cum[:, j]: drawn negatives among the j lowest
+    np.cumsum(counts[:, ~positive][:, order], axis=1, out=cum[:, 1:])
+    # per positive: negatives below it, and below or tied; their mean counts a tie as half
+    below = cum[:, np.searchsorted(negatives, score[positive], "left")]
+    not_above = cum[:, np.searchsorted(negatives, score[positive], "right")]
+    drawn = counts[:, positive]
+    n_pos, n_neg = drawn.sum(1), cum[:, -1]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        auc = (drawn * (below + not_above) / 2).sum(1) / (n_pos * n_neg)
+    return np.where((n_pos > 0) & (n_neg > 0), auc, np.nan)
 
 
 def _json_safe(value):
@@ -101,64 +259,256 @@ def _json_safe(value):
     return value
 
 
-def _markdown(table: pd.DataFrame, summary, split: str) -> str:
+def _markdown(table: pd.DataFrame, summary, result: dict) -> str:
+    ci = result.get("mean_auc_ci")
+    interval = f" (95% CI {ci[0]:.3f}-{ci[1]:.3f}, study bootstrap)" if ci else ""
     lines = [
-        f"# Per-finding AUC ({split})",
+        f"# Per-finding AUC ({result['split']})",
         "",
-        f"Mean AUC {summary.mean:.3f} +- {summary.std:.3f} over {summary.n_defined} findings with both classes; "
-        f"AUC >= 0.90: {summary.n_high}; 0.80-0.90: {summary.n_moderate}; undefined: {len(summary.undefined)}.",
+        f"Checkpoint `{result['checkpoint']}` on `{result['data']}` (manifest sha256 "
+        f"{result['manifest_sha256'][:12]}...), {result['volumes']} studies; molre {result['molre_version']}.",
         "",
-        "| finding | category | positives | AUC |",
-        "|---|---|---:|---:|",
+        f"Mean AUC {summary.mean:.3f} +- {summary.std:.3f}{interval} over {summary.n_defined} findings with both "
+        f"classes; AUC >= 0.90: {summary.n_high}; 0.80-0.90: {summary.n_moderate}; "
+        f"undefined: {len(summary.undefined)}.",
+    ]
+    if result["preprocessing"]["mismatches"]:
+        changes = "; ".join(result["preprocessing"]["mismatches"])
+        lines += ["", f"**Preprocessed unlike the training data** ({changes}); evaluated anyway."]
+    with_ci = "auc_ci_low" in table
+    lines += [
+        "",
+        "| finding | category | known | positives | negatives | AUC |" + (" 95% CI |" if with_ci else ""),
+        "|---|---|---:|---:|---:|---:|" + ("---:|" if with_ci else ""),
     ]
     for row in table.itertuples():
         auc = "undefined" if np.isnan(row.auc) else f"{row.auc:.3f}"
-        lines.append(f"| {row.name} | {row.category} | {int(row.positives)} | {auc} |")
+        cells = [row.name, row.category, int(row.n_known), int(row.positives), int(row.n_negative), auc]
+        if with_ci:
+            cells.append("-" if np.isnan(row.auc_ci_low) else f"{row.auc_ci_low:.3f}-{row.auc_ci_high:.3f}")
+        lines.append("| " + " | ".join(str(cell) for cell in cells) + " |")
     return "\n".join(lines) + "\n"
 
 
+# ---- predict ----------------------------------------------------------------------------------------------
+
+
 def predict(checkpoint: str, series: str, device: str = "cpu") -> dict:
-    """Probabilities, per-slice routing weights and per-slice attention for one study: a DICOM series folder (or
-    one of its files), a study folder (its series with the most slices that loads, as preprocess picks), or a
-    NIfTI file."""
+    """The prediction of one study (``predict_studies``); an input that cannot be scored is a DataError."""
+    return next(predict_studies(checkpoint, [series], device, keep_going=False))
+
+
+def predict_studies(
+    checkpoint: str, inputs: Sequence[str], device: str = "cpu", keep_going: bool = True
+) -> Iterator[dict]:
+    """One prediction per input, the model loaded once. An input is one study on local disk: a DICOM series
+    folder (or one of its files), a study folder (its series with the most slices that loads, as preprocess
+    picks) or a NIfTI file. ``checkpoint``: a checkpoint folder, or a run folder (``resolve_checkpoint``).
+
+    Each prediction holds
+      input            ``path`` as given; ``series``: the series scored, relative to that folder (to a given
+                       file's folder), "." for the folder itself; ``kind``; ``slices`` read; ``spacing_mm``:
+                       its native voxel size (z, y, x) before alignment
+      model            checkpoint folder, preset, adapter (MoLRE placement, route_by, experts), the grid and
+                       spacing the model was trained on, molre version
+      findings         id, name and category of each finding, in output order
+      probabilities    {finding id: probability}
+      slice_z_mm       2D backbones: index i of ``slice_attention`` and of each ``router_weights`` row is the
+                       i-th slice the model saw, inferior to superior; its centre in mm above the centre of
+                       the aligned grid (``model_slice_z_mm``), not an input slice. null for 3D backbones.
+      slice_attention  the attention pooling's weight of each slice (2D; null for 3D)
+      router_weights   MoLRE's gates of the scored study: on slice features (placement=features), one row of K
+                       per slice (2D) or one K-vector (3D); inside the backbone (placement=blocks,
+                       route_by=slice) ``{module name: rows}`` likewise, one entry per adapted linear; null
+                       without MoLRE and for route_by=token, whose gates are per token and not reported
+      skipped_files    unreadable files in the scored series' folder(s), left out of it (name, reason)
+    With ``keep_going``, an input that cannot be scored gives ``{"input": {"path"}, "model", "error": {"file",
+    "reason"}}`` and the next one is scored; otherwise its error is raised.
+    """
+    checkpoint, _ = resolve_checkpoint(checkpoint)
     model, cfg, setup = load_checkpoint_model(checkpoint, device)
-    volume = study_volume(series, setup)
-    probs = score_volumes(model, cfg, setup, torch.from_numpy(volume)[None])[0].cpu().numpy()
+    facts = _model_facts(checkpoint, cfg, setup)
+    for path in inputs:
+        try:
+            yield _predict_study(model, cfg, setup, facts, str(path))
+        except (MolreError, OSError, ValueError) as err:
+            if not keep_going:
+                raise
+            file, reason = (err.path, err.reason) if isinstance(err, DataError) else (str(path), _reason(err))
+            yield {"input": {"path": str(path)}, "model": facts, "error": {"file": file, "reason": reason}}
+
+
+def _reason(err: Exception) -> str:
+    return str(err) if isinstance(err, MolreError) else f"{type(err).__name__}: {err}"
+
+
+def _predict_study(model: MoLREClassifier, cfg: RunConfig, setup: dict, facts: dict, path: str) -> dict:
+    study = read_study(path, setup["min_slices"])
+    volume = torch.from_numpy(_aligned(study.volume, setup))[None]
+    probs = score_volumes(model, cfg, setup, volume)[0].cpu().numpy()
     routing, attention = model.router_weights(), model.slice_attention()
+    if routing is None and cfg.adapter.kind == "molre" and cfg.adapter.molre.placement == "blocks":
+        routing = model.router_weights(in_blocks=True) or None  # {} under route_by=token: not reported
+    routing_rows = (
+        {name: g[0].cpu().numpy().round(5).tolist() for name, g in routing.items()}
+        if isinstance(routing, dict)
+        else routing[0].cpu().numpy().round(5).tolist()
+        if routing is not None
+        else None
+    )
     return {
+        "input": {
+            "path": path,
+            "series": os.path.relpath(study.ref.source, study.base),
+            "kind": study.ref.kind,
+            "slices": int(study.volume.hu.shape[0]),
+            "spacing_mm": [round(float(s), 4) for s in study.volume.spacing],
+        },
+        "model": facts,
+        "findings": [{"id": f.id, "name": f.name, "category": f.category} for f in FINDINGS],
         "probabilities": {fid: float(p) for fid, p in zip(FINDING_IDS, probs, strict=True)},
-        "router_weights": routing[0].cpu().numpy().round(5).tolist() if routing is not None else None,
+        "slice_z_mm": model_slice_z_mm(setup) if model.backbone.dims == 2 else None,
         "slice_attention": attention[0].cpu().numpy().round(5).tolist() if attention is not None else None,
+        "router_weights": routing_rows,
+        "skipped_files": [
+            {"file": os.path.relpath(e.path, study.base), "reason": e.reason} for e in study.skipped
+        ],
     }
 
 
+def model_slice_z_mm(setup: dict) -> list[float]:
+    """Where each slice a 2D model sees lies, inferior to superior: its centre in mm above the centre of the
+    aligned grid. Alignment puts ``grid[0]`` slices of ``spacing[0]`` mm around the head (the skull's z-extent
+    centred, or its top kept one slice below the grid's top; within half an input slice, as the grid snaps to
+    the input's voxels); the model takes ``input_size[0]`` = n slices resampled over the same box
+    (``resize_volume``: trilinear, align_corners=False): slice i sits at (i + 1/2 - n/2) * grid depth / n."""
+    slices, depth_mm = int(setup["input_size"][0]), setup["grid"][0] * setup["spacing"][0]
+    return [round((i + 0.5 - slices / 2) * depth_mm / slices, 3) for i in range(slices)]
+
+
+def _model_facts(checkpoint: str, cfg: RunConfig, setup: dict) -> dict:
+    import molre
+
+    adapter: dict = {"kind": cfg.adapter.kind}
+    if cfg.adapter.kind == "molre":
+        m = cfg.adapter.molre
+        adapter.update(placement=m.placement, route_by=m.route_by, experts=m.experts)
+    return {"checkpoint": checkpoint, "preset": cfg.backbone.preset, "adapter": adapter,
+            "grid": list(setup["grid"]), "spacing_mm": list(setup["spacing"]),
+            "molre_version": molre.__version__}  # fmt: skip
+
+
+def resolve_checkpoint(checkpoint: str) -> tuple[str, str | None]:
+    """The checkpoint folder to load for ``checkpoint``, and a line saying which one was picked when it is not
+    ``checkpoint`` itself: a run folder (``<train.storage>/<train.run_name>``, holding Ray Train's snapshot)
+    gives its latest checkpoint, the one a re-run would resume (``molre.train.run.latest_checkpoint``), whose
+    best.safetensors holds the run's best epoch so far. A file is refused: the checkpoint is a folder."""
+    checkpoint = str(checkpoint)
+    if not storage.exists(checkpoint):
+        return checkpoint, None  # load_checkpoint_model says it is missing
+    if not storage.is_dir(checkpoint):
+        raise WeightsError(
+            f"{checkpoint} is a file; give the checkpoint folder (the one holding config.yaml and "
+            "best.safetensors) or the run folder"
+        )
+    if storage.exists(storage.join(checkpoint, "config.yaml")):
+        return checkpoint, None
+    from molre.config import build_config
+    from molre.train.checkpoint import read_state
+    from molre.train.loop import METRIC
+    from molre.train.run import RAY_SNAPSHOT, latest_checkpoint
+
+    if storage.exists(storage.join(checkpoint, RAY_SNAPSHOT)):
+        parent, _, name = checkpoint.rstrip("/").rpartition("/")
+        ray_train_log = logging.getLogger("ray.train")
+        level = ray_train_log.level
+        ray_train_log.setLevel(logging.WARNING)  # not its INFO on restoring a run, which speaks of training
+        try:
+            latest = latest_checkpoint(build_config({"train": {"storage": parent or ".", "run_name": name}}))
+        except MolreError:
+            raise
+        except Exception as err:  # Ray's reader of its snapshot: another Ray version's, a damaged file
+            raise WeightsError(
+                f"run folder {checkpoint}: its Ray Train snapshot cannot be read ({type(err).__name__}); give "
+                "one of its checkpoint folders"
+            ) from None
+        finally:
+            ray_train_log.setLevel(level)
+        if latest is None:
+            raise WeightsError(f"run folder {checkpoint} holds no checkpoint yet")
+        # named under the folder as given (Ray reports a local path made absolute)
+        picked = storage.join(checkpoint, latest.rstrip("/").rpartition("/")[2])
+        state = read_state(picked)
+        status = "finished" if state.finished else "not finished"
+        return picked, (
+            f"{checkpoint} is a run folder: using its latest checkpoint {picked} (epoch {state.epoch}, "
+            f"{status}; its best weights: epoch {state.best_epoch}, {METRIC} {state.best_metric:.4f})"
+        )
+    return checkpoint, None  # load_checkpoint_model says it is no checkpoint
+
+
+class Study(NamedTuple):
+    """One study as ``read_study`` loaded it."""
+
+    volume: Volume  # the series scored
+    ref: SeriesRef
+    base: str  # what names are relative to: the given folder, or a given file's folder
+    skipped: list[DataError]  # unreadable files in the series' folder(s), left out of the series
+
+
 def study_volume(path: str, setup: dict) -> np.ndarray:
-    """int16 HU ``[grid]`` of the study at ``path``, prepared as preprocess prepared the run's training shards:
-    its alignment, grid, spacing, anti-aliasing and minimum slice count (``setup``, from the checkpoint)."""
+    """int16 HU ``[grid]`` of the study at ``path``, prepared as preprocess prepared the run's training
+    shards: its alignment, grid, spacing, anti-aliasing and minimum slice count (``setup``, from the
+    checkpoint)."""
+    return _aligned(read_study(path, setup["min_slices"]).volume, setup)
+
+
+def _aligned(volume: Volume, setup: dict) -> np.ndarray:
     from molre.data.resample import align_volume
 
-    loaded = _load_study(path, setup["min_slices"])
-    return align_volume(loaded.hu, loaded.spacing, loaded.direction, out_spacing=tuple(setup["spacing"]),
+    return align_volume(volume.hu, volume.spacing, volume.direction, out_spacing=tuple(setup["spacing"]),
                         grid=tuple(setup["grid"]), antialias=setup["antialias"])  # fmt: skip
 
 
-def _load_study(path: str, min_slices: int):
-    """The HU volume of the one study at ``path``; several studies there, or none that loads, is a DataError."""
+def read_study(path: str, min_slices: int) -> Study:
+    """The one study at ``path``; several studies there, or none that loads, is a DataError. Its series are
+    tried as preprocess tries them (``largest_first``). The files discover could not read in the folder(s) of
+    the series scored come back as ``skipped``; when a series fails, they are added to its error's reason (a
+    truncated slice otherwise reads as a gap after its neighbour)."""
     from molre.data.ingest import largest_first, load_series
 
+    refs, rejects, base = _study_series(path)
     errors = []
-    for ref in largest_first(_study_series(path)):  # as preprocess tries a study's series
+    for ref in largest_first(refs):
+        skipped = _rejects_in_folders(ref, rejects)
         try:
-            return load_series(ref, min_slices=min_slices)
+            return Study(load_series(ref, min_slices=min_slices), ref, base, skipped)
         except DataError as err:
+            if skipped:
+                left_out = _named(skipped, base)
+                err = DataError(err.path, f"{err.reason}; unreadable file(s) in its folder: {left_out}")
             errors.append(err)
     raise errors[0]
 
 
-def _study_series(path: str) -> list:
-    """The series of one study at ``path`` (a folder, a DICOM file's series, or a NIfTI file)."""
+def _rejects_in_folders(ref: SeriesRef, rejects: list[DataError]) -> list[DataError]:
+    """The rejects lying in a folder that holds files of the DICOM series ``ref`` (none for a NIfTI file)."""
+    folders = {os.path.dirname(f) for f in ref.files} if ref.kind == "dicom" else set()
+    return [e for e in rejects if os.path.dirname(e.path) in folders]
+
+
+def _named(errors: list[DataError], base: str, shown: int = 5) -> str:
+    names = [f"{os.path.relpath(e.path, base)} ({e.reason})" for e in errors[:shown]]
+    return ", ".join(names) + (f", and {len(errors) - shown} more" if len(errors) > shown else "")
+
+
+def _study_series(path: str) -> tuple[list[SeriesRef], list[DataError], str]:
+    """The series of one study at ``path`` (a folder, a DICOM file's series, or a NIfTI file), the files under
+    that folder (a file's folder) that discover could not read, and that folder."""
     from molre.data.ingest import discover
 
+    if "://" in str(path):
+        raise DataError(path, "predict reads local files only; copy the study to a local folder first")
     target = Path(path)
     if not target.exists():
         raise DataError(path, "does not exist")
@@ -167,14 +517,15 @@ def _study_series(path: str) -> list:
     if not target.is_dir():  # the series holding that file
         name = str(folder / target.name)
         refs = [r for r in refs if name in r.files]
-        rejects = [e for e in rejects if e.path == name]
+        if not refs:
+            rejects = [e for e in rejects if e.path == name]
     if not refs:
         raise rejects[0] if rejects else DataError(path, "no DICOM series or NIfTI file found")
     studies = {r.study_uid or r.source for r in refs}  # a NIfTI file is a study of its own
     if len(studies) > 1:
         shown = ", ".join(sorted(r.source for r in refs)[:3])
         raise DataError(path, f"holds {len(studies)} studies ({shown}, ...); give one study's folder or file")
-    return refs
+    return refs, rejects, str(folder)
 
 
 # ---- CLI (two commands share this module) -----------------------------------------------------------------
@@ -182,30 +533,101 @@ def _study_series(path: str) -> list:
 
 def add_arguments(parser) -> None:
     parser.add_argument(
-        "checkpoint", help="a checkpoint directory written by molre train (local path or s3://)"
+        "checkpoint",
+        help="a checkpoint directory written by molre train (local path or s3://); predict also takes a run "
+        "folder (<train.storage>/<run_name>: its latest checkpoint)",
     )
     if parser.prog.endswith("evaluate"):
         parser.add_argument("--data", required=True, help="preprocessed shard root (local path or s3://)")
         parser.add_argument("--split", default="test", choices=["train", "val", "test"])
         parser.add_argument(
-            "--out", help="output directory, local path or s3:// (default: CHECKPOINT/eval-SPLIT)"
+            "--out",
+            help="output directory, local path or s3:// (default: CHECKPOINT/eval-SPLIT-<the first 12 hex of the "
+            "data manifest's sha256>, one per dataset); what it holds is overwritten",
         )
+        parser.add_argument(
+            "--allow-preprocessing-mismatch",
+            action="store_true",
+            help="evaluate data preprocessed unlike the checkpoint's training data (other grid, spacing, "
+            "anti-aliasing, ...) with a warning, recorded in summary.json, instead of refusing it",
+        )
+        parser.add_argument(
+            "--bootstrap", type=int, default=0, metavar="N",
+            help="95%% CIs of each finding's AUC and of the mean from N study-level resamples (default 0: none)",
+        )  # fmt: skip
     else:
         parser.add_argument(
-            "--input", required=True, help="one study: a DICOM folder or file, or a NIfTI file"
-        )
+            "--input", action="append", default=[], metavar="SERIES",
+            help="one study on local disk: a DICOM folder or file, or a NIfTI file; repeat it for several "
+            "(one JSON object per line then)",
+        )  # fmt: skip
+        parser.add_argument(
+            "--inputs", metavar="FILE",
+            help="a text file listing studies, one path per line (blank lines and lines starting with # "
+            "skipped); writes one JSON object per line, an error object for a study that cannot be scored",
+        )  # fmt: skip
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
 
 def run(args) -> int:
     if hasattr(args, "data"):
-        result = evaluate(args.checkpoint, args.data, args.split, args.out, args.device)
+        result = evaluate(args.checkpoint, args.data, args.split, args.out, args.device,
+                          allow_preprocessing_mismatch=args.allow_preprocessing_mismatch,
+                          bootstrap=args.bootstrap)  # fmt: skip
+        ci = result.get("mean_auc_ci")
         scored = (
-            f"mean AUC {result['mean_auc']:.4f} +- {result['std_auc']:.4f} over {result['n_defined']} findings"
+            f"mean AUC {result['mean_auc']:.4f} +- {result['std_auc']:.4f}"
+            + (f" (95% CI {ci[0]:.4f}-{ci[1]:.4f})" if ci else "")
+            + f" over {result['n_defined']} findings"
             if result["n_defined"]
             else "no AUC: no finding has both classes among the split's known labels"
         )
         print(f"{scored} on {result['volumes']} volumes; written to {result['out_dir']}")
     else:
-        print(json.dumps(predict(args.checkpoint, args.input, args.device), indent=1))
+        return _run_predict(args)
     return 0
+
+
+def _run_predict(args) -> int:
+    """One study (a single --input): one JSON document, its errors raised (exit 2). Several (--input repeated
+    or --inputs): JSON Lines, one object per study as it is scored; exit 1 when any failed."""
+    inputs = list(args.input) + (_input_list(args.inputs) if args.inputs else [])
+    if not inputs:
+        print("molre predict: error: give --input SERIES (repeatable) or --inputs FILE", file=sys.stderr)
+        return 2
+    checkpoint, picked = resolve_checkpoint(args.checkpoint)
+    if picked:
+        print(f"molre predict: {picked}", file=sys.stderr)
+    if len(args.input) == 1 and not args.inputs:
+        result = predict(checkpoint, inputs[0], args.device)
+        _warn_skipped(result)
+        print(json.dumps(result, indent=1))
+        return 0
+    failed = 0
+    for result in predict_studies(checkpoint, inputs, args.device):
+        if "error" in result:
+            failed += 1
+            error = result["error"]
+            print(f"molre predict: error: {error['file']}: {error['reason']}", file=sys.stderr)
+        _warn_skipped(result)
+        print(json.dumps(result), flush=True)
+    if failed:
+        print(f"molre predict: {failed} of {len(inputs)} studies could not be scored", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _warn_skipped(result: dict) -> None:
+    skipped = result.get("skipped_files") or []
+    if skipped:
+        names = ", ".join(f"{s['file']} ({s['reason']})" for s in skipped)
+        print(f"molre predict: warning: {result['input']['path']}: {len(skipped)} unreadable file(s) left "
+              f"out of the series scored: {names}", file=sys.stderr)  # fmt: skip
+
+
+def _input_list(path: str) -> list[str]:
+    """The studies listed in ``path``, one a line, as written (relative ones from the current folder)."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise DataError(path, f"cannot read the list of inputs ({type(err).__name__})") from None
+    return [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]

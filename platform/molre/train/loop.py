@@ -39,10 +39,14 @@ from molre.models import build_model, parameter_groups
 from molre.models.runtime import prepare_runtime, uses_bf16
 from molre.train.checkpoint import (
     FINGERPRINT_KEY,
+    FROZEN_SHA256,
     TrainState,
+    check_frozen,
     check_same_run,
     checkpoint_uri,
+    frozen_digest,
     load_trained_state,
+    read_setup,
     read_state,
     read_weights,
     save_checkpoint,
@@ -213,6 +217,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     torch.manual_seed(cfg.train.seed)  # every rank builds identical initial weights
     device = ray.train.torch.get_device()
     core = build_model(cfg)
+    setup = {**setup, FROZEN_SHA256: frozen_digest(core)}  # as built: before the bf16 / FP8 conversions
     # bf16 frozen weights, TF32, compile (in place: core keeps its methods, e.g. aux_loss, router_weights)
     prepare_runtime(core, cfg, device)
     model = ray.train.torch.prepare_model(core)
@@ -340,6 +345,10 @@ def _restore(directory, core, optimizer, cfg, device, setup: dict, name: str | N
     """State, best weights and best outputs of the checkpoint at ``directory`` (``name``: its URI), after checking
     that it belongs to this run (the driver checked before building the trainer; this guards other callers)."""
     check_same_run(directory, cfg, setup.get(FINGERPRINT_KEY), name)
+    if FROZEN_SHA256 in setup:  # the weights file replaced between two epochs' runs: not the same run
+        check_frozen(
+            setup[FROZEN_SHA256], read_setup(directory), name or str(directory), cfg.backbone.weights
+        )
     state = read_state(directory)
     load_trained_state(core, read_weights(directory, "last"), directory)
     optimizer.load_state_dict(
