@@ -96,7 +96,9 @@ def key_fields(
     fields = {
         "version": CACHE_VERSION,
         "preset": cfg.backbone.preset,
-        "weights": weights,  # a URI names immutable weights; None = random init under train.seed ("seed")
+        # by URI: a file replaced under the same URI is not noticed here (checkpoints digest the weights they
+        # were trained on, frozen_digest; a cache does not); None = random init under train.seed ("seed")
+        "weights": weights,
         # the manifest holds the shard checksums, grid, spacing and preprocessing settings
         "manifest_sha256": storage.sha256_bytes(manifest_bytes),
         "input_size": list(model_input_size(cfg, grid)),  # (slices, H, W) the backbone sees
