@@ -150,14 +150,15 @@ def test_a_run_on_s3_reports_uris_and_evaluate_and_predict_read_and_write_s3(
     assert main(["evaluate", checkpoint, "--data", data, "--out", out, "--device", "cpu"]) == 0
     assert f"on 4 volumes; written to {out}" in capsys.readouterr().out
     written = [uri.rsplit("/", 1)[1] for uri in storage.list_dir(out)]
-    assert written == ["per_finding_auc.md", "per_finding_auc.parquet", "summary.json"]
+    assert written == ["per_finding_auc.md", "per_finding_auc.parquet", "scores.parquet", "summary.json"]
     assert json.loads(storage.read_bytes(f"{out}/summary.json"))["volumes"] == 4
     table = pd.read_parquet(io.BytesIO(storage.read_bytes(f"{out}/per_finding_auc.parquet")))
     assert list(table["finding"]) == list(FINDING_IDS)
     assert not (tmp_path / "s3:").exists()
     # the default output folder lies under the checkpoint, on S3 too
-    assert evaluate(checkpoint, data, "test")["out_dir"] == f"{checkpoint}/eval-test"
-    assert storage.exists(f"{checkpoint}/eval-test/summary.json")
+    default = f"{checkpoint}/eval-test-{shards.read_manifest_and_sha256(data)[1][:12]}"  # one per dataset
+    assert evaluate(checkpoint, data, "test")["out_dir"] == default
+    assert storage.exists(f"{default}/summary.json")
     from molre.data.synth import generate
 
     generate(tmp_path / "series", 1, seed=5, shape=(16, 64, 64))
