@@ -387,15 +387,13 @@ def model_slice_z_mm(setup: dict) -> list[float]:
 
 
 def _model_facts(checkpoint: str, cfg: RunConfig, setup: dict) -> dict:
-    import molre
-
     adapter: dict = {"kind": cfg.adapter.kind}
     if cfg.adapter.kind == "molre":
         m = cfg.adapter.molre
         adapter.update(placement=m.placement, route_by=m.route_by, experts=m.experts)
     return {"checkpoint": checkpoint, "preset": cfg.backbone.preset, "adapter": adapter,
             "grid": list(setup["grid"]), "spacing_mm": list(setup["spacing"]),
-            "molre_version": molre.__version__}  # fmt: skip
+            "molre_version": __version__}  # fmt: skip
 
 
 def resolve_checkpoint(checkpoint: str) -> tuple[str, str | None]:
