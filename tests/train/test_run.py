@@ -58,15 +58,13 @@ def steady(ray_local, tiny_dataset, tmp_path_factory):
     return train(_cfg(tiny_dataset, storage_dir, "repeat-a", adapter=DROPOUT)), storage_dir
 
 
-def test_two_workers_learn_and_a_fixed_seed_repeats(steady, tiny_dataset, tmp_path):
+def test_two_workers_learn(steady):
+    """That a fixed seed repeats is checked against this run by the killed-worker test below: its epoch 0 is a
+    fresh run of the same config, and every later epoch must equal this run's too."""
     first, storage_dir = steady
     assert first.best_metric > 0.6  # three planted findings; chance is 0.5
     assert first.metrics["val/volumes"] == 24  # every validation volume scored exactly once across 2 workers
     assert [h["epoch"] for h in _history(first)] == [0, 1, 2, 3]
-    second = train(_cfg(tiny_dataset, tmp_path, "repeat-b", adapter=DROPOUT))
-    for a, b in zip(_history(first), _history(second), strict=True):
-        assert a["val/mean_auc"] == pytest.approx(b["val/mean_auc"], abs=1e-9)
-        assert a["train/loss"] == pytest.approx(b["train/loss"], rel=1e-6)
     ckpt = Path(first.checkpoint_path)
     files = {
         "best.safetensors",
@@ -80,16 +78,28 @@ def test_two_workers_learn_and_a_fixed_seed_repeats(steady, tiny_dataset, tmp_pa
     assert any((storage_dir / "repeat-a" / "tensorboard").iterdir())
 
 
-def test_fp8_frozen_matmuls_train_under_ddp(ray_local, tiny_dataset, tmp_path):
-    # two gloo workers: DDP must leave the FP8 buffers alone (gloo cannot even broadcast e4m3 tensors)
-    result = train(_cfg(tiny_dataset, tmp_path, "fp8", train={"frozen_matmul": "fp8"}))
+def test_fp8_frozen_matmuls_train_under_ddp_and_an_odd_train_split_loses_no_volume(ray_local, tmp_path):
+    """One run for two checks (each run costs a Train start): FP8 frozen matmuls under 2-worker DDP, on a train
+    split of 47 volumes that the 2 workers must see whole."""
+    from tests.tiny_data import write_tiny_dataset
+
+    data = write_tiny_dataset(str(tmp_path / "odd"), counts={"train": 47, "val": 24})
+    # two gloo workers: DDP must leave the FP8 buffers alone (gloo cannot even broadcast e4m3 tensors);
+    # rfs_threshold ~0: every repeat factor is 1, so an epoch trains each study once
+    cfg = _cfg(data, tmp_path, "fp8", train={"frozen_matmul": "fp8"}, data={"rfs_threshold": 1e-6})
+    result = train(cfg)
     assert result.best_metric > 0.6  # learns the planted findings on an e4m3 base
-    assert [h["epoch"] for h in _history(result)] == [0, 1, 2, 3]
+    history = _history(result)
+    assert [h["epoch"] for h in history] == [0, 1, 2, 3]
+    # 47 + the first repeated for 2 workers (was 46: an equal split dropped the odd volume)
+    assert [h["train/volumes"] for h in history] == [48] * 4
 
 
 def test_killed_worker_resumes_from_checkpoint_and_finished_run_is_not_retrained(
     steady, tiny_dataset, tmp_path
 ):
+    """Also the check that a fixed seed repeats: the faulty run's epoch 0 is a fresh run of the steady run's config
+    (before the kill), its later epochs are resumed ones; all must equal the steady run's."""
     marker = tmp_path / "killed.txt"
     fault = {"epoch": 1, "step": 1, "rank": 1, "marker": str(marker)}
     result = train(_cfg(tiny_dataset, tmp_path, "faulty", adapter=DROPOUT), fault=fault)
@@ -236,15 +246,6 @@ def _copy_without_split(src: str, dst: Path, split: str) -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_bytes(storage.read_bytes(storage.join(src, info.path)))
     (dst / "manifest.json").write_text(manifest.to_json())
-
-
-def test_an_odd_train_split_loses_no_volume_to_the_workers(ray_local, tmp_path):
-    from tests.tiny_data import write_tiny_dataset
-
-    data = write_tiny_dataset(str(tmp_path / "odd"), counts={"train": 9, "val": 4})
-    # rfs_threshold ~0: every repeat factor is 1, so an epoch trains each study once
-    cfg = _cfg(data, tmp_path, "odd", data={"rfs_threshold": 1e-6}, train={"max_epochs": 1})
-    assert _history(train(cfg))[0]["train/volumes"] == 10  # 9 + the first repeated for 2 workers (was 8)
 
 
 def test_a_run_into_a_missing_bucket_fails_first_and_creates_no_bucket(s3_bucket, tiny_dataset, tmp_path):

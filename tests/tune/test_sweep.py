@@ -78,7 +78,7 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_local, 
     try:
         deadline = time.time() + 420
         while time.time() < deadline and not _finished(trials_file):
-            time.sleep(2)
+            time.sleep(0.5)
         assert _finished(trials_file), "the first trial never finished"
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the driver dies mid-sweep, as on a lost head node
