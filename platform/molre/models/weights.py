@@ -177,21 +177,19 @@ def _read_torch(uri: str) -> dict[str, torch.Tensor]:
 
 
 def _read_bytes(uri: str) -> bytes:
-    from molre.data import storage
-
-    try:
-        return storage.read_bytes(uri)
-    except FileNotFoundError:
-        raise WeightsError(f"weights file {uri} does not exist") from None
-    except OSError as err:
-        raise WeightsError(f"weights file {uri} cannot be read: {err}") from None
+    return _weights_io(uri, lambda storage: storage.read_bytes(uri))
 
 
 def _read_ranges(uri: str, ranges: list[tuple[int, int]]) -> list[bytes]:
+    return _weights_io(uri, lambda storage: storage.read_ranges(uri, ranges))
+
+
+def _weights_io(uri: str, read):
+    """``read(molre.data.storage)``, a missing or unreadable file as a WeightsError naming it."""
     from molre.data import storage
 
     try:
-        return storage.read_ranges(uri, ranges)
+        return read(storage)
     except FileNotFoundError:
         raise WeightsError(f"weights file {uri} does not exist") from None
     except OSError as err:
