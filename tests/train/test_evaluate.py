@@ -122,8 +122,8 @@ def test_blocks_checkpoints_from_before_route_by_keep_token_routing(tmp_path):
 def test_predict_prepares_a_study_as_preprocess_prepared_its_training_shard(tmp_path, antialias):
     from molre.data import shards, storage
     from molre.data.preprocess import preprocess
-    from molre.train.checkpoint import preprocessing_facts
-    from molre.train.evaluate import study_volume
+    from molre.train.checkpoint import RECORDED_AS_IS, preprocessing_facts
+    from molre.train.evaluate import study_volume, this_molre_preprocessing
 
     labels = generate(tmp_path / "raw", 1, seed=3, shape=(64, 64, 64))  # 2.5 mm slices -> 8 mm: a 3.2x shrink
     manifest = preprocess(tmp_path / "raw", labels, "generic", str(tmp_path / "shards"), spacing=(8.0, 4.0, 4.0),
@@ -132,6 +132,8 @@ def test_predict_prepares_a_study_as_preprocess_prepared_its_training_shard(tmp_
     row = shards.read_shard(storage.join(str(tmp_path / "shards"), info.path)).to_pylist()[0]
     setup = {"grid": [20, 48, 48], "spacing": [8.0, 4.0, 4.0], **preprocessing_facts(manifest.config)}
     assert setup["antialias"] is antialias
+    # what predict compares a checkpoint's record with is what preprocess records of the data it writes
+    assert this_molre_preprocessing() == {key: manifest.config[key] for key in RECORDED_AS_IS}
     series = next(p for p in (tmp_path / "raw").iterdir() if p.is_dir())
     np.testing.assert_array_equal(study_volume(str(series), setup), shards.decode_volume(row))
     other = study_volume(str(series), {**setup, "antialias": not antialias})
@@ -333,3 +335,59 @@ def test_preprocessing_settings_are_compared_as_values_and_unrecorded_ones_are_n
     changes, _ = preprocessing_changes(trained, {**data, "grid": [16, 64, 64], "min_slices": 4})
     assert changes == ["grid: [8, 64, 64] (checkpoint) vs [16, 64, 64] (data)",
                        "min_slices: 8 (checkpoint) vs 4 (data)"]  # fmt: skip
+
+
+# ---- evaluate scores as the run's validation did: bf16 autocast for a bf16 run, fp32 as before otherwise ------
+
+
+def _with_precision(directory: str, target: Path, precision: str) -> str:
+    """A copy of the checkpoint at ``directory`` recorded as trained under ``train.precision=precision``."""
+    import shutil
+
+    import yaml
+
+    shutil.copytree(directory, target)
+    config = yaml.safe_load((target / "config.yaml").read_text())
+    config["train"]["precision"] = precision
+    (target / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    return str(target)
+
+
+def _validation_scores(directory: str, root: str, split: str) -> dict[str, np.ndarray]:
+    """{study_hash: scores} as training's validation scores ``split``: the model set up as a worker sets it up
+    (``prepare_runtime``: bf16 frozen weights under bf16), then ``loop.score_shard`` on decoded batches."""
+    from molre.data import shards
+    from molre.data.dataset import decode_batch
+    from molre.models.runtime import prepare_runtime
+    from molre.train.loop import score_shard
+
+    class Shard:  # what a worker's ShardCache replays: the split's decoded batches
+        def iter_batches(self, *, batch_size, batch_format="numpy"):
+            for uri in shards.list_shards(root, split):
+                for batch in shards.read_shard(uri).to_batches(max_chunksize=batch_size):
+                    yield decode_batch(batch.to_pydict())
+
+    model, cfg, setup = load_checkpoint_model(directory)
+    prepare_runtime(model, cfg, "cpu")
+    out = score_shard(model, cfg, Shard(), setup, torch.device("cpu"))
+    return dict(zip(out["study_hash"], out["scores"], strict=True))
+
+
+def test_evaluate_scores_as_the_runs_validation_bf16_under_autocast_fp32_as_before(
+    checkpoint, tiny_dataset, tmp_path
+):
+    directory, _ = checkpoint  # train.precision auto: fp32 on the CPU
+    bf16 = _with_precision(directory, tmp_path / "bf16", "bf16")
+    scored = {}
+    for name, ckpt in (("fp32", directory), ("bf16", bf16)):
+        result = evaluate(ckpt, tiny_dataset, "test", str(tmp_path / f"eval-{name}"))
+        assert result["precision"] == name
+        assert f"scored in {name} on cpu" in Path(result["out_dir"], "per_finding_auc.md").read_text()
+        table = pd.read_parquet(Path(result["out_dir"], "scores.parquet"))
+        scored[name] = dict(zip(table["study_hash"], np.stack(table["scores"].to_list()), strict=True))
+        validation = _validation_scores(ckpt, tiny_dataset, "test")
+        assert scored[name].keys() == validation.keys()
+        for study, scores in validation.items():  # the same bits: what validation reported is reproduced
+            np.testing.assert_array_equal(scored[name][study], scores)
+    # the test can tell them apart: bf16 rounding moves the tiny model's probabilities by ~1e-3
+    assert max(np.abs(scored["bf16"][s] - scored["fp32"][s]).max() for s in scored["fp32"]) > 1e-4

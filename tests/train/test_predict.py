@@ -1,5 +1,6 @@
 """molre predict on real DICOM and checkpoints written in the real format: what it says it scored, unreadable
-files, batches, routing inside the blocks, run folders and the CLI's errors."""
+files, batches, routing inside the blocks, run folders (evaluate's too), the precision it scores in, the
+checkpoint's recorded preprocessing against this molre's, and the CLI's errors."""
 
 from __future__ import annotations
 
@@ -106,8 +107,9 @@ def test_a_batch_loads_the_model_once_and_goes_on_past_a_bad_study(
     )
 
 
-def test_the_output_says_what_was_scored_and_by_which_model(checkpoint, study, capsys):
+def test_the_output_says_what_was_scored_and_by_which_model(checkpoint, study, capsys, caplog):
     import molre
+    from molre.train.checkpoint import RECORDED_AS_IS
 
     assert main(["predict", checkpoint, "--input", str(study), "--device", "cpu"]) == 0
     out = json.loads(capsys.readouterr().out)  # one study: one JSON document, as before
@@ -117,11 +119,16 @@ def test_the_output_says_what_was_scored_and_by_which_model(checkpoint, study, c
         and out["input"]["kind"] == "dicom"
     )
     assert out["input"]["slices"] == 16 and out["input"]["spacing_mm"][0] == pytest.approx(10.0)
+    # the fixture's setup.json predates the recorded HU range ... interpolation: not compared (a warning)
+    not_compared = dict.fromkeys(RECORDED_AS_IS, "not recorded by the checkpoint")
     assert out["model"] == {
         "checkpoint": checkpoint, "preset": "tiny-vit",
         "adapter": {"kind": "molre", "placement": "features", "route_by": "slice", "experts": 6},
         "grid": list(GRID), "spacing_mm": list(SPACING), "molre_version": molre.__version__,
+        "precision": "fp32",  # train.precision auto on the CPU
+        "preprocessing": {"mismatches": [], "not_compared": not_compared, "mismatch_allowed": False},
     }  # fmt: skip
+    assert any("preprocessing settings not compared" in r.getMessage() for r in caplog.records)
     assert [f["id"] for f in out["findings"]] == list(out["probabilities"]) == list(FINDING_IDS)
     assert [(f["name"], f["category"]) for f in out["findings"]] == [(f.name, f.category) for f in FINDINGS]
     # the model's 8 slices of 4 mm, inferior to superior, around the aligned grid's centre
@@ -208,3 +215,91 @@ def test_a_run_folder_resolves_to_its_latest_checkpoint_and_bad_arguments_are_cl
     ):
         assert main(["predict", *argv, "--device", "cpu"]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_a_bf16_run_is_scored_under_bf16_autocast_as_its_validation_was(study, tmp_path):
+    from molre.data.augment import augment_batch
+    from molre.train.evaluate import load_checkpoint_model, study_volume
+
+    bf16 = _write_checkpoint(tmp_path / "bf16", train={"seed": 3, "batch_size": 4, "precision": "bf16"})
+    out = predict(bf16, str(study))
+    assert out["model"]["precision"] == "bf16"
+    # routing and attention come out of autocast in bf16, which numpy cannot take: reported as floats
+    assert np.array(out["router_weights"]).shape == (8, 6) and len(out["slice_attention"]) == 8
+    model, cfg, setup = load_checkpoint_model(bf16)
+    hu = torch.from_numpy(study_volume(str(study), setup))[None]
+    x = augment_batch(hu, cfg.data, torch.Generator(), train=False, out_size=tuple(setup["input_size"]))
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # as loop.score_shard scores a bf16 run
+            by_hand = torch.sigmoid(model(x).float())[0].numpy()
+        fp32 = torch.sigmoid(model(x).float())[0].numpy()
+    probabilities = np.float32(list(out["probabilities"].values()))
+    np.testing.assert_array_equal(probabilities, by_hand)
+    assert np.abs(probabilities - fp32).max() > 1e-4  # what predict gave before: ~1e-3 off validation
+
+
+def test_a_checkpoint_preprocessed_unlike_this_molre_is_refused_unless_told(
+    checkpoint, study, tmp_path, capsys, caplog
+):
+    from molre.train.evaluate import this_molre_preprocessing
+
+    recent = tmp_path / "recent"  # as molre writes a checkpoint today: its training data's settings recorded
+    shutil.copytree(checkpoint, recent)
+    setup = json.loads((recent / "setup.json").read_text()) | this_molre_preprocessing()
+    (recent / "setup.json").write_text(json.dumps(setup))
+    caplog.clear()
+    agreed = {"mismatches": [], "not_compared": {}, "mismatch_allowed": False}
+    assert predict(str(recent), str(study))["model"]["preprocessing"] == agreed
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]  # all compared, all alike
+
+    (recent / "setup.json").write_text(
+        json.dumps({**setup, "hu_range": [-1000, 3000], "interpolation": "nearest"})
+    )
+    hu_range = "hu_range: [-1000, 3000] (checkpoint) vs [-1024, 3071] (this molre)"
+    interpolation = 'interpolation: "nearest" (checkpoint) vs "trilinear" (this molre)'
+    with pytest.raises(DataError, match="--allow-preprocessing-mismatch") as refused:
+        predict(str(recent), str(study))
+    assert refused.value.path == f"{recent}/setup.json"
+    assert all(part in refused.value.reason for part in (f"checkpoint {recent}", hu_range, interpolation))
+    argv = ["predict", str(recent), "--input", str(study), "--device", "cpu"]
+    assert main(argv) == 2 and hu_range in capsys.readouterr().err
+    assert main([*argv, "--input", str(study)]) == 2  # a batch too, before any study is scored
+    assert hu_range in capsys.readouterr().err
+
+    assert main([*argv, "--allow-preprocessing-mismatch"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["model"]["preprocessing"] == {"mismatches": [hu_range, interpolation], "not_compared": {},
+                                             "mismatch_allowed": True}  # fmt: skip
+    assert any(hu_range in r.getMessage() and r.levelname == "WARNING" for r in caplog.records)
+
+
+@pytest.mark.filterwarnings("ignore:The `(json|parse_obj)` method is deprecated")
+def test_evaluate_takes_a_run_folder_and_records_both_folders(
+    checkpoint, tmp_path, capsys, caplog, monkeypatch
+):
+    import logging
+
+    from molre.data import shards
+    from molre.train.evaluate import evaluate
+    from tests.tiny_data import write_tiny_dataset
+
+    data = write_tiny_dataset(str(tmp_path / "data"), counts={"test": 4})
+    sha256 = shards.read_manifest_and_sha256(data)[1]
+    _run_folder(tmp_path, checkpoint, ["checkpoint_000000", "checkpoint_000001"])
+    monkeypatch.chdir(tmp_path)
+    latest = "runs/my-run/checkpoint_000001"
+    picked = f"runs/my-run is a run folder: using its latest checkpoint {latest} (epoch 0, finished"
+    assert main(["evaluate", "runs/my-run", "--data", data, "--device", "cpu"]) == 0
+    captured = capsys.readouterr()
+    assert f"molre evaluate: {picked}" in captured.err
+    out = f"{latest}/eval-test-{sha256[:12]}"  # the default folder: under the checkpoint evaluated
+    assert captured.out.rstrip().endswith(f"written to {out}")
+    summary = json.loads(Path(out, "summary.json").read_text())
+    assert (summary["checkpoint_given"], summary["checkpoint"]) == ("runs/my-run", latest)
+    assert "(the latest of run folder `runs/my-run`)" in Path(out, "per_finding_auc.md").read_text()
+
+    caplog.set_level(logging.INFO, logger="molre.train.evaluate")
+    result = evaluate("runs/my-run", data, "test", str(tmp_path / "eval"))
+    assert any(picked in r.getMessage() for r in caplog.records)  # the function logs its pick
+    assert (result["checkpoint_given"], result["checkpoint"]) == ("runs/my-run", latest)
+    assert result["mean_auc"] == summary["mean_auc"]

@@ -16,8 +16,8 @@ e4m3 value x scale), accumulated in fp32, written in bf16 and handed on in the a
   are torchao's row-wise float8 training recipe.
 
 Checkpoints hold only the trainable weights, so nothing FP8 is saved: ``molre evaluate`` / ``predict`` rebuild
-the base from its weights file and score in fp32 on the exact base, as they do for bf16 runs; validation inside
-training (and the feature cache of a multi-fidelity sweep) sees the FP8 base.
+the base from its weights file and score on the exact base (under the run's precision: bf16 autocast for a bf16
+run); validation inside training (and the feature cache of a multi-fidelity sweep) sees the FP8 base.
 
 cuBLAS wants every dimension of both operands to be a multiple of 16: linears whose features are not stay in
 bf16, and a row count (tokens) that is not is zero-padded for the product. GPUs without FP8 tensor cores (compute

@@ -47,7 +47,8 @@ log = logging.getLogger(__name__)
 FROZEN_SHA256 = "frozen_sha256"  # setup.json: frozen_digest of the model the run was built with
 # The settings of a manifest's config that decide what a model sees (min_slices: which studies it sees), as
 # preprocess records them (PreprocessConfig.as_dict); a checkpoint keeps its training data's in setup.json and
-# evaluate compares them with the evaluated data's (``preprocessing_changes``)
+# evaluate compares them with the evaluated data's (``preprocessing_changes``); predict compares RECORDED_AS_IS,
+# which it cannot set (constants of this molre's code), with this molre's
 RECORDED_AS_IS = ("hu_range", "pad_value", "alignment", "interpolation")  # absent (older molre) = unknown
 PREPROCESSING_KEYS = ("grid", "spacing", "antialias", "min_slices", *RECORDED_AS_IS)
 SETUP_FACTS = ("grid", "spacing", "input_size", "antialias", "min_slices", *RECORDED_AS_IS, FROZEN_SHA256)
@@ -252,18 +253,21 @@ def preprocessing_facts(config: dict) -> dict:
             **{k: config[k] for k in RECORDED_AS_IS if k in config}}  # fmt: skip
 
 
-def preprocessing_changes(trained: dict, data: dict) -> tuple[list[str], dict[str, str]]:
+def preprocessing_changes(
+    trained: dict, data: dict, keys: tuple[str, ...] = PREPROCESSING_KEYS, other: str = "data"
+) -> tuple[list[str], dict[str, str]]:
     """How data preprocessed per the manifest config ``data`` differs from a checkpoint's training data
-    (``trained``: its ``read_setup``), over ``PREPROCESSING_KEYS``: ``key: X (checkpoint) vs Y (data)`` for each
-    setting that differs, and ``{key: why}`` for each one that only one side (or neither) records."""
+    (``trained``: its ``read_setup``), over ``keys``: ``key: X (checkpoint) vs Y (data)`` for each setting that
+    differs, and ``{key: why}`` for each one that only one side (or neither) records. ``other`` names the
+    second side (predict: "this molre", whose own preprocessing it compares)."""
     trained, data = {**trained, **preprocessing_facts(trained)}, {**data, **preprocessing_facts(data)}
     changes, unknown = [], {}
-    for key in PREPROCESSING_KEYS:
-        missing = [side for side, facts in (("checkpoint", trained), ("data", data)) if key not in facts]
+    for key in keys:
+        missing = [side for side, facts in (("checkpoint", trained), (other, data)) if key not in facts]
         if missing:
             unknown[key] = "recorded by neither" if len(missing) == 2 else f"not recorded by the {missing[0]}"
         elif _comparable(trained[key]) != _comparable(data[key]):
-            changes.append(f"{key}: {_show(trained[key])} (checkpoint) vs {_show(data[key])} (data)")
+            changes.append(f"{key}: {_show(trained[key])} (checkpoint) vs {_show(data[key])} ({other})")
     return changes, unknown
 
 

@@ -1,10 +1,13 @@
 """`molre evaluate` and `molre predict`: score a checkpoint's best weights on a split, or on one series.
 
 evaluate: per-finding AUCs (Parquet + Markdown), mean +- std and stratified counts, as ``summary.json`` with the
-provenance (checkpoint, data and its manifest's sha256, split, molre version), and each study's scores; refuses
-data preprocessed unlike the checkpoint's training data.
+provenance (checkpoint, data and its manifest's sha256, split, molre version, precision), and each study's
+scores; refuses data preprocessed unlike the checkpoint's training data.
 predict: per study (one, or a batch with the model loaded once) the 75 probabilities, the routing weights and
-attention weight of each slice, what was scored (series, slices, spacing, skipped files) and by which model.
+attention weight of each slice, what was scored (series, slices, spacing, skipped files) and by which model;
+refuses a checkpoint trained on data preprocessed unlike this molre prepares a study.
+Both take a checkpoint folder or a run folder (its latest checkpoint) and score as the run's validation did on
+the device used (bf16 autocast for a bf16 run: ``score_volumes``).
 Both run in-process on one device (no cluster needed) and read shards with pyarrow. The checkpoint, the data and
 evaluate's output folder may each be a local path or an ``s3://`` URI (read and written through
 ``molre.data.storage``).
@@ -34,7 +37,9 @@ from molre.data.augment import augment_batch
 from molre.errors import ConfigError, DataError, MolreError, WeightsError
 from molre.findings import FINDING_IDS, FINDINGS
 from molre.models import MoLREClassifier, build_model
+from molre.models.runtime import uses_bf16
 from molre.train.checkpoint import (
+    RECORDED_AS_IS,
     check_frozen,
     frozen_digest,
     load_trained_state,
@@ -77,8 +82,22 @@ def _iter_split(root: str, split: str, batch_size: int, manifest: shards.Manifes
 
 @torch.no_grad()
 def score_volumes(model: MoLREClassifier, cfg: RunConfig, setup: dict, hu: torch.Tensor) -> torch.Tensor:
+    """Probabilities [B, C] of int16 HU volumes [B, grid], scored as the run's validation scores them
+    (``loop.score_shard``): under ``loop.autocast``, i.e. bf16 autocast for ``train.precision`` bf16 (or auto
+    on CUDA) on the model's device, else fp32. Validation's frozen weights are stored in bf16 under bf16
+    autocast (``prepare_runtime``); autocast rounds the fp32 ones here to the same bits at each use, so the
+    scores are validation's (~2e-3 from fp32 ones for a bf16 run)."""
+    from molre.train.loop import autocast  # imports ray.train (~1 s): not for `molre predict --help`
+
+    device = next(model.parameters()).device
     x = augment_batch(hu, cfg.data, torch.Generator(), train=False, out_size=tuple(setup["input_size"]))
-    return torch.sigmoid(model(x.to(next(model.parameters()).device)).float())
+    with autocast(cfg, device):
+        return torch.sigmoid(model(x.to(device)).float())
+
+
+def scoring_precision(cfg: RunConfig, device: str | torch.device) -> str:
+    """What ``score_volumes`` scores in on ``device``: "bf16" (autocast) or "fp32" (recorded in the outputs)."""
+    return "bf16" if uses_bf16(cfg.train.precision, device) else "fp32"
 
 
 def evaluate(
@@ -95,19 +114,43 @@ def evaluate(
     .md, scores.parquet (one row per study) and summary.json (results + provenance) to ``out_dir`` (default
     ``CHECKPOINT/eval-SPLIT-<manifest sha256[:12]>``: one folder per dataset, rewritten by the same evaluation).
 
-    Data preprocessed unlike the checkpoint's training data is a DataError, or with ``allow_preprocessing_mismatch``
-    a warning recorded in summary.json. ``bootstrap``: study-level resamples for 95% CIs (0: none)."""
+    ``checkpoint``: a checkpoint folder, or a run folder, which gives its latest checkpoint
+    (``resolve_checkpoint``; the pick is logged, and summary.json records both as ``checkpoint_given`` and
+    ``checkpoint``). Scores as the run's validation did on ``device`` (``score_volumes``; summary.json:
+    ``precision``). Data preprocessed unlike the checkpoint's training data is a DataError, or with
+    ``allow_preprocessing_mismatch`` a warning recorded in summary.json. ``bootstrap``: study-level resamples
+    for 95% CIs (0: none)."""
+    resolved, picked = resolve_checkpoint(checkpoint)
+    if picked:
+        log.info("evaluate: %s", picked)
+    return _evaluate(str(checkpoint), resolved, data, split, out_dir, device,
+                     allow_preprocessing_mismatch, bootstrap)  # fmt: skip
+
+
+def _evaluate(
+    given: str,
+    checkpoint: str,
+    data: str,
+    split: str,
+    out_dir: str | None,
+    device: str,
+    allow: bool,
+    bootstrap: int,
+) -> dict:
+    """``evaluate`` of the checkpoint folder ``checkpoint`` that ``given`` resolved to (the CLI resolves it
+    itself, to print the pick before scoring)."""
     if bootstrap < 0:
         raise ConfigError(f"bootstrap: {bootstrap} resamples; give 0 (no CIs) or more")
     manifest, manifest_sha256 = shards.read_manifest_and_sha256(data)
-    preprocessing = _check_preprocessing(checkpoint, data, manifest.config, allow_preprocessing_mismatch)
+    preprocessing = _check_preprocessing(checkpoint, data, manifest.config, allow)
     fingerprint = read_fingerprint(checkpoint) or {}  # None: a checkpoint from before fingerprints
-    provenance = {
-        "checkpoint": str(checkpoint), "data": str(data), "split": split, "manifest_sha256": manifest_sha256,
-        "training_dataset_sha256": fingerprint.get("dataset_sha256"), "molre_version": __version__,
-        "device": str(device), "preprocessing": preprocessing,
-    }  # fmt: skip
     model, cfg, setup = load_checkpoint_model(checkpoint, device)
+    provenance = {
+        "checkpoint": checkpoint, "checkpoint_given": given, "data": str(data), "split": split,
+        "manifest_sha256": manifest_sha256, "training_dataset_sha256": fingerprint.get("dataset_sha256"),
+        "molre_version": __version__, "device": str(device), "precision": scoring_precision(cfg, device),
+        "preprocessing": preprocessing,
+    }  # fmt: skip
     ids, scores, labels, known = _score_split(model, cfg, setup, data, split, manifest)
     aucs = per_finding_auc(scores, labels, known)
     summary = summarize(aucs)
@@ -119,7 +162,7 @@ def evaluate(
         result |= {"mean_auc_ci": mean_ci, "bootstrap": {"resamples": bootstrap, "unit": "study", "level": 0.95,
                                                           "seed": 0}}  # fmt: skip
     result |= provenance
-    out = str(out_dir or storage.join(str(checkpoint), f"eval-{split}-{manifest_sha256[:12]}"))
+    out = str(out_dir or storage.join(checkpoint, f"eval-{split}-{manifest_sha256[:12]}"))
     for name, blob in (
         ("per_finding_auc.parquet", _parquet(table)),
         ("per_finding_auc.md", _markdown(table, summary, result).encode()),
@@ -262,11 +305,14 @@ def _json_safe(value):
 def _markdown(table: pd.DataFrame, summary, result: dict) -> str:
     ci = result.get("mean_auc_ci")
     interval = f" (95% CI {ci[0]:.3f}-{ci[1]:.3f}, study bootstrap)" if ci else ""
+    given = result["checkpoint_given"]
+    picked = f" (the latest of run folder `{given}`)" if given != result["checkpoint"] else ""
     lines = [
         f"# Per-finding AUC ({result['split']})",
         "",
-        f"Checkpoint `{result['checkpoint']}` on `{result['data']}` (manifest sha256 "
-        f"{result['manifest_sha256'][:12]}...), {result['volumes']} studies; molre {result['molre_version']}.",
+        f"Checkpoint `{result['checkpoint']}`{picked} on `{result['data']}` (manifest sha256 "
+        f"{result['manifest_sha256'][:12]}...), {result['volumes']} studies; scored in {result['precision']} "
+        f"on {result['device']}; molre {result['molre_version']}.",
         "",
         f"Mean AUC {summary.mean:.3f} +- {summary.std:.3f}{interval} over {summary.n_defined} findings with both "
         f"classes; AUC >= 0.90: {summary.n_high}; 0.80-0.90: {summary.n_moderate}; "
@@ -293,13 +339,21 @@ def _markdown(table: pd.DataFrame, summary, result: dict) -> str:
 # ---- predict ----------------------------------------------------------------------------------------------
 
 
-def predict(checkpoint: str, series: str, device: str = "cpu") -> dict:
+def predict(
+    checkpoint: str, series: str, device: str = "cpu", *, allow_preprocessing_mismatch: bool = False
+) -> dict:
     """The prediction of one study (``predict_studies``); an input that cannot be scored is a DataError."""
-    return next(predict_studies(checkpoint, [series], device, keep_going=False))
+    return next(predict_studies(checkpoint, [series], device, keep_going=False,
+                                allow_preprocessing_mismatch=allow_preprocessing_mismatch))  # fmt: skip
 
 
 def predict_studies(
-    checkpoint: str, inputs: Sequence[str], device: str = "cpu", keep_going: bool = True
+    checkpoint: str,
+    inputs: Sequence[str],
+    device: str = "cpu",
+    keep_going: bool = True,
+    *,
+    allow_preprocessing_mismatch: bool = False,
 ) -> Iterator[dict]:
     """One prediction per input, the model loaded once. An input is one study on local disk: a DICOM series
     folder (or one of its files), a study folder (its series with the most slices that loads, as preprocess
@@ -310,7 +364,9 @@ def predict_studies(
                        file's folder), "." for the folder itself; ``kind``; ``slices`` read; ``spacing_mm``:
                        its native voxel size (z, y, x) before alignment
       model            checkpoint folder, preset, adapter (MoLRE placement, route_by, experts), the grid and
-                       spacing the model was trained on, molre version
+                       spacing the model was trained on, molre version, ``precision`` scored in (bf16 / fp32,
+                       as the run's validation on this device: ``score_volumes``) and ``preprocessing``: the
+                       checkpoint's recorded settings against this molre's (``_check_study_preprocessing``)
       findings         id, name and category of each finding, in output order
       probabilities    {finding id: probability}
       slice_z_mm       2D backbones: index i of ``slice_attention`` and of each ``router_weights`` row is the
@@ -323,11 +379,17 @@ def predict_studies(
                        without MoLRE and for route_by=token, whose gates are per token and not reported
       skipped_files    unreadable files in the scored series' folder(s), left out of it (name, reason)
     With ``keep_going``, an input that cannot be scored gives ``{"input": {"path"}, "model", "error": {"file",
-    "reason"}}`` and the next one is scored; otherwise its error is raised.
+    "reason"}}`` and the next one is scored; otherwise its error is raised. A checkpoint trained on data
+    preprocessed unlike this molre prepares a study is a DataError (before any input is read), or with
+    ``allow_preprocessing_mismatch`` a warning recorded in ``model.preprocessing``.
     """
-    checkpoint, _ = resolve_checkpoint(checkpoint)
+    checkpoint, picked = resolve_checkpoint(checkpoint)
+    if picked:
+        log.info("predict: %s", picked)
     model, cfg, setup = load_checkpoint_model(checkpoint, device)
-    facts = _model_facts(checkpoint, cfg, setup)
+    preprocessing = _check_study_preprocessing(checkpoint, setup, allow_preprocessing_mismatch)
+    facts = {**_model_facts(checkpoint, cfg, setup), "precision": scoring_precision(cfg, device),
+             "preprocessing": preprocessing}  # fmt: skip
     for path in inputs:
         try:
             yield _predict_study(model, cfg, setup, facts, str(path))
@@ -350,9 +412,9 @@ def _predict_study(model: MoLREClassifier, cfg: RunConfig, setup: dict, facts: d
     if routing is None and cfg.adapter.kind == "molre" and cfg.adapter.molre.placement == "blocks":
         routing = model.router_weights(in_blocks=True) or None  # {} under route_by=token: not reported
     routing_rows = (
-        {name: g[0].cpu().numpy().round(5).tolist() for name, g in routing.items()}
+        {name: _study_rows(g) for name, g in routing.items()}
         if isinstance(routing, dict)
-        else routing[0].cpu().numpy().round(5).tolist()
+        else _study_rows(routing)
         if routing is not None
         else None
     )
@@ -368,12 +430,17 @@ def _predict_study(model: MoLREClassifier, cfg: RunConfig, setup: dict, facts: d
         "findings": [{"id": f.id, "name": f.name, "category": f.category} for f in FINDINGS],
         "probabilities": {fid: float(p) for fid, p in zip(FINDING_IDS, probs, strict=True)},
         "slice_z_mm": model_slice_z_mm(setup) if model.backbone.dims == 2 else None,
-        "slice_attention": attention[0].cpu().numpy().round(5).tolist() if attention is not None else None,
+        "slice_attention": _study_rows(attention) if attention is not None else None,
         "router_weights": routing_rows,
         "skipped_files": [
             {"file": os.path.relpath(e.path, study.base), "reason": e.reason} for e in study.skipped
         ],
     }
+
+
+def _study_rows(weights: torch.Tensor) -> list:
+    """The scored study's (batch row 0) weights as rounded floats; bf16 under bf16 autocast, which numpy lacks."""
+    return weights[0].float().cpu().numpy().round(5).tolist()
 
 
 def model_slice_z_mm(setup: dict) -> list[float]:
@@ -394,6 +461,40 @@ def _model_facts(checkpoint: str, cfg: RunConfig, setup: dict) -> dict:
     return {"checkpoint": checkpoint, "preset": cfg.backbone.preset, "adapter": adapter,
             "grid": list(setup["grid"]), "spacing_mm": list(setup["spacing"]),
             "molre_version": __version__}  # fmt: skip
+
+
+def this_molre_preprocessing() -> dict:
+    """The ``RECORDED_AS_IS`` settings (HU range, pad value, alignment, interpolation) of this molre's
+    preprocessing, which predict applies to a study: constants of the code, read from the record preprocess
+    writes of them into a manifest (``PreprocessConfig.as_dict``) so that the two cannot drift apart."""
+    from molre.data.preprocess import PreprocessConfig
+
+    recorded = PreprocessConfig().as_dict()
+    return {key: recorded[key] for key in RECORDED_AS_IS}
+
+
+def _check_study_preprocessing(checkpoint: str, setup: dict, allow: bool) -> dict:
+    """predict prepares a study with the checkpoint's grid, spacing, anti-aliasing and minimum slice count
+    (``setup``), but with this molre's HU range, pad value, alignment and interpolation, which it cannot set: a
+    checkpoint whose training data was preprocessed with others is a DataError naming each setting, unless
+    ``allow`` (a warning). A checkpoint from before they were recorded is not compared (a warning). Returns what
+    each prediction records, as evaluate's summary.json does."""
+    changes, unknown = preprocessing_changes(setup, this_molre_preprocessing(), RECORDED_AS_IS, "this molre")
+    if unknown:
+        log.warning("predict: preprocessing settings not compared between checkpoint %s and this molre: %s",
+                    checkpoint, "; ".join(f"{key} ({why})" for key, why in unknown.items()))  # fmt: skip
+    if changes and not allow:
+        raise DataError(
+            storage.join(checkpoint, "setup.json"),
+            f"checkpoint {checkpoint} was trained on data preprocessed unlike this molre prepares a study: "
+            f"{'; '.join(changes)}. The model would score inputs it was not trained on; predict with the molre "
+            "version that trained it, or pass --allow-preprocessing-mismatch to predict anyway",
+        )
+    if changes:
+        log.warning("predict: checkpoint %s was trained on data preprocessed unlike this molre prepares a study "
+                    "(%s); predicting anyway (--allow-preprocessing-mismatch)", checkpoint,
+                    "; ".join(changes))  # fmt: skip
+    return {"mismatches": changes, "not_compared": unknown, "mismatch_allowed": bool(allow)}
 
 
 def resolve_checkpoint(checkpoint: str) -> tuple[str, str | None]:
@@ -532,8 +633,8 @@ def _study_series(path: str) -> tuple[list[SeriesRef], list[DataError], str]:
 def add_arguments(parser) -> None:
     parser.add_argument(
         "checkpoint",
-        help="a checkpoint directory written by molre train (local path or s3://); predict also takes a run "
-        "folder (<train.storage>/<run_name>: its latest checkpoint)",
+        help="a checkpoint directory written by molre train (local path or s3://), or a run folder "
+        "(<train.storage>/<run_name>: its latest checkpoint)",
     )
     if parser.prog.endswith("evaluate"):
         parser.add_argument("--data", required=True, help="preprocessed shard root (local path or s3://)")
@@ -564,14 +665,21 @@ def add_arguments(parser) -> None:
             help="a text file listing studies, one path per line (blank lines and lines starting with # "
             "skipped); writes one JSON object per line, an error object for a study that cannot be scored",
         )  # fmt: skip
+        parser.add_argument(
+            "--allow-preprocessing-mismatch",
+            action="store_true",
+            help="predict with a checkpoint whose training data was preprocessed unlike this molre prepares a "
+            "study (other HU range, pad value, alignment or interpolation) with a warning, recorded in the "
+            "output's model.preprocessing, instead of refusing it",
+        )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
 
 def run(args) -> int:
     if hasattr(args, "data"):
-        result = evaluate(args.checkpoint, args.data, args.split, args.out, args.device,
-                          allow_preprocessing_mismatch=args.allow_preprocessing_mismatch,
-                          bootstrap=args.bootstrap)  # fmt: skip
+        checkpoint = _announced(args)
+        result = _evaluate(args.checkpoint, checkpoint, args.data, args.split, args.out, args.device,
+                           args.allow_preprocessing_mismatch, args.bootstrap)  # fmt: skip
         ci = result.get("mean_auc_ci")
         scored = (
             f"mean AUC {result['mean_auc']:.4f} +- {result['std_auc']:.4f}"
@@ -593,16 +701,15 @@ def _run_predict(args) -> int:
     if not inputs:
         print("molre predict: error: give --input SERIES (repeatable) or --inputs FILE", file=sys.stderr)
         return 2
-    checkpoint, picked = resolve_checkpoint(args.checkpoint)
-    if picked:
-        print(f"molre predict: {picked}", file=sys.stderr)
+    checkpoint = _announced(args)
+    allow = args.allow_preprocessing_mismatch
     if len(args.input) == 1 and not args.inputs:
-        result = predict(checkpoint, inputs[0], args.device)
+        result = predict(checkpoint, inputs[0], args.device, allow_preprocessing_mismatch=allow)
         _warn_skipped(result)
         print(json.dumps(result, indent=1))
         return 0
     failed = 0
-    for result in predict_studies(checkpoint, inputs, args.device):
+    for result in predict_studies(checkpoint, inputs, args.device, allow_preprocessing_mismatch=allow):
         if "error" in result:
             failed += 1
             error = result["error"]
@@ -612,6 +719,16 @@ def _run_predict(args) -> int:
     if failed:
         print(f"molre predict: {failed} of {len(inputs)} studies could not be scored", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _announced(args) -> str:
+    """The checkpoint folder ``args.checkpoint`` names (``resolve_checkpoint``), its pick printed before the
+    scoring starts (the functions log it, which the CLI does not show; resolving once, here, keeps what is
+    printed and what is loaded the same while a run writes new checkpoints)."""
+    checkpoint, picked = resolve_checkpoint(args.checkpoint)
+    if picked:
+        print(f"molre {args.command}: {picked}", file=sys.stderr)
+    return checkpoint
 
 
 def _warn_skipped(result: dict) -> None:
