@@ -74,7 +74,7 @@ def feature_change(cfg, volumes: int = 8) -> float:
     from molre.models.fp8 import convert_frozen_linears
     from molre.tune import features
 
-    backbone, input_size = features._frozen_backbone(cfg, torch.device("cpu"))
+    backbone, input_size, _ = features._frozen_backbone(cfg, torch.device("cpu"))
     fp8 = copy.deepcopy(backbone)
     convert_frozen_linears(fp8)
     items = [v for _, v in zip(range(volumes), features.volumes_of(cfg, "val"), strict=False)]

@@ -229,3 +229,49 @@ def test_no_credentials_is_a_clear_error_at_once(s3_bucket, monkeypatch):
     message = str(info.value)
     assert message.startswith(f"{uri}: read failed: NoCredentialsError"), message
     assert "credentials of its own" in message and "attempts" not in message
+
+
+# ---- identity: has a file or folder changed, from one listing ------------------------------------------
+
+
+def test_identity_names_each_file_with_its_size_and_change_marker(root):
+    import time
+
+    a, b = storage.join(root, "w", "a.bin"), storage.join(root, "w", "sub", "b.bin")
+    storage.write_bytes(a, b"alpha")
+    storage.write_bytes(b, b"beta")
+    folder = storage.identity(storage.join(root, "w"))
+    assert sorted(folder) == ["a.bin", "sub/b.bin"]  # recursive, relative to the folder
+    marker = "etag" if "://" in root else "mtime_ns"
+    assert folder["a.bin"]["size"] == 5 and set(folder["a.bin"]) == {"size", marker}
+    assert storage.identity(a) == {"a.bin": folder["a.bin"]}  # a file: itself, by its name
+    time.sleep(0.02)  # past the local clock's tick: a rewrite gets a later mtime
+    storage.write_bytes(b, b"BETA")  # replaced: same size, other content
+    storage.write_bytes(a, b"alpha")  # the same content again (a re-upload, a copy over it)
+    again = storage.identity(storage.join(root, "w"))
+    assert again["sub/b.bin"]["size"] == 4 and again["sub/b.bin"] != folder["sub/b.bin"]
+    if "://" in root:  # S3's ETag follows the content: an identical re-upload keeps it
+        assert again["a.bin"] == folder["a.bin"]
+    else:  # a local rewrite is a change (mtime); whether its content is the same is for the caller to check
+        assert again["a.bin"] != folder["a.bin"]
+    with pytest.raises(FileNotFoundError, match="nope"):
+        storage.identity(storage.join(root, "nope"))
+
+
+def test_identity_of_a_missing_bucket_is_a_storage_error(s3_env):
+    bucket = _missing_bucket()
+    uri = storage.join(bucket, "weights")
+    with pytest.raises(StorageError, match=rf"{uri}: identity failed: bucket {bucket} does not exist"):
+        storage.identity(uri)
+
+
+def test_identity_follows_links_and_names_a_broken_one(tmp_path):
+    (tmp_path / "blobs").mkdir()
+    (tmp_path / "blobs" / "x").write_bytes(b"12345678")
+    (tmp_path / "snap").mkdir()
+    (tmp_path / "snap" / "model.safetensors").symlink_to(tmp_path / "blobs" / "x")  # a Hugging Face snapshot
+    found = storage.identity(str(tmp_path / "snap"))
+    assert found["model.safetensors"]["size"] == 8  # the blob's, not the link's
+    (tmp_path / "snap" / "broken").symlink_to(tmp_path / "blobs" / "gone")
+    with pytest.raises(FileNotFoundError, match="broken"):
+        storage.identity(str(tmp_path / "snap"))

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from molre.config import build_config
-from molre.errors import ConfigError
+from molre.errors import ConfigError, WeightsError
 from molre.models import build_model, create_backbone
 from molre.models.runtime import prepare_runtime
 from molre.tune import features
@@ -145,7 +147,7 @@ def test_augmented_copies_are_the_backbone_on_the_runs_augmentation(data, weight
     hu = torch.from_numpy(np.stack([it[0] for it in items]))
     spacing = features.shards.read_manifest(data).config["spacing"]
     x = features.model_input(hu, cfg, (8, 64, 64), torch.Generator().manual_seed(1 * 1_000_003 + 0), spacing)
-    backbone, _ = features._frozen_backbone(cfg, torch.device("cpu"))
+    backbone = features._frozen_backbone(cfg, torch.device("cpu")).net
     torch.testing.assert_close(train.features[1, :4], features.backbone_features(backbone, x, cfg))
     read = features.load_feature_cache(cache.uri)  # stored and read back with its copies
     assert read.splits["train"].copies == 2
@@ -191,7 +193,7 @@ def test_a_random_backbones_cache_is_the_end_to_end_backbone_of_its_seed(data, w
     keys = set()
     for seed in (0, 1):
         cfg = _cfg(data, None, train={"seed": seed})
-        cached, _ = features._frozen_backbone(cfg, torch.device("cpu"))
+        cached = features._frozen_backbone(cfg, torch.device("cpu")).net
         torch.manual_seed(cfg.train.seed)  # train_loop_per_worker: seed, then build the model
         end_to_end = build_model(cfg).backbone.state_dict()
         assert all(torch.equal(v, end_to_end[k]) for k, v in cached.state_dict().items())
@@ -199,3 +201,151 @@ def test_a_random_backbones_cache_is_the_end_to_end_backbone_of_its_seed(data, w
     assert len(keys) == 2  # one cache per seed
     with_weights = {features.feature_key(_cfg(data, weights, train={"seed": s})) for s in (0, 1)}
     assert len(with_weights) == 1  # loaded weights: the seed changes nothing, one cache for every seed
+
+
+# ---- the weights behind a cache: a file replaced under the same URI is noticed --------------------------------
+
+
+def _save_weights(path, seed: int) -> str:
+    """A random tiny-vit backbone drawn under ``seed``, saved at ``path`` in the real format."""
+    torch.manual_seed(seed)
+    backbone = create_backbone("tiny-vit")
+    save_file({f"net.{k}": v.contiguous() for k, v in backbone.net.state_dict().items()}, str(path))
+    return str(path)
+
+
+@pytest.fixture
+def weight_reads(monkeypatch) -> list[str]:
+    """Each read of backbone weights' tensors (``Checkpoint.read``, on the real loading path), by file."""
+    from molre.models import weights as weights_io
+
+    reads, real = [], weights_io.Checkpoint.read
+
+    def counted(self, names):
+        reads.append(self.uri)
+        return real(self, names)
+
+    monkeypatch.setattr(weights_io.Checkpoint, "read", counted)
+    return reads
+
+
+def _meta(cache) -> dict:
+    import json
+
+    return json.loads((Path(cache.uri) / features.META).read_text())
+
+
+def test_a_hit_on_unchanged_weights_reads_no_weights(data, tmp_path, weight_reads):
+    cfg = _cfg(data, _save_weights(tmp_path / "w.safetensors", 11))
+    cache = features.build_feature_cache(cfg, str(tmp_path), splits=("val",))
+    assert cache.computed and weight_reads  # built: the weights were read
+    recorded = _meta(cache)
+    assert recorded[features.WEIGHTS_IDENTITIES] == [features.weights_identity(cfg.backbone.weights)]
+    built = features._frozen_backbone(cfg, torch.device("cpu"))
+    assert recorded[features.BACKBONE_SHA256] == built.sha256 == features.backbone_digest(built.net)
+    weight_reads.clear()
+    again = features.build_feature_cache(cfg, str(tmp_path), splits=("val",))
+    assert not again.computed and weight_reads == []  # a hit: one listing, no backbone built
+
+
+def test_a_replaced_weights_file_is_noticed_and_the_features_recomputed(data, tmp_path, weight_reads, caplog):
+    path = tmp_path / "w.safetensors"
+    cfg = _cfg(data, _save_weights(path, 11))
+    old = features.build_feature_cache(cfg, str(tmp_path), splits=("val",))
+    before = _meta(old)[features.WEIGHTS_IDENTITIES]
+    _save_weights(path, 12)  # another checkpoint under the same path: same size, same key
+    assert [features.weights_identity(str(path))] != before
+    with caplog.at_level("WARNING", logger="molre.tune.features"):
+        new = features.build_feature_cache(cfg, str(tmp_path), splits=("val",))
+    assert new.computed and new.key == old.key and f"backbone.weights {path}" in caplog.text
+    assert not torch.allclose(new.splits["val"].features, old.splits["val"].features)
+    fresh = features._frozen_backbone(cfg, torch.device("cpu"))  # the features are the new weights' now
+    x = features.model_input(_val_volumes(cfg)[0], cfg, fresh.input_size)
+    torch.testing.assert_close(new.splits["val"].features, features.backbone_features(fresh.net, x, cfg))
+    assert _meta(new)[features.BACKBONE_SHA256] == fresh.sha256 != old.meta[features.BACKBONE_SHA256]
+    weight_reads.clear()
+    assert not features.build_feature_cache(cfg, str(tmp_path), splits=("val",)).computed
+    assert weight_reads == []  # the new identity recorded: a plain hit again
+
+
+def test_a_touched_or_copied_over_identical_file_keeps_the_features(data, tmp_path, weight_reads):
+    import os
+    import shutil
+
+    path = Path(_save_weights(tmp_path / "w.safetensors", 11))
+    shutil.copyfile(path, tmp_path / "same.safetensors")
+    cfg = _cfg(data, str(path))
+    cache = features.build_feature_cache(cfg, str(tmp_path), splits=("val",))
+    stat = path.stat()
+    changes = {
+        "touched": lambda: os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9)),
+        "copied over": lambda: shutil.copyfile(tmp_path / "same.safetensors", path),
+    }
+    for change in changes.values():
+        identities = _meta(cache)[features.WEIGHTS_IDENTITIES]
+        change()
+        assert features.weights_identity(str(path)) not in identities
+        weight_reads.clear()
+        again = features.build_feature_cache(cfg, str(tmp_path), splits=("val",))
+        assert not again.computed and weight_reads  # the backbone built once to compare digests, no features
+        now = features.weights_identity(str(path))
+        assert _meta(again)[features.WEIGHTS_IDENTITIES] == [*identities, now]
+        weight_reads.clear()
+        assert not features.build_feature_cache(cfg, str(tmp_path), splits=("val",)).computed
+        assert weight_reads == []  # recorded: a plain hit again
+    torch.testing.assert_close(again.splits["val"].features, cache.splits["val"].features)
+
+
+def test_a_cache_from_before_the_check_is_spot_checked(data, tmp_path, weight_reads, caplog):
+    """An older molre recorded neither identity nor digest: the first volumes are recomputed and compared."""
+    import json
+
+    path = tmp_path / "w.safetensors"
+    cfg = _cfg(data, _save_weights(path, 11))
+    cache = features.build_feature_cache(cfg, str(tmp_path), splits=("val",))
+    digest = _meta(cache)[features.BACKBONE_SHA256]
+
+    def as_written_before_the_check():
+        meta = _meta(cache)
+        del meta[features.WEIGHTS_IDENTITIES], meta[features.BACKBONE_SHA256]
+        (Path(cache.uri) / features.META).write_text(json.dumps(meta))
+
+    as_written_before_the_check()
+    with caplog.at_level("INFO", logger="molre.tune.features"):
+        kept = features.build_feature_cache(cfg, str(tmp_path), splits=("val",))
+    assert not kept.computed and "predates the weights check" in caplog.text and "agree" in caplog.text
+    assert _meta(kept)[features.BACKBONE_SHA256] == digest  # recorded: checked by digest from now on
+    as_written_before_the_check()
+    _save_weights(path, 12)  # replaced before the check existed: the stored features are the old weights'
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="molre.tune.features"):
+        redone = features.build_feature_cache(cfg, str(tmp_path), splits=("val",))
+    assert redone.computed and f"backbone.weights {path}" in caplog.text and "recomputing" in caplog.text
+    assert not torch.allclose(redone.splits["val"].features, cache.splits["val"].features)
+    assert _meta(redone)[features.BACKBONE_SHA256] not in (None, digest)
+
+
+def test_a_hit_whose_weights_are_gone_names_them(data, tmp_path):
+    path = tmp_path / "w.safetensors"
+    cfg = _cfg(data, _save_weights(path, 11))
+    features.build_feature_cache(cfg, str(tmp_path), splits=("val",))
+    path.unlink()
+    with pytest.raises(WeightsError, match=f"weights file {path} does not exist"):
+        features.build_feature_cache(cfg, str(tmp_path), splits=("val",))
+
+
+def test_weights_on_s3_are_checked_by_etag(data, tmp_path, s3_bucket, weight_reads):
+    """An identical re-upload keeps the ETag (a plain hit); other weights under the same key are noticed."""
+    from molre.data import storage
+
+    uri = storage.join(s3_bucket, "weights", "tiny-vit.safetensors")
+    storage.write_bytes(uri, Path(_save_weights(tmp_path / "a.safetensors", 11)).read_bytes())
+    cfg = _cfg(data, uri)
+    old = features.build_feature_cache(cfg, str(tmp_path), splits=("val",))
+    storage.write_bytes(uri, (tmp_path / "a.safetensors").read_bytes())  # the same bytes again
+    weight_reads.clear()
+    assert not features.build_feature_cache(cfg, str(tmp_path), splits=("val",)).computed
+    assert weight_reads == []
+    storage.write_bytes(uri, Path(_save_weights(tmp_path / "b.safetensors", 12)).read_bytes())
+    new = features.build_feature_cache(cfg, str(tmp_path), splits=("val",))
+    assert new.computed and not torch.allclose(new.splits["val"].features, old.splits["val"].features)

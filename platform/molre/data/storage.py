@@ -413,5 +413,59 @@ def sha256(uri: str, chunk: int = 8 << 20) -> str:
     return with_retries("sha256", uri, _hash)
 
 
+def identity(uri: str) -> dict[str, dict]:
+    """What tells whether the file or folder at ``uri`` changed, from one listing, without reading it:
+    ``{relative path: {"size": bytes, marker}}`` for the file itself (by its name) or every file under the
+    folder (recursively). The marker is S3's ``etag`` (content-derived: a copy or an identical re-upload keeps
+    it; a multipart upload's differs from a single PUT's) or a local file's ``mtime_ns`` (any rewrite or
+    ``touch`` changes it; a different file of the same size given the same mtime, e.g. by ``rsync -a``, is
+    not noticed). ``FileNotFoundError`` naming ``uri`` when nothing is there (an empty local folder: {})."""
+    fs, path = filesystem(uri)
+    listing = (lambda: _s3_identity(fs, path)) if is_s3(uri) else (lambda: _local_identity(path))
+    found = with_retries("identity", uri, listing)
+    if found is None:
+        raise FileNotFoundError(f"{uri}: no such file or folder")
+    return found
+
+
+def _local_identity(path: str) -> dict[str, dict] | None:
+    if not os.path.lexists(path):
+        return None
+    if os.path.isdir(path):
+
+        def fail(err: OSError) -> None:  # os.walk skips unreadable folders silently otherwise
+            raise err
+
+        root = path
+        files = [os.path.join(d, n) for d, _, names in os.walk(path, onerror=fail) for n in names]
+    else:
+        root, files = os.path.dirname(path), [path]
+    out = {}
+    for file in sorted(files):
+        stat = os.stat(file)  # follows links (a Hugging Face snapshot's files link to its blobs)
+        out[os.path.relpath(file, root)] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    return out
+
+
+def _s3_identity(fs, path: str) -> dict[str, dict] | None:
+    try:
+        entries = fs.find(path, detail=True)  # an object: itself; a prefix: every object under <prefix>/
+    except FileNotFoundError as err:
+        if _missing_bucket(err):
+            raise  # with_retries names the URI and the bucket
+        return None
+    if not entries:
+        return None  # S3 has no empty folders: nothing there
+    root = path.rsplit("/", 1)[0] if set(entries) == {path} else path.rstrip("/")
+    out = {}
+    for name in sorted(entries):
+        info = entries[name]
+        marker = str(info.get("ETag") or "").strip('"')
+        # no ETag (an S3-compatible store that gives none): the modification time stands in
+        key = {"etag": marker} if marker else {"modified": str(info.get("LastModified"))}
+        out[relative(name, root)] = {"size": int(info.get("size") or 0), **key}
+    return out
+
+
 def is_temp(uri: str) -> bool:
     return TMP_MARK in str(uri).rsplit("/", 1)[-1]

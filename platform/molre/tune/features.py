@@ -13,6 +13,15 @@ also ``train.seed``: the backbone is built under it, as the end-to-end run build
 written last and marks a complete cache; it holds each split file's sha256 and tensor shapes, checked on every
 load (a damaged or partly copied file is named in a warning and the cache rebuilt).
 
+The key names the weights by URI; what lies there is checked on every hit (``_reuse``). meta.json records
+the weights' storage identity (``storage.identity``: size and S3 ETag / local mtime of each file, one
+listing) and the sha256 of the backbone built from them (``backbone_digest``). Same identity: a hit, the
+weights unread. Another identity: the backbone is built and digested; the same digest (a copied or touched
+file) keeps the features and adds the new identity, another digest (a file replaced under the same URI)
+logs a warning and recomputes the cache in place. A cache from before the check (no digest recorded) is
+spot-checked instead: its first stored volumes against the backbone's features on them; kept, and the digest
+recorded, when they agree.
+
 Fidelity differences vs the end-to-end trial: by default no augmentation (features of un-augmented volumes);
 with ``augment_copies=N`` the train split holds N augmented copies of each volume ([N_copies, N, S, d], the
 run's ``data.augment`` under fixed seeds; the augmentation settings join the key) and epoch e trains on copy
@@ -30,11 +39,13 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import itertools
 import json
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -42,7 +53,7 @@ from torch import nn
 
 from molre.config import RunConfig
 from molre.data import shards, storage
-from molre.errors import ConfigError, DataError
+from molre.errors import ConfigError, DataError, WeightsError
 from molre.findings import FINDING_IDS, NUM_FINDINGS
 from molre.models.backbones import get_preset
 from molre.models.fp8 import apply_frozen_matmul
@@ -55,6 +66,18 @@ CACHE_VERSION = 3  # bump when the feature pipeline changes: old caches then mis
 #    built under train.seed (was 0), which joins the key
 META = "meta.json"
 SPLITS = ("train", "val")
+# meta.json: the storage identities of backbone.weights known to build the backbone of BACKBONE_SHA256, most
+# recent last (several: nodes that each hold their own copy of a local weights file see different mtimes; one
+# entry per copy, so that they do not take turns rebuilding the backbone to check it)
+WEIGHTS_IDENTITIES = "weights_identities"
+MAX_IDENTITIES = 16
+BACKBONE_SHA256 = "backbone_sha256"  # meta.json: backbone_digest of the backbone that computed the features
+# A cache from before the digest: its first SPOT_VOLUMES volumes of an un-augmented split are recomputed and
+# must agree within SPOT_TOLERANCE (relative norm of the difference). Room for another device's arithmetic
+# (bf16 autocast vs fp32) and a bf16 / fp16 cache; other weights are far off (two random DINOv3-Base draws:
+# 1.4), but a near copy passes (1 % noise on every weight: 0.014). Too tight would only cost a recomputation.
+SPOT_VOLUMES = 2
+SPOT_TOLERANCE = 0.05
 
 log = logging.getLogger(__name__)
 
@@ -96,8 +119,9 @@ def key_fields(
     fields = {
         "version": CACHE_VERSION,
         "preset": cfg.backbone.preset,
-        # by URI: a file replaced under the same URI is not noticed here (checkpoints digest the weights they
-        # were trained on, frozen_digest; a cache does not); None = random init under train.seed ("seed")
+        # by URI (existing caches keep their keys): a file replaced under the same URI is noticed on each hit
+        # instead, by its storage identity and the backbone's digest (``_reuse``); None = random init under
+        # train.seed ("seed")
         "weights": weights,
         # the manifest holds the shard checksums, grid, spacing and preprocessing settings
         "manifest_sha256": storage.sha256_bytes(manifest_bytes),
@@ -179,18 +203,26 @@ def build_feature_cache(
     fields = key_fields(cfg, manifest_bytes=manifest_bytes, augment_copies=augment_copies)
     key = _hash(fields)
     uri = cache_uri(root, key)
-    if storage.exists(storage.join(uri, META)):
-        try:
-            return load_feature_cache(uri, splits)
-        except DamagedCacheError as err:  # a miss: computed again below, meta.json written last again
-            log.warning("feature cache %s: %s; rebuilding the cache", err.path, err.reason)
-            storage.delete(storage.join(uri, META))  # incomplete until the rebuild writes it again
     start = time.perf_counter()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     grid_config = json.loads(manifest_bytes)["config"]
-    backbone, input_size = _frozen_backbone(cfg, device, tuple(grid_config["grid"]))
+    grid = tuple(grid_config["grid"])
+    weights = fields["weights"]
+    # taken before the weights are read: a file replaced while this call builds is noticed by the next call
+    identity = weights_identity(weights) if weights else None
+    built = None  # the backbone, when checking a hit had to build it (reused for the recomputation)
+    if storage.exists(storage.join(uri, META)):
+        cache, built = _reuse(
+            cfg, uri, splits, weights, identity, lambda: _frozen_backbone(cfg, device, grid)
+        )
+        if cache is not None:
+            cache.seconds = time.perf_counter() - start
+            return cache
+    backbone, input_size, digest = built or _frozen_backbone(cfg, device, grid)
     meta = {"key": key, "fields": fields, "dtype": dtype, "dims": backbone.dims,
             "width": backbone.width, "splits": {}}  # fmt: skip
+    if identity is not None:  # a random-init backbone is fixed by train.seed, in its key
+        meta.update({WEIGHTS_IDENTITIES: [identity], BACKBONE_SHA256: digest})
     out = {}
     for split in splits:
         copies = augment_copies if split == "train" else 0
@@ -213,9 +245,117 @@ def build_feature_cache(
             "tensors": {name: list(t.shape) for name, t in blob.items()},
         }
         out[split] = part
-    meta_bytes = (json.dumps(meta, indent=1) + "\n").encode()
-    storage.write_bytes(storage.join(uri, META), meta_bytes)  # written last: marks the cache complete
+    storage.write_bytes(storage.join(uri, META), _meta_bytes(meta))  # written last: marks the cache complete
     return FeatureCache(uri, key, meta, out, computed=True, seconds=time.perf_counter() - start)
+
+
+def _meta_bytes(meta: dict) -> bytes:
+    return (json.dumps(meta, indent=1) + "\n").encode()
+
+
+def _reuse(
+    cfg: RunConfig,
+    uri: str,
+    splits,
+    weights: str | None,
+    identity: dict | None,
+    build: Callable[[], BuiltBackbone],
+) -> tuple[FeatureCache | None, BuiltBackbone | None]:
+    """``(cache, None)`` when the complete cache at ``uri`` still holds the backbone's features, else ``(None,
+    the backbone if checking it had to build it)`` with meta.json removed: a miss, recomputed in place and
+    meta.json written last (crash-safe: until then the cache is incomplete, never stale).
+
+    ``identity``: the storage identity of ``weights`` now (None: a random-init backbone, fixed by its key).
+    One that meta.json records: the cache, the weights unread. Else ``build()`` and compare digests."""
+    try:
+        cache = load_feature_cache(uri, splits)
+    except DamagedCacheError as err:
+        log.warning("feature cache %s: %s; rebuilding the cache", err.path, err.reason)
+        storage.delete(storage.join(uri, META))  # incomplete until the rebuild writes it again
+        return None, None
+    if identity is None or identity in cache.meta.get(WEIGHTS_IDENTITIES, []):
+        return cache, None
+    built = build()
+    recorded, digest = cache.meta.get(BACKBONE_SHA256), built.sha256
+    if recorded is None:  # a cache from before the check: nothing recorded to compare the digest with
+        if _spot_check(cfg, cache, built, weights):
+            return _record_weights(cache, identity, digest), None
+    elif recorded == digest:
+        log.info("feature cache %s: backbone.weights %s changed on storage but builds the same "
+                 "backbone (sha256 %s...): features kept, the new identity recorded",
+                 uri, weights, digest[:12])  # fmt: skip
+        return _record_weights(cache, identity, digest), None
+    else:
+        log.warning("feature cache %s: backbone.weights %s is not the file the features were computed "
+                    "with (backbone sha256 %s..., recorded %s...): replaced under the same URI; "
+                    "recomputing the cache", uri, weights, digest[:12], recorded[:12])  # fmt: skip
+    storage.delete(storage.join(uri, META))
+    return None, built
+
+
+def _spot_check(cfg: RunConfig, cache: FeatureCache, built: BuiltBackbone, weights: str) -> bool:
+    """Whether a cache from before the digest holds the features of the backbone just ``built`` from
+    ``weights``: its first stored volumes of an un-augmented split against the backbone's on them (augmented
+    copies depend on the batching they were drawn in). Logs what it found."""
+    split = next((name for name, part in cache.splits.items() if not part.copies), None)
+    difference = float("inf") if split is None else _spot_difference(cfg, cache.splits[split], split, built)
+    if difference <= SPOT_TOLERANCE:
+        log.info("feature cache %s predates the weights check; its first %s volumes agree with "
+                 "backbone.weights %s (relative difference %.1e): kept, that backbone's sha256 recorded",
+                 cache.uri, split, weights, difference)  # fmt: skip
+        return True
+    log.warning("feature cache %s predates the weights check and its features are not what "
+                "backbone.weights %s gives (first %s volumes: relative difference %.2g, tolerance %g); "
+                "recomputing the cache", cache.uri, weights, split or "un-augmented", difference,
+                SPOT_TOLERANCE)  # fmt: skip
+    return False
+
+
+@torch.no_grad()
+def _spot_difference(cfg: RunConfig, part: SplitFeatures, split: str, built: BuiltBackbone) -> float:
+    """Relative norm of (the backbone's features - the stored ones) on the split's first ``SPOT_VOLUMES``."""
+    backbone, input_size, _ = built
+    items = list(itertools.islice(volumes_of(cfg, split), SPOT_VOLUMES))
+    if [it[3] for it in items] != part.study_hash[: len(items)]:
+        return float("inf")  # not the cache's volumes (the key holds the manifest's sha256: not expected)
+    device = next(backbone.parameters()).device
+    hu = torch.from_numpy(np.stack([it[0] for it in items])).to(device)
+    fresh = backbone_features(backbone, model_input(hu, cfg, input_size), cfg).cpu()
+    stored = part.features[: len(items)]
+    return float((fresh - stored).norm() / stored.norm().clamp_min(1e-12))
+
+
+def _record_weights(cache: FeatureCache, identity: dict, digest: str) -> FeatureCache:
+    """Add the weights' identity to the cache's meta.json, with the backbone's digest (atomic: the cache stays
+    complete; two processes adding theirs at once may lose one, which then costs one more check)."""
+    same = cache.meta.get(BACKBONE_SHA256) == digest  # else a cache from before the check: none recorded
+    identities = [*(cache.meta.get(WEIGHTS_IDENTITIES, []) if same else []), identity][-MAX_IDENTITIES:]
+    cache.meta = {**cache.meta, WEIGHTS_IDENTITIES: identities, BACKBONE_SHA256: digest}
+    storage.write_bytes(storage.join(cache.uri, META), _meta_bytes(cache.meta))
+    return cache
+
+
+def weights_identity(uri: str) -> dict[str, dict]:
+    """``storage.identity`` of what ``backbone.weights`` names: the file, the Hugging Face folder, or for a
+    sharded checkpoint's index the folder that holds it and its shards (whatever else lies there is covered
+    too: a change to it costs one backbone build to compare digests, never a stale hit)."""
+    target = uri.rsplit("/", 1)[0] if uri.endswith(".index.json") and "/" in uri else uri
+    try:
+        return storage.identity(target)
+    except FileNotFoundError:
+        raise WeightsError(f"weights file {uri} does not exist (backbone.weights)") from None
+
+
+def backbone_digest(backbone: nn.Module) -> str:
+    """SHA-256 of a backbone as built: every tensor of its state dict by name, dtype, shape and bytes (as
+    ``checkpoint.frozen_digest`` hashes, but buffers too, e.g. BatchNorm statistics: nothing here trains,
+    all of it decides the features). Take it before the FP8 conversion, on the weights as loaded."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(backbone.state_dict().items()):
+        flat = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name} {flat.dtype} {tuple(tensor.shape)}\n".encode())
+        digest.update(flat.view(torch.uint8).numpy())
+    return digest.hexdigest()
 
 
 def load_feature_cache(uri: str, splits=SPLITS) -> FeatureCache:
@@ -282,9 +422,16 @@ def _rows(shapes: dict[str, list[int]], copies: int) -> tuple:
     return size("features", 1 if copies else 0), size("labels"), size("known")
 
 
-def _frozen_backbone(cfg: RunConfig, device: torch.device, grid: tuple | None = None):
-    """The backbone exactly as ``build_model`` makes it for ``cfg`` (weights loaded, frozen), in eval mode, and
-    the input size it sees (``grid``: the data's, else read from its manifest)."""
+class BuiltBackbone(NamedTuple):
+    net: nn.Module  # frozen, eval mode, on the device, FP8 products where train.frozen_matmul=fp8
+    input_size: tuple  # (slices, H, W) it sees
+    sha256: str | None  # backbone_digest as loaded; None for a random-init backbone (train.seed, in the key)
+
+
+def _frozen_backbone(cfg: RunConfig, device: torch.device, grid: tuple | None = None) -> BuiltBackbone:
+    """The backbone exactly as ``build_model`` makes it for ``cfg`` (weights loaded, frozen), in eval mode,
+    the input size it sees (``grid``: the data's, else read from its manifest) and its ``backbone_digest``
+    (None for a random-init backbone: train.seed, in the key, fixes it)."""
     from molre.models import build_model
     from molre.train.run import model_input_size
 
@@ -295,9 +442,11 @@ def _frozen_backbone(cfg: RunConfig, device: torch.device, grid: tuple | None = 
     torch.manual_seed(cfg.train.seed)
     bare = copy.deepcopy(cfg)
     bare.adapter.kind = "none"  # only the backbone is needed
-    backbone = build_model(bare).backbone.to(device).eval()
+    backbone = build_model(bare).backbone.eval()
+    digest = backbone_digest(backbone) if cfg.backbone.weights else None  # as loaded, on the host
+    backbone = backbone.to(device)
     apply_frozen_matmul(backbone, cfg.train.frozen_matmul, device)  # the products the end-to-end run computes
-    return backbone, input_size
+    return BuiltBackbone(backbone, input_size, digest)
 
 
 def volumes_of(cfg: RunConfig, split: str):
