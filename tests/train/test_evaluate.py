@@ -66,6 +66,15 @@ def test_evaluate_writes_per_finding_aucs(checkpoint, tiny_dataset, tmp_path, ca
     assert json.loads((tmp_path / "eval" / "summary.json").read_text())["mean_auc"] == pytest.approx(
         result["mean_auc"]
     )
+    # calibration columns always; without --operating-point, nothing about thresholds
+    assert list(table.columns) == ["finding", "name", "category", "auc", "n_known", "positives", "n_negative",
+                                   "brier", "ece"]  # fmt: skip
+    assert not (tmp_path / "eval" / "thresholds.json").exists() and "operating_point" not in result
+    scores = pd.read_parquet(tmp_path / "eval" / "scores.parquet")
+    s, y = (np.stack(scores[c].to_list()).astype(np.float64) for c in ("scores", "labels"))
+    np.testing.assert_allclose(table["brier"], ((s - y) ** 2).mean(0))  # every label known in the tiny set
+    assert result["mean_brier"] == pytest.approx(table["brier"].mean()) and 0 < result["mean_ece"] < 1
+    assert "Brier | ECE |" in markdown and "mean ECE" in markdown
 
 
 def test_summary_is_strict_json_when_no_finding_has_an_auc(checkpoint, tmp_path, capsys):
@@ -391,3 +400,108 @@ def test_evaluate_scores_as_the_runs_validation_bf16_under_autocast_fp32_as_befo
             np.testing.assert_array_equal(scored[name][study], scores)
     # the test can tell them apart: bf16 rounding moves the tiny model's probabilities by ~1e-3
     assert max(np.abs(scored["bf16"][s] - scored["fp32"][s]).max() for s in scored["fp32"]) > 1e-4
+
+
+# ---- evaluate at an operating point chosen on another split, and calibration -------------------------------
+
+
+def test_evaluate_reports_an_operating_point_chosen_on_val_and_applied_to_test(
+    checkpoint, tiny_dataset, tmp_path, capsys, monkeypatch
+):
+    import molre.train.evaluate as evaluate_module
+    from molre.data import shards
+    from molre.train import operating_points as op
+
+    directory, _ = checkpoint
+    scored_splits = []
+    score_split = evaluate_module._score_split
+    monkeypatch.setattr(evaluate_module, "_score_split",
+                        lambda *a: scored_splits.append(a[4]) or score_split(*a))  # fmt: skip
+    out = tmp_path / "eval"
+    argv = ["evaluate", directory, "--data", tiny_dataset, "--device", "cpu"]
+    assert main([*argv, "--out", str(out), "--operating-point", "sensitivity=0.9", "--bootstrap", "50"]) == 0
+    printed = capsys.readouterr().out
+    assert "at sensitivity=0.9 (thresholds from val): mean sensitivity " in printed
+    assert scored_splits == ["test", "val"]  # each split scored once
+
+    # thresholds.json: per finding id, with the rule, the split and the provenance
+    saved = json.loads((out / "thresholds.json").read_text())
+    sha256 = shards.read_manifest_and_sha256(tiny_dataset)[1]
+    assert {k: saved[k] for k in ("format", "rule", "split", "chosen_on_evaluated_split", "checkpoint",
+                                  "manifest_sha256", "data")} == {
+        "format": "molre-thresholds/1", "rule": "sensitivity=0.9", "split": "val",
+        "chosen_on_evaluated_split": False, "checkpoint": directory, "manifest_sha256": sha256,
+        "data": tiny_dataset}  # fmt: skip
+    assert list(saved["thresholds"]) == list(FINDING_IDS)
+    chosen = np.array(
+        [np.nan if r["threshold"] is None else r["threshold"] for r in saved["thresholds"].values()]
+    )
+    assert (~np.isnan(chosen)).sum() == 3  # the three planted findings: both classes in val; the rest none
+    assert all(r["sensitivity"] >= 0.9 for r in saved["thresholds"].values() if r["threshold"] is not None)
+    assert (
+        saved["thresholds"][FINDING_IDS[5]]["reason"] == "no positive among the 24 known labels of split val"
+    )
+
+    # the table: existing columns first, unchanged; the test's operating point, recomputed from scores.parquet
+    table = pd.read_parquet(out / "per_finding_auc.parquet")
+    assert list(table.columns[:9]) == ["finding", "name", "category", "auc", "n_known", "positives",
+                                       "n_negative", "auc_ci_low", "auc_ci_high"]  # fmt: skip
+    np.testing.assert_array_equal(table["threshold"], chosen)
+    scores = pd.read_parquet(out / "scores.parquet")
+    s, y, k = (np.stack(scores[c].to_list()) for c in ("scores", "labels", "known"))
+    flagged, positive, known = s >= chosen, y.astype(bool), k.astype(bool)  # NaN thresholds flag nothing
+    with np.errstate(invalid="ignore", divide="ignore"):
+        sensitivity = (flagged & positive & known).sum(0) / (positive & known).sum(0)
+    defined = ~np.isnan(chosen)
+    np.testing.assert_allclose(table["sensitivity"][defined], sensitivity[defined])
+    assert list(table["tp"][defined]) == list((flagged & positive & known).sum(0)[defined])
+    assert table["sensitivity"][~defined].isna().all() and table["tp"][~defined].isna().all()
+    assert (table[["tp", "fp", "tn", "fn"]].sum(axis=1)[defined] == 12).all()  # every test label known
+    for name in ("sensitivity", "specificity"):
+        assert (table[f"{name}_ci_low"] <= table[name])[defined].all()
+        assert (table[name] <= table[f"{name}_ci_high"])[defined].all()
+
+    summary = json.loads((out / "summary.json").read_text())
+    point = summary["operating_point"]
+    assert point["mean_sensitivity"] == pytest.approx(sensitivity[defined].mean())
+    assert (
+        point["n_thresholds"] == 3 and len(point["no_threshold"]) == 72 and point["threshold_split"] == "val"
+    )
+    assert (
+        "## Operating point sensitivity=0.9: thresholds chosen on val"
+        in (out / "per_finding_auc.md").read_text()
+    )
+
+    # the thresholds are val's: choosing on val (allowed explicitly when evaluating val) gives the same ones
+    scored_splits.clear()
+    on_val = evaluate(directory, tiny_dataset, "val", str(tmp_path / "val"),
+                      operating_point="sensitivity=0.9", threshold_split="val",
+                      allow_thresholds_on_evaluated_split=True)  # fmt: skip
+    assert scored_splits == ["val"] and on_val["operating_point"]["chosen_on_evaluated_split"] is True
+    val_scores = pd.read_parquet(tmp_path / "val" / "scores.parquet")
+    val = (np.stack(val_scores[c].to_list()) for c in ("scores", "labels", "known"))
+    again, _ = op.choose_thresholds(*val, op.parse_rule("sensitivity=0.9"))
+    np.testing.assert_array_equal(again, chosen)
+    assert "optimistic" in (tmp_path / "val" / "per_finding_auc.md").read_text()
+
+
+def test_evaluate_refuses_thresholds_from_the_evaluated_split_and_bad_operating_points(
+    checkpoint, tiny_dataset, tmp_path, capsys
+):
+    directory, _ = checkpoint
+    out = tmp_path / "eval"
+    argv = ["evaluate", directory, "--data", tiny_dataset, "--device", "cpu", "--out", str(out)]
+    for extra, message in (
+        (["--operating-point", "youden", "--threshold-split", "test"],
+         "choosing the thresholds on the evaluated split 'test'"),
+        (["--operating-point", "sensitivity=0.9", "--split", "val"], "only a test split defaults to val"),
+        (["--operating-point", "sensitivity=1.5"], "the target 1.5 is outside (0, 1]"),
+        (["--operating-point", "ppv=0.9"], "'ppv=0.9': unknown rule"),
+        (["--threshold-split", "val"], "given without an operating point"),
+    ):  # fmt: skip
+        assert main([*argv, *extra]) == 2
+        assert message in capsys.readouterr().err
+    assert not out.exists()  # refused before anything was scored or written
+    test_only = _stamped(str(tmp_path / "external"))  # an external test set: no val split to choose on
+    assert main([*argv[:3], test_only, *argv[4:], "--operating-point", "youden"]) == 2
+    assert "split 'val' of " in capsys.readouterr().err and not out.exists()

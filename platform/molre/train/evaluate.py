@@ -1,8 +1,10 @@
 """`molre evaluate` and `molre predict`: score a checkpoint's best weights on a split, or on one series.
 
-evaluate: per-finding AUCs (Parquet + Markdown), mean +- std and stratified counts, as ``summary.json`` with the
-provenance (checkpoint, data and its manifest's sha256, split, molre version, precision), and each study's
-scores; refuses data preprocessed unlike the checkpoint's training data.
+evaluate: per-finding AUCs and calibration (Parquet + Markdown), mean +- std and stratified counts, as
+``summary.json`` with the provenance (checkpoint, data and its manifest's sha256, split, molre version,
+precision), and each study's scores; optionally an operating point chosen on another split (thresholds.json;
+the arithmetic: ``molre.train.operating_points``); refuses data preprocessed unlike the checkpoint's training
+data.
 predict: per study (one, or a batch with the model loaded once) the 75 probabilities, the routing weights and
 attention weight of each slice, what was scored (series, slices, spacing, skipped files) and by which model;
 refuses a checkpoint trained on data preprocessed unlike this molre prepares a study.
@@ -21,7 +23,6 @@ import logging
 import math
 import os
 import sys
-import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
@@ -38,6 +39,7 @@ from molre.errors import ConfigError, DataError, MolreError, WeightsError
 from molre.findings import FINDING_IDS, FINDINGS
 from molre.models import MoLREClassifier, build_model
 from molre.models.runtime import uses_bf16
+from molre.train import operating_points as op
 from molre.train.checkpoint import (
     RECORDED_AS_IS,
     check_frozen,
@@ -109,22 +111,73 @@ def evaluate(
     *,
     allow_preprocessing_mismatch: bool = False,
     bootstrap: int = 0,
+    operating_point: str | None = None,
+    threshold_split: str | None = None,
+    allow_thresholds_on_evaluated_split: bool = False,
 ) -> dict:
     """Score the checkpoint's best weights on ``split`` of the shards at ``data``; write per_finding_auc.parquet /
     .md, scores.parquet (one row per study) and summary.json (results + provenance) to ``out_dir`` (default
     ``CHECKPOINT/eval-SPLIT-<manifest sha256[:12]>``: one folder per dataset, rewritten by the same evaluation).
+    Each finding's AUC and its calibration (Brier score, ECE over 10 equal-width bins: ``operating_points``).
 
     ``checkpoint``: a checkpoint folder, or a run folder, which gives its latest checkpoint
     (``resolve_checkpoint``; the pick is logged, and summary.json records both as ``checkpoint_given`` and
     ``checkpoint``). Scores as the run's validation did on ``device`` (``score_volumes``; summary.json:
     ``precision``). Data preprocessed unlike the checkpoint's training data is a DataError, or with
     ``allow_preprocessing_mismatch`` a warning recorded in summary.json. ``bootstrap``: study-level resamples
-    for 95% CIs (0: none)."""
+    for 95% CIs (0: none).
+
+    ``operating_point`` (``sensitivity=T``, ``specificity=T`` or ``youden``): per finding a threshold
+    chosen by that rule on ``threshold_split`` (default val for a test split; the evaluated split itself
+    only with ``allow_thresholds_on_evaluated_split``, as it inflates the results), applied to ``split``:
+    TP / FP / TN / FN, sensitivity, specificity, PPV and NPV (with ``bootstrap``, CIs of the two rates);
+    the thresholds also go to thresholds.json (``operating_plan``)."""
+    plan = operating_plan(operating_point, threshold_split, split, allow_thresholds_on_evaluated_split)
     resolved, picked = resolve_checkpoint(checkpoint)
     if picked:
         log.info("evaluate: %s", picked)
     return _evaluate(str(checkpoint), resolved, data, split, out_dir, device,
-                     allow_preprocessing_mismatch, bootstrap)  # fmt: skip
+                     allow_preprocessing_mismatch, bootstrap, plan)  # fmt: skip
+
+
+class OperatingPlan(NamedTuple):
+    """Which operating point evaluate reports, and where its thresholds are chosen."""
+
+    rule: op.OperatingRule
+    split: str  # the split the thresholds are chosen on
+    on_evaluated: bool  # that split is the evaluated one (allowed explicitly): optimistic results
+
+
+SPLITS = ("train", "val", "test")
+
+
+def operating_plan(
+    operating_point: str | None, threshold_split: str | None, split: str, allow_evaluated: bool = False
+) -> OperatingPlan | None:
+    """The operating point asked for (None: none), checked before anything is read: a bad rule, a threshold
+    split without one, no threshold split for a split other than test (only test defaults to val), or the
+    evaluated split itself without ``allow_evaluated`` (thresholds fitted to the data they are judged on:
+    optimistic sensitivity / specificity) is a ConfigError."""
+    if operating_point is None:
+        if threshold_split or allow_evaluated:
+            raise ConfigError("threshold split: given without an operating point (--operating-point "
+                              "sensitivity=0.9, specificity=0.9 or youden)")  # fmt: skip
+        return None
+    rule = op.parse_rule(operating_point)
+    chosen = threshold_split or ("val" if split == "test" else None)
+    if chosen is None:
+        raise ConfigError(f"threshold split: evaluating split '{split}', name the split to choose the "
+                          "thresholds on (--threshold-split); only a test split defaults to val")  # fmt: skip
+    if chosen not in SPLITS:
+        raise ConfigError(f"threshold split: '{chosen}' is none of {', '.join(SPLITS)}")
+    if chosen == split and not allow_evaluated:
+        raise ConfigError(
+            f"threshold split: choosing the thresholds on the evaluated split '{split}' fits them to the "
+            "data they are judged on and inflates the reported sensitivity / specificity; choose them on "
+            "another split (--threshold-split val), or pass --allow-thresholds-on-evaluated-split to do it "
+            "anyway"
+        )
+    return OperatingPlan(rule, chosen, chosen == split)
 
 
 def _evaluate(
@@ -136,12 +189,16 @@ def _evaluate(
     device: str,
     allow: bool,
     bootstrap: int,
+    plan: OperatingPlan | None = None,
 ) -> dict:
     """``evaluate`` of the checkpoint folder ``checkpoint`` that ``given`` resolved to (the CLI resolves it
-    itself, to print the pick before scoring)."""
+    itself, to print the pick before scoring); ``plan``: ``operating_plan``'s."""
     if bootstrap < 0:
         raise ConfigError(f"bootstrap: {bootstrap} resamples; give 0 (no CIs) or more")
     manifest, manifest_sha256 = shards.read_manifest_and_sha256(data)
+    if plan and not shards.list_shards(data, plan.split, manifest):
+        raise ConfigError(f"threshold split: split '{plan.split}' of {data} holds no studies to choose the "
+                          "thresholds on; name another (--threshold-split)")  # fmt: skip
     preprocessing = _check_preprocessing(checkpoint, data, manifest.config, allow)
     fingerprint = read_fingerprint(checkpoint) or {}  # None: a checkpoint from before fingerprints
     model, cfg, setup = load_checkpoint_model(checkpoint, device)
@@ -152,6 +209,7 @@ def _evaluate(
         "preprocessing": preprocessing,
     }  # fmt: skip
     ids, scores, labels, known = _score_split(model, cfg, setup, data, split, manifest)
+    evaluated = (scores, labels, known)
     aucs = per_finding_auc(scores, labels, known)
     summary = summarize(aucs)
     table = _per_finding_table(aucs, labels, known)
@@ -161,16 +219,97 @@ def _evaluate(
         table["auc_ci_low"], table["auc_ci_high"] = low, high
         result |= {"mean_auc_ci": mean_ci, "bootstrap": {"resamples": bootstrap, "unit": "study", "level": 0.95,
                                                           "seed": 0}}  # fmt: skip
+    result |= _add_calibration(table, *evaluated)
+    thresholds = None
+    if plan:  # each split scored once: the evaluated one's scores serve when the thresholds are chosen on it
+        chosen_on = evaluated if plan.on_evaluated else _score_split(model, cfg, setup, data, plan.split,
+                                                                     manifest)[1:]  # fmt: skip
+        thresholds = _add_operating_point(table, result, plan, chosen_on, evaluated, bootstrap)
     result |= provenance
     out = str(out_dir or storage.join(checkpoint, f"eval-{split}-{manifest_sha256[:12]}"))
-    for name, blob in (
+    files = [
         ("per_finding_auc.parquet", _parquet(table)),
         ("per_finding_auc.md", _markdown(table, summary, result).encode()),
         ("scores.parquet", _scores_parquet(ids, scores, labels, known)),
-        ("summary.json", json.dumps(_json_safe(result), indent=1, allow_nan=False).encode()),
-    ):
+        ("summary.json", _json_bytes(result)),
+    ]
+    if thresholds:
+        files.append(("thresholds.json", _json_bytes(_thresholds_file(thresholds, result))))
+    for name, blob in files:
         storage.write_bytes(storage.join(out, name), blob)
     return {**result, "out_dir": out}
+
+
+def _json_bytes(value: dict) -> bytes:
+    return json.dumps(_json_safe(value), indent=1, allow_nan=False).encode()
+
+
+def _add_calibration(table: pd.DataFrame, scores, labels, known) -> dict:
+    """Each finding's Brier score and ECE as table columns ``brier`` / ``ece``; their means over the findings
+    with a known label, for summary.json."""
+    table["brier"] = op.brier_scores(scores, labels, known)
+    table["ece"] = op.expected_calibration_error(scores, labels, known)
+    return {"mean_brier": op.nan_mean(table["brier"]), "mean_ece": op.nan_mean(table["ece"]),
+            "calibration": {"findings": int(table["brier"].notna().sum()), "ece_bins": op.ECE_BINS,
+                            "ece_binning": "equal-width on [0, 1], floor(10 * score)"}}  # fmt: skip
+
+
+def _add_operating_point(table: pd.DataFrame, result: dict, plan: OperatingPlan, chosen_on: tuple,
+                         evaluated: tuple, bootstrap: int) -> dict:  # fmt: skip
+    """Thresholds chosen by ``plan`` on ``chosen_on`` (scores, labels, known of the threshold split), applied
+    to ``evaluated``: table columns threshold, threshold_reason, tp / fp / tn / fn (NA without a threshold),
+    sensitivity, specificity, ppv, npv (+ the two rates' CIs with ``bootstrap``); their means (over the
+    findings where each is defined) as summary.json's ``operating_point``. Returns thresholds.json's
+    per-finding records."""
+    thresholds, reasons = op.choose_thresholds(*chosen_on, plan.rule, f"split {plan.split}")
+    counts = op.confusion(*evaluated, thresholds)
+    measured = op.rates(**counts)
+    table["threshold"], table["threshold_reason"] = thresholds, reasons
+    for name, column in counts.items():
+        table[name] = pd.Series(column).astype("Int64").array
+    for name, column in measured.items():
+        table[name] = column
+    point = {"rule": str(plan.rule), "threshold_split": plan.split,
+             "chosen_on_evaluated_split": plan.on_evaluated, "threshold_split_volumes": len(chosen_on[0]),
+             "decision": "positive when score >= threshold",
+             "n_thresholds": int((~np.isnan(thresholds)).sum()),
+             "no_threshold": [fid for fid, why in zip(FINDING_IDS, reasons, strict=True) if why]}  # fmt: skip
+    point |= {f"mean_{name}": op.nan_mean(column) for name, column in measured.items()}
+    if bootstrap:
+        for name, (low, high, mean_ci) in op.bootstrap_rate_cis(*evaluated, thresholds, bootstrap).items():
+            table[f"{name}_ci_low"], table[f"{name}_ci_high"] = low, high
+            point[f"mean_{name}_ci"] = mean_ci
+    result["operating_point"] = point
+    return _threshold_records(thresholds, reasons, chosen_on)
+
+
+def _threshold_records(thresholds: np.ndarray, reasons: list, chosen_on: tuple) -> dict:
+    """{finding id: threshold (None: none), reason, and the threshold split's known positives / negatives
+    and the sensitivity / specificity the threshold has there}."""
+    scores, labels, known = chosen_on
+    there = op.rates(**op.confusion(scores, labels, known, thresholds))
+    k = known.astype(bool)
+    positives, negatives = (k & labels.astype(bool)).sum(0), (k & ~labels.astype(bool)).sum(0)
+    return {fid: {"threshold": None if np.isnan(thresholds[c]) else float(thresholds[c]),
+                  "reason": reasons[c], "positives": int(positives[c]), "negatives": int(negatives[c]),
+                  "sensitivity": float(there["sensitivity"][c]),
+                  "specificity": float(there["specificity"][c])}
+            for c, fid in enumerate(FINDING_IDS)}  # fmt: skip
+
+
+THRESHOLDS_FORMAT = "molre-thresholds/1"
+
+
+def _thresholds_file(records: dict, result: dict) -> dict:
+    """thresholds.json: the rule, the split the thresholds were chosen on and the scores' provenance
+    (checkpoint, data and manifest, precision), then per finding id its record; a study is positive for a
+    finding when its probability >= the finding's threshold (null: no threshold, see its reason)."""
+    point = result["operating_point"]
+    keys = ("checkpoint", "checkpoint_given", "data", "manifest_sha256", "training_dataset_sha256",
+            "molre_version", "device", "precision")  # fmt: skip
+    return {"format": THRESHOLDS_FORMAT, "rule": point["rule"], "split": point["threshold_split"],
+            "chosen_on_evaluated_split": point["chosen_on_evaluated_split"], "decision": point["decision"],
+            **{key: result[key] for key in keys}, "thresholds": records}  # fmt: skip
 
 
 def _check_preprocessing(checkpoint: str, data: str, config: dict, allow: bool) -> dict:
@@ -253,22 +392,12 @@ def bootstrap_auc_ci(
 
     ``tune.leaderboard.bootstrap_ci`` resamples findings (the unit of a sweep comparison); here the study is the
     unit and each resample needs every AUC recomputed, done as a weighted Mann-Whitney count (``_weighted_auc``)."""
-    n, c = scores.shape
-    rng = np.random.default_rng(seed)
-    boot = np.full((n_boot, c), np.nan)
-    for start in range(0, n_boot, 256):  # 256 resamples at a time: [256, N] weights, 20 MB for N = 10,000
-        counts = rng.multinomial(n, np.full(n, 1 / n), size=min(256, n_boot - start)).astype(np.float64)
-        rows = slice(start, start + len(counts))
-        for k in range(c):
-            boot[rows, k] = _weighted_auc(scores[:, k], labels[:, k], known[:, k], counts)
-    defined = ~np.isnan(per_finding_auc(scores, labels, known))
-    tail = 100 * (1 - level) / 2
-    with warnings.catch_warnings():  # all-NaN columns (undefined findings) are NaN, on purpose
-        warnings.simplefilter("ignore", RuntimeWarning)
-        low, high = np.nanpercentile(np.where(defined, boot, np.nan), [tail, 100 - tail], axis=0)
-        means = np.nanmean(boot[:, defined], axis=1) if defined.any() else np.full(n_boot, np.nan)
-    mean_ci = np.nanpercentile(means, [tail, 100 - tail]).tolist() if not np.isnan(means).all() else None
-    return low, high, mean_ci
+    columns = range(scores.shape[1])
+    boot = np.concatenate([  # [n_boot, C]; the draws: [256, N] counts at a time (``study_resamples``)
+        np.stack([_weighted_auc(scores[:, k], labels[:, k], known[:, k], counts) for k in columns], axis=1)
+        for counts in op.study_resamples(len(scores), n_boot, seed)
+    ])  # fmt: skip
+    return op.percentile_cis(boot, per_finding_auc(scores, labels, known), level)
 
 
 def _weighted_auc(score: np.ndarray, label: np.ndarray, known: np.ndarray, counts: np.ndarray) -> np.ndarray:
@@ -303,6 +432,13 @@ def _json_safe(value):
 
 
 def _markdown(table: pd.DataFrame, summary, result: dict) -> str:
+    lines = _markdown_header(summary, result) + _markdown_auc_table(table)
+    if "operating_point" in result:
+        lines += _markdown_operating_point(table, result["operating_point"], result["split"])
+    return "\n".join(lines) + "\n"
+
+
+def _markdown_header(summary, result: dict) -> list[str]:
     ci = result.get("mean_auc_ci")
     interval = f" (95% CI {ci[0]:.3f}-{ci[1]:.3f}, study bootstrap)" if ci else ""
     given = result["checkpoint_given"]
@@ -317,23 +453,76 @@ def _markdown(table: pd.DataFrame, summary, result: dict) -> str:
         f"Mean AUC {summary.mean:.3f} +- {summary.std:.3f}{interval} over {summary.n_defined} findings with both "
         f"classes; AUC >= 0.90: {summary.n_high}; 0.80-0.90: {summary.n_moderate}; "
         f"undefined: {len(summary.undefined)}.",
+        "",
+        f"Calibration over the {result['calibration']['findings']} findings with known labels: mean Brier "
+        f"score {_num(result['mean_brier'], 4)}, mean ECE {_num(result['mean_ece'], 4)} ({op.ECE_BINS} "
+        "equal-width score bins).",
     ]
     if result["preprocessing"]["mismatches"]:
         changes = "; ".join(result["preprocessing"]["mismatches"])
         lines += ["", f"**Preprocessed unlike the training data** ({changes}); evaluated anyway."]
+    return lines
+
+
+def _markdown_auc_table(table: pd.DataFrame) -> list[str]:
     with_ci = "auc_ci_low" in table
-    lines += [
+    lines = [
         "",
-        "| finding | category | known | positives | negatives | AUC |" + (" 95% CI |" if with_ci else ""),
-        "|---|---|---:|---:|---:|---:|" + ("---:|" if with_ci else ""),
-    ]
+        "| finding | category | known | positives | negatives | AUC |" + (" 95% CI |" if with_ci else "")
+        + " Brier | ECE |",
+        "|---|---|---:|---:|---:|---:|" + ("---:|" if with_ci else "") + "---:|---:|",
+    ]  # fmt: skip
     for row in table.itertuples():
         auc = "undefined" if np.isnan(row.auc) else f"{row.auc:.3f}"
         cells = [row.name, row.category, int(row.n_known), int(row.positives), int(row.n_negative), auc]
         if with_ci:
             cells.append("-" if np.isnan(row.auc_ci_low) else f"{row.auc_ci_low:.3f}-{row.auc_ci_high:.3f}")
+        cells += [_num(row.brier, 4), _num(row.ece, 4)]
         lines.append("| " + " | ".join(str(cell) for cell in cells) + " |")
-    return "\n".join(lines) + "\n"
+    return lines
+
+
+def _markdown_operating_point(table: pd.DataFrame, point: dict, split: str) -> list[str]:
+    """The operating point's section: what was chosen where, the means, and one row per finding."""
+    means = ", ".join(f"{label} {_num(point[f'mean_{name}'])}{_ci(point.get(f'mean_{name}_ci'))}"
+                      for name, label in RATES)  # fmt: skip
+    lines = [
+        "",
+        f"## Operating point {point['rule']}: thresholds chosen on {point['threshold_split']} "
+        f"({point['threshold_split_volumes']} studies), results on {split}",
+        "",
+        f"A study is positive for a finding when its score >= the finding's threshold. Means over the "
+        f"findings where each is defined: {means}. {point['n_thresholds']} findings have a threshold; "
+        f"{len(point['no_threshold'])} none (the reason is in the table).",
+    ]
+    if point["chosen_on_evaluated_split"]:
+        lines += ["", "**Thresholds chosen on the evaluated split itself**: the results are optimistic."]
+    lines += ["", "| finding | threshold | TP | FP | TN | FN | sensitivity | specificity | PPV | NPV |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for row in table.to_dict("records"):
+        if np.isnan(row["threshold"]):
+            lines.append(f"| {row['name']} | none: {row['threshold_reason']} |" + " - |" * 8)
+            continue
+        cells = [row["name"], f"{row['threshold']:.4g}", *(int(row[c]) for c in ("tp", "fp", "tn", "fn"))]
+        cells += [_num(row[name]) + _ci(_row_ci(row, name)) for name, _ in RATES]
+        lines.append("| " + " | ".join(str(cell) for cell in cells) + " |")
+    return lines
+
+
+RATES = (("sensitivity", "sensitivity"), ("specificity", "specificity"), ("ppv", "PPV"), ("npv", "NPV"))
+
+
+def _row_ci(row: dict, name: str) -> list[float] | None:
+    low, high = row.get(f"{name}_ci_low"), row.get(f"{name}_ci_high")
+    return None if low is None or np.isnan(low) else [low, high]
+
+
+def _num(value, digits: int = 3) -> str:
+    return "-" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
+
+
+def _ci(ci: list[float] | None) -> str:
+    return f" ({ci[0]:.3f}-{ci[1]:.3f})" if ci else ""
 
 
 # ---- predict ----------------------------------------------------------------------------------------------
@@ -652,7 +841,25 @@ def add_arguments(parser) -> None:
         )
         parser.add_argument(
             "--bootstrap", type=int, default=0, metavar="N",
-            help="95%% CIs of each finding's AUC and of the mean from N study-level resamples (default 0: none)",
+            help="95%% CIs of each finding's AUC and of the mean from N study-level resamples (default 0: "
+            "none); with --operating-point, of the sensitivity and specificity too",
+        )  # fmt: skip
+        parser.add_argument(
+            "--operating-point", metavar="RULE",
+            help="report each finding at a threshold chosen by RULE on --threshold-split: sensitivity=T "
+            "(the highest threshold with sensitivity >= T there), specificity=T (the lowest with "
+            "specificity >= T) or youden (the most sensitivity + specificity); adds TP/FP/TN/FN, "
+            "sensitivity, specificity, PPV and NPV on --split and writes thresholds.json",
+        )  # fmt: skip
+        parser.add_argument(
+            "--threshold-split", choices=list(SPLITS),
+            help="the split the thresholds are chosen on (default: val when --split is test; required "
+            "otherwise)",
+        )  # fmt: skip
+        parser.add_argument(
+            "--allow-thresholds-on-evaluated-split", action="store_true",
+            help="let --threshold-split be --split itself: thresholds fitted to the studies they are "
+            "judged on give optimistic results (recorded in summary.json and thresholds.json)",
         )  # fmt: skip
     else:
         parser.add_argument(
@@ -677,9 +884,11 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     if hasattr(args, "data"):
+        plan = operating_plan(args.operating_point, args.threshold_split, args.split,
+                              args.allow_thresholds_on_evaluated_split)  # fmt: skip
         checkpoint = _announced(args)
         result = _evaluate(args.checkpoint, checkpoint, args.data, args.split, args.out, args.device,
-                           args.allow_preprocessing_mismatch, args.bootstrap)  # fmt: skip
+                           args.allow_preprocessing_mismatch, args.bootstrap, plan)  # fmt: skip
         ci = result.get("mean_auc_ci")
         scored = (
             f"mean AUC {result['mean_auc']:.4f} +- {result['std_auc']:.4f}"
@@ -689,9 +898,22 @@ def run(args) -> int:
             else "no AUC: no finding has both classes among the split's known labels"
         )
         print(f"{scored} on {result['volumes']} volumes; written to {result['out_dir']}")
+        if plan:
+            print(_operating_point_line(result["operating_point"], result["split"]))
     else:
         return _run_predict(args)
     return 0
+
+
+def _operating_point_line(point: dict, split: str) -> str:
+    """The CLI's line on the operating point: its means on the evaluated split, or why there is none."""
+    where = f"{point['rule']} (thresholds from {point['threshold_split']}"
+    where += ", the evaluated split itself: optimistic)" if point["chosen_on_evaluated_split"] else ")"
+    if not point["n_thresholds"]:
+        return f"at {where}: no finding has a threshold (none has both classes among its known labels there)"
+    means = ", ".join(f"{label} {_num(point[f'mean_{name}'])}" for name, label in RATES)
+    return (f"at {where}: mean {means} on {split} over {point['n_thresholds']} findings with a threshold; "
+            "thresholds.json written")  # fmt: skip
 
 
 def _run_predict(args) -> int:

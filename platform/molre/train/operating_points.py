@@ -1,0 +1,219 @@
+"""Operating points, their confusion counts and calibration of a multi-label classifier: pure numpy.
+
+Every function takes the matrices ``molre evaluate`` scores a split into, one row per study, one column per
+finding: scores [N, C] probabilities, labels [N, C] 0/1 and known [N, C] 0/1 (0: the label is unknown; such an
+entry is left out of every count, rate and calibration figure of that finding).
+
+Decision rule: a study is flagged positive for finding c when ``scores[:, c] >= thresholds[c]``. The threshold
+is one of the finding's scores on the split it is chosen on (``roc_curve``'s cut points), so tied scores are
+flagged together and the rule's target holds on that split counting them all.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterator
+from typing import NamedTuple
+
+import numpy as np
+from sklearn.metrics import brier_score_loss, roc_curve
+
+from molre.errors import ConfigError
+
+RULES = ("sensitivity", "specificity", "youden")
+ECE_BINS = 10  # equal-width bins on [0, 1]
+# sensitivity / specificity are count ratios (27/30) compared with a decimal target (0.9); a ratio equal to the
+# target in the reals rounds to the same float, and this margin keeps it so should either be an ulp off
+SLACK = 1e-12
+
+
+class OperatingRule(NamedTuple):
+    kind: str  # "sensitivity" | "specificity" | "youden"
+    target: float | None  # the least sensitivity / specificity to reach; None for youden
+
+    def __str__(self) -> str:
+        return self.kind if self.target is None else f"{self.kind}={self.target:.15g}"
+
+
+def parse_rule(text: str) -> OperatingRule:
+    """``sensitivity=T``, ``specificity=T`` (0 < T <= 1) or ``youden``; anything else is a ConfigError."""
+    kind, sep, value = str(text).strip().partition("=")
+    kind = kind.strip().lower()
+    if kind == "youden" and not sep:
+        return OperatingRule("youden", None)
+    usage = "give sensitivity=T or specificity=T with 0 < T <= 1 (e.g. sensitivity=0.9), or youden"
+    if kind not in RULES:
+        raise ConfigError(f"operating point {text!r}: unknown rule; {usage}")
+    if kind == "youden" or not sep:
+        needs = "takes no target" if kind == "youden" else "needs a target"
+        raise ConfigError(f"operating point {text!r}: {kind} {needs}; {usage}")
+    try:
+        target = float(value)
+    except ValueError:
+        raise ConfigError(f"operating point {text!r}: {value.strip()!r} is not a number; {usage}") from None
+    if not 0 < target <= 1:  # NaN fails too
+        raise ConfigError(f"operating point {text!r}: the target {value.strip()} is outside (0, 1]; {usage}")
+    return OperatingRule(kind, target)
+
+
+# ---- choosing thresholds ----------------------------------------------------------------------------------
+
+
+def choose_thresholds(
+    scores: np.ndarray, labels: np.ndarray, known: np.ndarray, rule: OperatingRule, where: str = "the split"
+) -> tuple[np.ndarray, list[str | None]]:
+    """thresholds [C] (NaN: none) chosen by ``rule`` on these [N, C] matrices, and per finding why there is no
+    threshold (None where there is one); ``where`` names the split in those reasons."""
+    columns = range(scores.shape[1])
+    chosen = [_threshold(scores[:, c], labels[:, c], known[:, c], rule, where) for c in columns]
+    return np.array([t for t, _ in chosen], dtype=np.float64), [why for _, why in chosen]
+
+
+def _threshold(score, label, known, rule: OperatingRule, where: str) -> tuple[float, str | None]:
+    """One finding's threshold [N] -> (threshold, None) or (NaN, reason): both classes are needed among the
+    known labels, and a threshold that flags no study of the split (roc_curve's first cut, inf) is none."""
+    keep = np.asarray(known).astype(bool)
+    y, s = np.asarray(label)[keep].astype(bool), np.asarray(score, dtype=np.float64)[keep]
+    if not y.size:
+        return math.nan, f"no known label in {where}"
+    if y.all() or not y.any():
+        missing = "negative" if y.all() else "positive"
+        return math.nan, f"no {missing} among the {y.size} known labels of {where}"
+    # cuts decreasing; tpr[i], fpr[i]: rates of flagging score >= cuts[i]; drop_intermediate=False keeps every
+    # distinct score (a dropped collinear point could be the one exactly at the target)
+    fpr, tpr, cuts = roc_curve(y, s, drop_intermediate=False)
+    i = _pick(fpr, tpr, rule)
+    if np.isfinite(cuts[i]):
+        return float(cuts[i]), None
+    if rule.kind == "youden":
+        return math.nan, f"no threshold has Youden's J > 0 on {where}"
+    return math.nan, f"only flagging no study reaches {rule} on {where}"
+
+
+def _pick(fpr: np.ndarray, tpr: np.ndarray, rule: OperatingRule) -> int:
+    """The chosen index of the ROC points [K], ordered by decreasing threshold (tpr, fpr non-decreasing)."""
+    if rule.kind == "sensitivity":
+        # the highest threshold with TP / (TP + FN) >= T, i.e. the best specificity there; tpr[-1] = 1 >= T
+        return int(np.argmax(tpr >= rule.target - SLACK))
+    if rule.kind == "specificity":
+        # the lowest threshold with TN / (TN + FP) = 1 - fpr >= T, i.e. the best sensitivity there; fpr[0] = 0
+        return int(np.flatnonzero(1 - fpr >= rule.target - SLACK)[-1])
+    # Youden's J = sensitivity + specificity - 1 = tpr - fpr, at its largest; a tie: the highest threshold
+    return int(np.argmax(tpr - fpr))
+
+
+# ---- counts and rates at fixed thresholds -----------------------------------------------------------------
+
+
+def _cells(scores, labels, known, thresholds) -> dict[str, np.ndarray]:
+    """The four cells as [N, C] bool masks over known labels; a NaN threshold flags nothing (masked later)."""
+    k, y = np.asarray(known).astype(bool), np.asarray(labels).astype(bool)
+    flag = np.asarray(scores, dtype=np.float64) >= np.asarray(thresholds, dtype=np.float64)  # [N, C]
+    return {"tp": k & y & flag, "fp": k & ~y & flag, "tn": k & ~y & ~flag, "fn": k & y & ~flag}
+
+
+def confusion(scores, labels, known, thresholds) -> dict[str, np.ndarray]:
+    """{"tp", "fp", "tn", "fn"}: [C] counts over known labels at ``thresholds`` [C] (float64: NaN where the
+    threshold is NaN)."""
+    defined = ~np.isnan(np.asarray(thresholds, dtype=np.float64))
+    cells = _cells(scores, labels, known, thresholds)
+    return {name: np.where(defined, cell.sum(0), np.nan) for name, cell in cells.items()}
+
+
+def rates(tp, fp, tn, fn) -> dict[str, np.ndarray]:
+    """sensitivity TP/(TP+FN), specificity TN/(TN+FP), PPV TP/(TP+FP), NPV TN/(TN+FN), each [C] (or [B, C]);
+    NaN where the denominator is 0 (no positive, no negative, nothing flagged, nothing cleared)."""
+    return {"sensitivity": _ratio(tp, tp + fn), "specificity": _ratio(tn, tn + fp),
+            "ppv": _ratio(tp, tp + fp), "npv": _ratio(tn, tn + fn)}  # fmt: skip
+
+
+def _ratio(num, den) -> np.ndarray:
+    num, den = np.asarray(num, dtype=np.float64), np.asarray(den, dtype=np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, num / den, np.nan)  # den NaN (no threshold): NaN too
+
+
+def nan_mean(values) -> float:
+    """The mean of the defined (non-NaN) values; NaN when there is none."""
+    values = np.asarray(values, dtype=np.float64)
+    values = values[~np.isnan(values)]
+    return float(values.mean()) if values.size else math.nan
+
+
+# ---- study-level bootstrap --------------------------------------------------------------------------------
+
+
+def study_resamples(n: int, n_boot: int, seed: int = 0, chunk: int = 256) -> Iterator[np.ndarray]:
+    """``n_boot`` resamples of N studies with replacement, ``chunk`` at a time: [b, N] float64 counts of how
+    often each study is drawn (seeded: the same draws on a re-run, and for every statistic resampled with
+    one seed; [256, N] is 20 MB for N = 10,000)."""
+    rng = np.random.default_rng(seed)
+    for start in range(0, n_boot, chunk):
+        yield rng.multinomial(n, np.full(n, 1 / n), size=min(chunk, n_boot - start)).astype(np.float64)
+
+
+def percentile_cis(
+    boot: np.ndarray, whole: np.ndarray, level: float = 0.95
+) -> tuple[np.ndarray, np.ndarray, list[float] | None]:
+    """Percentile CIs from resampled statistics boot [B, C] (NaN: undefined in that resample, left out) for
+    the findings defined on the whole split (whole [C] not NaN; NaN CIs elsewhere): low [C], high [C], and
+    the CI of the per-resample mean over those findings (None where there is none)."""
+    defined = ~np.isnan(whole)
+    tail = 100 * (1 - level) / 2
+    with warnings.catch_warnings():  # all-NaN columns (undefined findings) are NaN, on purpose
+        warnings.simplefilter("ignore", RuntimeWarning)
+        low, high = np.nanpercentile(np.where(defined, boot, np.nan), [tail, 100 - tail], axis=0)
+        means = np.nanmean(boot[:, defined], axis=1) if defined.any() else np.full(len(boot), np.nan)
+    mean_ci = np.nanpercentile(means, [tail, 100 - tail]).tolist() if not np.isnan(means).all() else None
+    return low, high, mean_ci
+
+
+def bootstrap_rate_cis(
+    scores, labels, known, thresholds, n_boot: int, seed: int = 0, level: float = 0.95
+) -> dict[str, tuple[np.ndarray, np.ndarray, list[float] | None]]:
+    """{"sensitivity", "specificity"}: ``percentile_cis`` at the fixed ``thresholds`` [C], resampling the
+    studies as ``evaluate.bootstrap_auc_ci`` does (``study_resamples``, same seed: the same draws). A study
+    drawn m times counts m times: TP of a resample = counts [b, N] @ tp-mask [N, C]. The thresholds' own
+    uncertainty (from the split they were chosen on) is not part of these CIs."""
+    masks = _cells(scores, labels, known, thresholds)  # [N, C] each
+    cells = {name: mask.astype(np.float64) for name, mask in masks.items()}
+    boot: dict[str, list[np.ndarray]] = {"sensitivity": [], "specificity": []}
+    for counts in study_resamples(len(scores), n_boot, seed):
+        tp, fp, tn, fn = (counts @ cells[name] for name in ("tp", "fp", "tn", "fn"))  # each [b, C]
+        boot["sensitivity"].append(_ratio(tp, tp + fn))
+        boot["specificity"].append(_ratio(tn, tn + fp))
+    whole = rates(**confusion(scores, labels, known, thresholds))
+    return {name: percentile_cis(np.concatenate(draws), whole[name], level) for name, draws in boot.items()}
+
+
+# ---- calibration ------------------------------------------------------------------------------------------
+
+
+def brier_scores(scores, labels, known) -> np.ndarray:
+    """[C] Brier scores, mean (score - label)^2 over each finding's known labels (sklearn's
+    ``brier_score_loss``; one class only is fine); NaN where a finding has no known label."""
+    out = np.full(scores.shape[1], np.nan)
+    for c in range(scores.shape[1]):
+        keep = np.asarray(known[:, c]).astype(bool)
+        if keep.any():
+            y, s = np.asarray(labels[keep, c]).astype(np.int64), np.asarray(scores[keep, c], dtype=np.float64)
+            out[c] = brier_score_loss(y, s, pos_label=1)
+    return out
+
+
+def expected_calibration_error(scores, labels, known, bins: int = ECE_BINS) -> np.ndarray:
+    """[C] ECEs over each finding's known labels; NaN where a finding has none. ``bins`` equal-width bins on
+    [0, 1]: bin b = floor(bins * score) holds scores in [b/bins, (b+1)/bins), a score of 1.0 the last one.
+    ECE = sum_b (n_b / n) |mean label in b - mean score in b| = sum_b |sum of labels - sum of scores in b| / n
+    (empty bins add 0)."""
+    out = np.full(scores.shape[1], np.nan)
+    for c in range(scores.shape[1]):
+        keep = np.asarray(known[:, c]).astype(bool)
+        if keep.any():
+            y = np.asarray(labels[keep, c], dtype=np.float64)  # [n]
+            s = np.asarray(scores[keep, c], dtype=np.float64)  # [n]
+            b = np.clip(np.floor(s * bins), 0, bins - 1).astype(np.int64)  # [n] bin of each study
+            gap = np.bincount(b, weights=y, minlength=bins) - np.bincount(b, weights=s, minlength=bins)
+            out[c] = np.abs(gap).sum() / s.size
+    return out
