@@ -505,3 +505,161 @@ def test_evaluate_refuses_thresholds_from_the_evaluated_split_and_bad_operating_
     test_only = _stamped(str(tmp_path / "external"))  # an external test set: no val split to choose on
     assert main([*argv[:3], test_only, *argv[4:], "--operating-point", "youden"]) == 2
     assert "split 'val' of " in capsys.readouterr().err and not out.exists()
+
+
+# ---- evaluate with the thresholds of a thresholds.json (--thresholds): external validation ---------------------
+
+
+@pytest.fixture(scope="module")
+def chosen(checkpoint, tiny_dataset, tmp_path_factory) -> Path:
+    """The folder of an evaluation of test at sensitivity=0.9, thresholds chosen on val (thresholds.json)."""
+    out = tmp_path_factory.mktemp("chosen")
+    evaluate(checkpoint[0], tiny_dataset, "test", str(out), operating_point="sensitivity=0.9")
+    return out
+
+
+def _other_model(directory: str, target: Path) -> str:
+    """A copy of the checkpoint at ``directory`` whose best weights differ in one adapter number: another
+    model under the same config (as a longer or another training run gives)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(directory, target)
+    state = load_file(target / "best.safetensors")
+    name = next(n for n in sorted(state) if "molre" in n and state[n].is_floating_point())
+    state[name].view(-1)[0] += 0.5
+    save_file(state, target / "best.safetensors")
+    return str(target)
+
+
+def test_evaluate_applies_a_thresholds_file_as_chosen_and_on_data_without_a_val_split(
+    checkpoint, chosen, tiny_dataset, tmp_path, capsys, monkeypatch
+):
+    import hashlib
+    import shutil
+
+    import molre.train.evaluate as evaluate_module
+
+    directory, _ = checkpoint
+    file = str(chosen / "thresholds.json")
+    saved = json.loads(Path(file).read_text())
+    first = json.loads((chosen / "summary.json").read_text())
+    assert len(saved["trained_sha256"]) == 64 and saved["trained_sha256"] == first["trained_sha256"]
+    scored_splits = []
+    score_split = evaluate_module._score_split
+    monkeypatch.setattr(evaluate_module, "_score_split",
+                        lambda *a: scored_splits.append(a[4]) or score_split(*a))  # fmt: skip
+
+    out = tmp_path / "applied"
+    argv = ["evaluate", directory, "--data", tiny_dataset, "--device", "cpu", "--thresholds", file]
+    assert main([*argv, "--out", str(out)]) == 0
+    assert (
+        f"at sensitivity=0.9 (thresholds of {file}, chosen on val): mean sensitivity"
+        in capsys.readouterr().out
+    )
+    assert scored_splits == ["test"]  # applied, not chosen again: val is not scored
+    columns = [
+        "threshold",
+        "threshold_reason",
+        "tp",
+        "fp",
+        "tn",
+        "fn",
+        "sensitivity",
+        "specificity",
+        "ppv",
+        "npv",
+    ]
+    before, after = (pd.read_parquet(folder / "per_finding_auc.parquet")[columns] for folder in (chosen, out))
+    pd.testing.assert_frame_equal(after, before)  # the same thresholds on the same studies: the same results
+    assert after["threshold"].notna().sum() == 3
+    point = json.loads((out / "summary.json").read_text())["operating_point"]
+    for key in (
+        "rule",
+        "threshold_split",
+        "n_thresholds",
+        "no_threshold",
+        "mean_sensitivity",
+        "mean_specificity",
+    ):
+        assert point[key] == first["operating_point"][key]
+    assert point["thresholds_file"] == file and point["model_verified"] is True
+    assert point["thresholds_sha256"] == hashlib.sha256(Path(file).read_bytes()).hexdigest()
+    assert point["threshold_data"] == tiny_dataset and point["chosen_on_evaluated_split"] is False
+    assert (
+        f"thresholds from `{file}` (sha256 {point['thresholds_sha256'][:12]}...), chosen on val"
+        in (out / "per_finding_auc.md").read_text()
+    )
+    assert not (out / "thresholds.json").exists()  # the thresholds' file stays the one they were chosen in
+
+    # another hospital's test set, no val split to choose on, and the checkpoint moved: the file still applies
+    moved = shutil.copytree(directory, tmp_path / "moved")
+    external = _stamped(str(tmp_path / "external"))
+    result = evaluate(str(moved), external, "test", str(tmp_path / "external-eval"), thresholds=file)
+    assert result["operating_point"]["model_verified"] is True
+    scores = pd.read_parquet(tmp_path / "external-eval" / "scores.parquet")
+    s, y = (np.stack(scores[c].to_list()) for c in ("scores", "labels"))  # every label known in the tiny set
+    thresholds = np.array(
+        [np.nan if r["threshold"] is None else r["threshold"] for r in saved["thresholds"].values()]
+    )
+    flagged, positive, defined = s >= thresholds, y.astype(bool), ~np.isnan(thresholds)
+    table = pd.read_parquet(tmp_path / "external-eval" / "per_finding_auc.parquet")
+    assert list(table["tp"][defined]) == list((flagged & positive).sum(0)[defined])
+    assert list(table["tn"][defined]) == list((~flagged & ~positive).sum(0)[defined])
+    assert table["tp"][~defined].isna().all()
+
+
+def test_evaluate_refuses_thresholds_of_another_model_or_finding_list_or_of_the_evaluated_split(
+    checkpoint, chosen, tiny_dataset, tmp_path, capsys, caplog
+):
+    from molre.errors import ConfigError
+
+    directory, _ = checkpoint
+    file = str(chosen / "thresholds.json")
+    other = _other_model(directory, tmp_path / "other")
+    out = tmp_path / "eval"
+    argv = [
+        "evaluate",
+        other,
+        "--data",
+        tiny_dataset,
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+        "--thresholds",
+        file,
+    ]
+    assert main(argv) == 2
+    refused = capsys.readouterr().err
+    assert f"thresholds: {file} was chosen on the scores of another model than checkpoint {other}" in refused
+    assert (
+        f"trained_sha256 {json.loads(Path(file).read_text())['trained_sha256'][:12]}... in the file"
+        in refused
+    )
+    with pytest.raises(ConfigError, match="another model"):
+        evaluate(other, tiny_dataset, "test", str(out), thresholds=file)
+
+    saved = json.loads(Path(file).read_text())
+    foreign = {**saved, "thresholds": {("renamed" if fid == FINDING_IDS[0] else fid): record
+                                       for fid, record in saved["thresholds"].items()}}  # fmt: skip
+    (tmp_path / "foreign.json").write_text(json.dumps(foreign))
+    argv[1] = directory
+    assert main([*argv[:-1], str(tmp_path / "foreign.json")]) == 2
+    assert f"{tmp_path / 'foreign.json'}: its finding ids are not this molre's 75" in capsys.readouterr().err
+    for extra, message in (
+        (["--operating-point", "youden"], "--operating-point chooses thresholds, --thresholds applies"),
+        (["--split", "val"], "holds thresholds chosen on split 'val' of this very data"),
+    ):
+        assert main([*argv, *extra]) == 2
+        assert message in capsys.readouterr().err
+    assert not out.exists()  # every refusal before anything was scored or written
+
+    # a file from before the model's digests were recorded: applied, with a warning and a note
+    del saved["trained_sha256"], saved["frozen_sha256"]
+    (tmp_path / "older.json").write_text(json.dumps(saved))
+    result = evaluate(other, tiny_dataset, "test", str(out), thresholds=str(tmp_path / "older.json"))
+    assert result["operating_point"]["model_verified"] is False
+    assert any("record no trained_sha256" in r.getMessage() for r in caplog.records)
+    assert "records no model digest" in (out / "per_finding_auc.md").read_text()

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -193,3 +196,79 @@ def test_percentile_cis_leave_undefined_findings_and_resamples_out():
     # per-resample means over the defined findings: 0.1 (finding 1 undefined there), 0.4, 0.45
     assert mean_ci == pytest.approx([0.25, 0.425])
     assert op.percentile_cis(boot, np.full(3, np.nan))[2] is None
+
+
+# ---- thresholds.json read back, and checked against the model about to score -----------------------------
+
+
+def _thresholds_doc(**model) -> dict:
+    """A thresholds.json as evaluate writes it (``_thresholds_file``), its records in reverse id order (the
+    reader matches them by id), finding 1 without a threshold."""
+    from molre.findings import FINDING_IDS
+
+    records = {fid: {"threshold": 0.01 * (c % 90 + 1), "reason": None} for c, fid in enumerate(FINDING_IDS)}
+    records[FINDING_IDS[1]] = {
+        "threshold": None,
+        "reason": "no positive among the 24 known labels of split val",
+    }
+    return {"format": op.THRESHOLDS_FORMAT, "rule": "youden", "split": "val", "checkpoint": "runs/a/ckpt",
+            "precision": "fp32", **model, "thresholds": dict(reversed(records.items()))}  # fmt: skip
+
+
+def _write(path, doc) -> str:
+    path.write_text(json.dumps(doc))
+    return str(path)
+
+
+def test_a_thresholds_file_is_read_by_finding_id_and_a_foreign_or_broken_one_is_refused(tmp_path):
+    from molre.errors import DataError
+    from molre.findings import FINDING_IDS
+
+    doc = _thresholds_doc(trained_sha256="a" * 64)
+    read = op.read_thresholds(_write(tmp_path / "t.json", doc))
+    assert read.values[0] == 0.01 and read.values[2] == 0.03 and len(read.values) == len(FINDING_IDS)
+    assert np.isnan(read.values[1]) and read.reasons[1].startswith("no positive") and read.reasons[0] is None
+    assert read.sha256 == hashlib.sha256((tmp_path / "t.json").read_bytes()).hexdigest()
+    assert read.applied()["thresholds_sha256"] == read.sha256 and read.applied()["rule"] == "youden"
+
+    foreign = {**doc, "thresholds": {**doc["thresholds"], "made_up": {"threshold": 0.5}}}
+    del foreign["thresholds"][FINDING_IDS[3]]
+    for bad, message in (
+        (foreign, f"not this molre's 75: 1 ({FINDING_IDS[3]}) missing, 1 (made_up) unknown"),
+        ({**doc, "format": "molre-thresholds/9"}, "not a molre thresholds file"),
+        ({**doc, "thresholds": {**doc["thresholds"], FINDING_IDS[0]: {"threshold": "0.5"}}},
+         f"finding {FINDING_IDS[0]}: threshold '0.5' is neither a number nor null"),
+    ):  # fmt: skip
+        with pytest.raises(DataError, match=re.escape(message)) as refused:
+            op.read_thresholds(_write(tmp_path / "bad.json", bad))
+        assert refused.value.path == str(tmp_path / "bad.json")
+    with pytest.raises(DataError, match="is a folder; give the thresholds.json file in it"):
+        op.read_thresholds(str(tmp_path))
+    with pytest.raises(DataError, match="no such thresholds file"):
+        op.read_thresholds(str(tmp_path / "missing.json"))
+    (tmp_path / "text.json").write_text("not json")
+    with pytest.raises(DataError, match="not a JSON file"):
+        op.read_thresholds(str(tmp_path / "text.json"))
+
+
+def test_thresholds_of_another_model_are_refused_and_an_older_file_is_applied_with_a_warning(
+    tmp_path, caplog
+):
+    here = {"trained_sha256": "a" * 64, "frozen_sha256": "f" * 64}
+    same = op.read_thresholds(_write(tmp_path / "same.json", _thresholds_doc(**here)))
+    assert op.check_thresholds_model(same, here, "ckpt", "fp32") is True
+    assert not caplog.records
+    for key in op.MODEL_KEYS:  # either digest differing is another model
+        other = op.read_thresholds(
+            _write(tmp_path / f"{key}.json", _thresholds_doc(**{**here, key: "b" * 64}))
+        )
+        with pytest.raises(ConfigError, match=f"{key} bbbbbbbbbbbb... in the file vs"):
+            op.check_thresholds_model(other, here, "ckpt", "fp32")
+    # a checkpoint from before frozen_sha256: only the trained weights compared
+    assert op.check_thresholds_model(same, {**here, "frozen_sha256": None}, "ckpt", "fp32") is True
+    # a file from before trained_sha256: applied, with a warning naming both checkpoints; bf16 vs fp32: a warning
+    older = op.read_thresholds(_write(tmp_path / "older.json", _thresholds_doc()))
+    assert op.check_thresholds_model(older, here, "ckpt", "bf16") is False
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("record no trained_sha256" in m and "runs/a/ckpt" in m for m in warned)
+    assert any("chosen on fp32 scores, applied to bf16 ones" in m for m in warned)

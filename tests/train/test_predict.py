@@ -303,3 +303,75 @@ def test_evaluate_takes_a_run_folder_and_records_both_folders(
     assert any(picked in r.getMessage() for r in caplog.records)  # the function logs its pick
     assert (result["checkpoint_given"], result["checkpoint"]) == ("runs/my-run", latest)
     assert result["mean_auc"] == summary["mean_auc"]
+
+
+# ---- predict --thresholds: each finding flagged at the thresholds evaluate chose for this model ---------------
+
+
+@pytest.fixture(scope="module")
+def thresholds_file(checkpoint, tmp_path_factory) -> Path:
+    """The thresholds.json evaluate writes for the module's checkpoint (youden, chosen on a 12-study val)."""
+    from molre.train.evaluate import evaluate
+    from tests.tiny_data import write_tiny_dataset
+
+    root = tmp_path_factory.mktemp("thresholds")
+    data = write_tiny_dataset(str(root / "data"), counts={"val": 12, "test": 4})
+    evaluate(checkpoint, data, "test", str(root / "eval"), operating_point="youden")
+    return root / "eval" / "thresholds.json"
+
+
+def test_predict_flags_each_finding_at_a_thresholds_files_thresholds_read_locally_or_from_s3(
+    checkpoint, study, thresholds_file, tmp_path, capsys, s3_bucket
+):
+    import hashlib
+
+    from molre.data import storage
+
+    plain = predict(checkpoint, str(study))
+    assert "flags" not in plain and "operating_point" not in plain["model"]  # without --thresholds: as before
+    probabilities, ids = plain["probabilities"], list(FINDING_IDS)
+    saved = json.loads(thresholds_file.read_text())
+    # thresholds on the decision's edge: the study's probability itself (flagged: >=), the next float above it
+    # (not flagged), and 0 for a finding the file has none for (flagged)
+    saved["thresholds"][ids[0]]["threshold"] = probabilities[ids[0]]
+    saved["thresholds"][ids[1]]["threshold"] = float(np.nextafter(probabilities[ids[1]], 1.0))
+    saved["thresholds"][ids[10]] = {"threshold": 0.0, "reason": None}
+    edited = json.dumps(saved).encode()
+    uri = f"{s3_bucket}/eval/thresholds.json"
+    storage.write_bytes(uri, edited)
+    assert main(["predict", checkpoint, "--input", str(study), "--device", "cpu", "--thresholds", uri]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["probabilities"] == probabilities
+    expected = {fid: None if record["threshold"] is None else probabilities[fid] >= record["threshold"]
+                for fid, record in saved["thresholds"].items()}  # fmt: skip
+    assert list(out["flags"]) == ids and out["flags"] == expected
+    assert (out["flags"][ids[0]], out["flags"][ids[1]], out["flags"][ids[10]]) == (True, False, True)
+    assert out["flags"][ids[5]] is None  # never positive in val: no threshold there
+    point = out["model"].pop("operating_point")
+    assert out["model"] == plain["model"]
+    assert (point["rule"], point["threshold_split"], point["thresholds_file"]) == ("youden", "val", uri)
+    assert (
+        point["thresholds_sha256"] == hashlib.sha256(edited).hexdigest() and point["model_verified"] is True
+    )
+
+    # a batch: every line flagged
+    argv = ["predict", checkpoint, "--input", str(study), "--input", str(study), "--device", "cpu"]
+    assert main([*argv, "--thresholds", str(thresholds_file)]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [len(line["flags"]) for line in lines] == [75, 75]
+
+
+def test_predict_refuses_thresholds_of_another_model_before_reading_any_input(
+    checkpoint, thresholds_file, tmp_path, capsys
+):
+    from molre.errors import ConfigError
+
+    other = _write_checkpoint(tmp_path / "other", train={"seed": 4, "batch_size": 4})  # other trained weights
+    missing = str(tmp_path / "missing")
+    argv = ["predict", other, "--input", missing, "--input", missing, "--device", "cpu"]
+    assert main([*argv, "--thresholds", str(thresholds_file)]) == 2
+    err = capsys.readouterr().err
+    assert f"was chosen on the scores of another model than checkpoint {other}" in err
+    assert "does not exist" not in err  # refused before any input was read
+    with pytest.raises(ConfigError, match=f"the file names checkpoint {checkpoint}"):
+        predict(other, missing, thresholds=str(thresholds_file))

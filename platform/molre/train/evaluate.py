@@ -2,12 +2,14 @@
 
 evaluate: per-finding AUCs and calibration (Parquet + Markdown), mean +- std and stratified counts, as
 ``summary.json`` with the provenance (checkpoint, data and its manifest's sha256, split, molre version,
-precision), and each study's scores; optionally an operating point chosen on another split (thresholds.json;
-the arithmetic: ``molre.train.operating_points``); refuses data preprocessed unlike the checkpoint's training
-data.
+precision, the model's digests), and each study's scores; optionally an operating point chosen on another
+split (thresholds.json; the arithmetic: ``molre.train.operating_points``) or one a thresholds.json gives
+(``--thresholds``: chosen for the same model, on other data); refuses data preprocessed unlike the
+checkpoint's training data.
 predict: per study (one, or a batch with the model loaded once) the 75 probabilities, the routing weights and
-attention weight of each slice, what was scored (series, slices, spacing, skipped files) and by which model;
-refuses a checkpoint trained on data preprocessed unlike this molre prepares a study.
+attention weight of each slice, what was scored (series, slices, spacing, skipped files) and by which model,
+and with ``--thresholds`` each finding's flag at the file's thresholds; refuses a checkpoint trained on data
+preprocessed unlike this molre prepares a study.
 Both take a checkpoint folder or a run folder (its latest checkpoint) and score as the run's validation did on
 the device used (bf16 autocast for a bf16 run: ``score_volumes``).
 Both run in-process on one device (no cluster needed) and read shards with pyarrow. The checkpoint, the data and
@@ -17,6 +19,7 @@ evaluate's output folder may each be a local path or an ``s3://`` URI (read and 
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -41,6 +44,7 @@ from molre.models import MoLREClassifier, build_model
 from molre.models.runtime import uses_bf16
 from molre.train import operating_points as op
 from molre.train.checkpoint import (
+    FROZEN_SHA256,
     RECORDED_AS_IS,
     check_frozen,
     frozen_digest,
@@ -59,8 +63,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+TRAINED_SHA256 = "trained_sha256"  # load_checkpoint_model's setup: trained_digest of the best weights loaded
+
+
 def load_checkpoint_model(checkpoint: str, device: str = "cpu", preset: str | None = None):
-    """The classifier of a checkpoint with its best weights, in eval mode, plus its config and data facts."""
+    """The classifier of a checkpoint with its best weights, in eval mode, plus its config and data facts
+    (setup.json's, and ``trained_sha256``: ``trained_digest`` of the weights loaded; see ``model_identity``)."""
     cfg = read_config(checkpoint)
     if preset and preset != cfg.backbone.preset:
         raise WeightsError(f"checkpoint {checkpoint} holds preset {cfg.backbone.preset}, not {preset}")
@@ -70,8 +78,30 @@ def load_checkpoint_model(checkpoint: str, device: str = "cpu", preset: str | No
     model = build_model(cfg)
     setup = read_setup(checkpoint)
     check_frozen(frozen_digest(model), setup, checkpoint, cfg.backbone.weights)
-    load_trained_state(model, read_weights(checkpoint, "best"), checkpoint)
+    state = read_weights(checkpoint, "best")
+    load_trained_state(model, state, checkpoint)
+    # hashed here, from the tensors already read: no second read of best.safetensors (S3); ~3 MB for LoRA
+    setup[TRAINED_SHA256] = trained_digest(state)
     return model.to(device).eval(), cfg, setup
+
+
+def trained_digest(state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of a checkpoint's trained tensors (best.safetensors as read) by name, dtype, shape and bytes, as
+    ``frozen_digest`` digests the frozen ones. Of the tensors, not of the file: a checkpoint copied, moved or
+    saved again with the same best weights (each later epoch of a run rewrites best.safetensors, possibly
+    under another safetensors version) keeps it; any training step changes it."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(state.items()):
+        flat = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name} {flat.dtype} {tuple(tensor.shape)}\n".encode())
+        digest.update(flat.view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def model_identity(setup: dict) -> dict:
+    """``operating_points.MODEL_KEYS`` of a loaded checkpoint (``load_checkpoint_model``'s setup): what
+    thresholds.json records of the model whose scores its thresholds are, and ``--thresholds`` compares."""
+    return {"trained_sha256": setup[TRAINED_SHA256], "frozen_sha256": setup.get(FROZEN_SHA256)}
 
 
 def _iter_split(root: str, split: str, batch_size: int, manifest: shards.Manifest | None = None):
@@ -114,6 +144,7 @@ def evaluate(
     operating_point: str | None = None,
     threshold_split: str | None = None,
     allow_thresholds_on_evaluated_split: bool = False,
+    thresholds: str | None = None,
 ) -> dict:
     """Score the checkpoint's best weights on ``split`` of the shards at ``data``; write per_finding_auc.parquet /
     .md, scores.parquet (one row per study) and summary.json (results + provenance) to ``out_dir`` (default
@@ -131,8 +162,16 @@ def evaluate(
     chosen by that rule on ``threshold_split`` (default val for a test split; the evaluated split itself
     only with ``allow_thresholds_on_evaluated_split``, as it inflates the results), applied to ``split``:
     TP / FP / TN / FN, sensitivity, specificity, PPV and NPV (with ``bootstrap``, CIs of the two rates);
-    the thresholds also go to thresholds.json (``operating_plan``)."""
-    plan = operating_plan(operating_point, threshold_split, split, allow_thresholds_on_evaluated_split)
+    the thresholds also go to thresholds.json (``operating_plan``), with the model's digests.
+
+    ``thresholds`` (a thresholds.json, local or s3://; instead of ``operating_point``): apply the file's
+    thresholds as they are, e.g. to another hospital's data, which may have no val split. The file must have
+    been written for this model (``operating_points.check_thresholds_model``); one chosen on this very split of
+    this very data needs ``allow_thresholds_on_evaluated_split``. summary.json's ``operating_point`` records
+    the file and its sha256 (``threshold_plan``)."""
+    plan = threshold_plan(
+        operating_point, threshold_split, thresholds, split, allow_thresholds_on_evaluated_split
+    )
     resolved, picked = resolve_checkpoint(checkpoint)
     if picked:
         log.info("evaluate: %s", picked)
@@ -148,7 +187,35 @@ class OperatingPlan(NamedTuple):
     on_evaluated: bool  # that split is the evaluated one (allowed explicitly): optimistic results
 
 
+class FixedPlan(NamedTuple):
+    """Thresholds applied as a thresholds.json gives them (--thresholds), not chosen here."""
+
+    thresholds: op.ThresholdsFile
+    allow_evaluated: bool  # the file may hold thresholds chosen on the evaluated split of this very data
+    on_evaluated: bool = False  # it does (set once the data's manifest is read): optimistic results
+    verified: bool = False  # the file's model digests matched the checkpoint's (False: an older file)
+
+
 SPLITS = ("train", "val", "test")
+
+
+def threshold_plan(
+    operating_point: str | None,
+    threshold_split: str | None,
+    thresholds: str | None,
+    split: str,
+    allow_evaluated: bool = False,
+) -> OperatingPlan | FixedPlan | None:
+    """``operating_plan``'s, or with ``thresholds`` the file read and checked (``read_thresholds``) before
+    the data is: thresholds to apply (a FixedPlan). Giving both a file and an operating point or threshold
+    split is a ConfigError: the file's thresholds were chosen elsewhere, by the rule it records."""
+    if thresholds is None:
+        return operating_plan(operating_point, threshold_split, split, allow_evaluated)
+    if operating_point is not None or threshold_split:
+        given = "--operating-point" if operating_point is not None else "--threshold-split"
+        raise ConfigError(f"thresholds: {given} chooses thresholds, --thresholds applies those of a file "
+                          f"({thresholds}); give one or the other")  # fmt: skip
+    return FixedPlan(op.read_thresholds(thresholds), allow_evaluated)
 
 
 def operating_plan(
@@ -189,16 +256,18 @@ def _evaluate(
     device: str,
     allow: bool,
     bootstrap: int,
-    plan: OperatingPlan | None = None,
+    plan: OperatingPlan | FixedPlan | None = None,
 ) -> dict:
     """``evaluate`` of the checkpoint folder ``checkpoint`` that ``given`` resolved to (the CLI resolves it
-    itself, to print the pick before scoring); ``plan``: ``operating_plan``'s."""
+    itself, to print the pick before scoring); ``plan``: ``threshold_plan``'s."""
     if bootstrap < 0:
         raise ConfigError(f"bootstrap: {bootstrap} resamples; give 0 (no CIs) or more")
     manifest, manifest_sha256 = shards.read_manifest_and_sha256(data)
-    if plan and not shards.list_shards(data, plan.split, manifest):
+    if isinstance(plan, OperatingPlan) and not shards.list_shards(data, plan.split, manifest):
         raise ConfigError(f"threshold split: split '{plan.split}' of {data} holds no studies to choose the "
                           "thresholds on; name another (--threshold-split)")  # fmt: skip
+    if isinstance(plan, FixedPlan):
+        plan = plan._replace(on_evaluated=_chosen_here(plan, manifest_sha256, split))
     preprocessing = _check_preprocessing(checkpoint, data, manifest.config, allow)
     fingerprint = read_fingerprint(checkpoint) or {}  # None: a checkpoint from before fingerprints
     model, cfg, setup = load_checkpoint_model(checkpoint, device)
@@ -206,8 +275,13 @@ def _evaluate(
         "checkpoint": checkpoint, "checkpoint_given": given, "data": str(data), "split": split,
         "manifest_sha256": manifest_sha256, "training_dataset_sha256": fingerprint.get("dataset_sha256"),
         "molre_version": __version__, "device": str(device), "precision": scoring_precision(cfg, device),
-        "preprocessing": preprocessing,
+        **model_identity(setup), "preprocessing": preprocessing,
     }  # fmt: skip
+    if isinstance(plan, FixedPlan):  # before scoring: thresholds of another model are refused at once
+        identity, precision = model_identity(setup), provenance["precision"]
+        plan = plan._replace(
+            verified=op.check_thresholds_model(plan.thresholds, identity, checkpoint, precision)
+        )
     ids, scores, labels, known = _score_split(model, cfg, setup, data, split, manifest)
     evaluated = (scores, labels, known)
     aucs = per_finding_auc(scores, labels, known)
@@ -221,10 +295,13 @@ def _evaluate(
                                                           "seed": 0}}  # fmt: skip
     result |= _add_calibration(table, *evaluated)
     thresholds = None
-    if plan:  # each split scored once: the evaluated one's scores serve when the thresholds are chosen on it
+    if isinstance(plan, OperatingPlan):
+        # each split scored once: the evaluated one's scores serve when the thresholds are chosen on it
         chosen_on = evaluated if plan.on_evaluated else _score_split(model, cfg, setup, data, plan.split,
                                                                      manifest)[1:]  # fmt: skip
         thresholds = _add_operating_point(table, result, plan, chosen_on, evaluated, bootstrap)
+    elif plan:  # the file's thresholds: not written again (thresholds.json stays the file of their choice)
+        _add_fixed_point(table, result, plan, evaluated, bootstrap)
     result |= provenance
     out = str(out_dir or storage.join(checkpoint, f"eval-{split}-{manifest_sha256[:12]}"))
     files = [
@@ -254,14 +331,40 @@ def _add_calibration(table: pd.DataFrame, scores, labels, known) -> dict:
                             "ece_binning": "equal-width on [0, 1], floor(10 * score)"}}  # fmt: skip
 
 
+DECISION = "positive when score >= threshold"  # operating_points' rule; predict's flags apply it too
+
+
 def _add_operating_point(table: pd.DataFrame, result: dict, plan: OperatingPlan, chosen_on: tuple,
                          evaluated: tuple, bootstrap: int) -> dict:  # fmt: skip
     """Thresholds chosen by ``plan`` on ``chosen_on`` (scores, labels, known of the threshold split), applied
-    to ``evaluated``: table columns threshold, threshold_reason, tp / fp / tn / fn (NA without a threshold),
-    sensitivity, specificity, ppv, npv (+ the two rates' CIs with ``bootstrap``); their means (over the
-    findings where each is defined) as summary.json's ``operating_point``. Returns thresholds.json's
+    to ``evaluated`` (``_apply_thresholds``) as summary.json's ``operating_point``. Returns thresholds.json's
     per-finding records."""
     thresholds, reasons = op.choose_thresholds(*chosen_on, plan.rule, f"split {plan.split}")
+    point = {
+        "rule": str(plan.rule),
+        "threshold_split": plan.split,
+        "chosen_on_evaluated_split": plan.on_evaluated,
+        "threshold_split_volumes": len(chosen_on[0]),
+    }
+    result["operating_point"] = point | _apply_thresholds(table, thresholds, reasons, evaluated, bootstrap)
+    return _threshold_records(thresholds, reasons, chosen_on)
+
+
+def _add_fixed_point(table: pd.DataFrame, result: dict, plan: FixedPlan, evaluated: tuple, bootstrap: int):
+    """A thresholds file's thresholds applied to ``evaluated`` (``_apply_thresholds``) as summary.json's
+    ``operating_point``, which records the file (its sha256) and where its thresholds were chosen."""
+    fixed = plan.thresholds
+    applied = _apply_thresholds(table, fixed.values, fixed.reasons, evaluated, bootstrap)
+    result["operating_point"] = {**fixed.applied(), "chosen_on_evaluated_split": plan.on_evaluated,
+                                 "model_verified": plan.verified, **applied}  # fmt: skip
+
+
+def _apply_thresholds(table: pd.DataFrame, thresholds: np.ndarray, reasons: list, evaluated: tuple,
+                      bootstrap: int) -> dict:  # fmt: skip
+    """Thresholds [C] (NaN: none, for ``reasons``) applied to ``evaluated``: table columns threshold,
+    threshold_reason, tp / fp / tn / fn (NA without a threshold), sensitivity, specificity, ppv, npv (+ the
+    two rates' CIs with ``bootstrap``). Returns the operating point's decision rule, how many findings have a
+    threshold, which have none, and the rates' means over the findings where each is defined (+ CIs)."""
     counts = op.confusion(*evaluated, thresholds)
     measured = op.rates(**counts)
     table["threshold"], table["threshold_reason"] = thresholds, reasons
@@ -269,18 +372,31 @@ def _add_operating_point(table: pd.DataFrame, result: dict, plan: OperatingPlan,
         table[name] = pd.Series(column).astype("Int64").array
     for name, column in measured.items():
         table[name] = column
-    point = {"rule": str(plan.rule), "threshold_split": plan.split,
-             "chosen_on_evaluated_split": plan.on_evaluated, "threshold_split_volumes": len(chosen_on[0]),
-             "decision": "positive when score >= threshold",
-             "n_thresholds": int((~np.isnan(thresholds)).sum()),
+    point = {"decision": DECISION, "n_thresholds": int((~np.isnan(thresholds)).sum()),
              "no_threshold": [fid for fid, why in zip(FINDING_IDS, reasons, strict=True) if why]}  # fmt: skip
     point |= {f"mean_{name}": op.nan_mean(column) for name, column in measured.items()}
     if bootstrap:
         for name, (low, high, mean_ci) in op.bootstrap_rate_cis(*evaluated, thresholds, bootstrap).items():
             table[f"{name}_ci_low"], table[f"{name}_ci_high"] = low, high
             point[f"mean_{name}_ci"] = mean_ci
-    result["operating_point"] = point
-    return _threshold_records(thresholds, reasons, chosen_on)
+    return point
+
+
+def _chosen_here(plan: FixedPlan, manifest_sha256: str, split: str) -> bool:
+    """Whether the file's thresholds were chosen on the very studies evaluated now (the same split of data
+    with the same manifest sha256): fitted to the studies they are judged on, they give optimistic results,
+    so that is a ConfigError unless allowed, as for thresholds chosen in this run (``operating_plan``)."""
+    doc = plan.thresholds.doc
+    if doc.get("manifest_sha256") != manifest_sha256 or doc.get("split") != split:
+        return False
+    if not plan.allow_evaluated:
+        raise ConfigError(
+            f"thresholds: {plan.thresholds.uri} holds thresholds chosen on split '{split}' of this very data "
+            f"(manifest sha256 {manifest_sha256[:12]}...): judging them on the studies they were fitted to "
+            "inflates the reported sensitivity / specificity; evaluate another split, or pass "
+            "--allow-thresholds-on-evaluated-split to do it anyway"
+        )
+    return True
 
 
 def _threshold_records(thresholds: np.ndarray, reasons: list, chosen_on: tuple) -> dict:
@@ -297,16 +413,17 @@ def _threshold_records(thresholds: np.ndarray, reasons: list, chosen_on: tuple) 
             for c, fid in enumerate(FINDING_IDS)}  # fmt: skip
 
 
-THRESHOLDS_FORMAT = "molre-thresholds/1"
+THRESHOLDS_FORMAT = op.THRESHOLDS_FORMAT
 
 
 def _thresholds_file(records: dict, result: dict) -> dict:
     """thresholds.json: the rule, the split the thresholds were chosen on and the scores' provenance
-    (checkpoint, data and manifest, precision), then per finding id its record; a study is positive for a
-    finding when its probability >= the finding's threshold (null: no threshold, see its reason)."""
+    (checkpoint, data and manifest, precision, the model's digests: ``model_identity``, which ``--thresholds``
+    checks), then per finding id its record; a study is positive for a finding when its probability >= the
+    finding's threshold (null: no threshold, see its reason)."""
     point = result["operating_point"]
     keys = ("checkpoint", "checkpoint_given", "data", "manifest_sha256", "training_dataset_sha256",
-            "molre_version", "device", "precision")  # fmt: skip
+            "molre_version", "device", "precision", *op.MODEL_KEYS)  # fmt: skip
     return {"format": THRESHOLDS_FORMAT, "rule": point["rule"], "split": point["threshold_split"],
             "chosen_on_evaluated_split": point["chosen_on_evaluated_split"], "decision": point["decision"],
             **{key: result[key] for key in keys}, "thresholds": records}  # fmt: skip
@@ -488,8 +605,7 @@ def _markdown_operating_point(table: pd.DataFrame, point: dict, split: str) -> l
                       for name, label in RATES)  # fmt: skip
     lines = [
         "",
-        f"## Operating point {point['rule']}: thresholds chosen on {point['threshold_split']} "
-        f"({point['threshold_split_volumes']} studies), results on {split}",
+        f"## Operating point {point['rule']}: {_threshold_origin(point)}, results on {split}",
         "",
         f"A study is positive for a finding when its score >= the finding's threshold. Means over the "
         f"findings where each is defined: {means}. {point['n_thresholds']} findings have a threshold; "
@@ -497,6 +613,9 @@ def _markdown_operating_point(table: pd.DataFrame, point: dict, split: str) -> l
     ]
     if point["chosen_on_evaluated_split"]:
         lines += ["", "**Thresholds chosen on the evaluated split itself**: the results are optimistic."]
+    if point.get("model_verified") is False:
+        lines += ["", "**The thresholds file records no model digest** (an older molre): not checked to belong "
+                      f"to this checkpoint; it names checkpoint `{point['threshold_checkpoint']}`."]  # fmt: skip
     lines += ["", "| finding | threshold | TP | FP | TN | FN | sensitivity | specificity | PPV | NPV |",
               "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     for row in table.to_dict("records"):
@@ -510,6 +629,14 @@ def _markdown_operating_point(table: pd.DataFrame, point: dict, split: str) -> l
 
 
 RATES = (("sensitivity", "sensitivity"), ("specificity", "specificity"), ("ppv", "PPV"), ("npv", "NPV"))
+
+
+def _threshold_origin(point: dict) -> str:
+    """Where the operating point's thresholds come from: chosen in this run, or a file's (--thresholds)."""
+    if "thresholds_file" not in point:
+        return f"thresholds chosen on {point['threshold_split']} ({point['threshold_split_volumes']} studies)"
+    return (f"thresholds from `{point['thresholds_file']}` (sha256 {point['thresholds_sha256'][:12]}...), "
+            f"chosen on {point['threshold_split']} of `{point['threshold_data']}`")  # fmt: skip
 
 
 def _row_ci(row: dict, name: str) -> list[float] | None:
@@ -529,10 +656,15 @@ def _ci(ci: list[float] | None) -> str:
 
 
 def predict(
-    checkpoint: str, series: str, device: str = "cpu", *, allow_preprocessing_mismatch: bool = False
+    checkpoint: str,
+    series: str,
+    device: str = "cpu",
+    *,
+    allow_preprocessing_mismatch: bool = False,
+    thresholds: str | None = None,
 ) -> dict:
     """The prediction of one study (``predict_studies``); an input that cannot be scored is a DataError."""
-    return next(predict_studies(checkpoint, [series], device, keep_going=False,
+    return next(predict_studies(checkpoint, [series], device, keep_going=False, thresholds=thresholds,
                                 allow_preprocessing_mismatch=allow_preprocessing_mismatch))  # fmt: skip
 
 
@@ -543,6 +675,7 @@ def predict_studies(
     keep_going: bool = True,
     *,
     allow_preprocessing_mismatch: bool = False,
+    thresholds: str | None = None,
 ) -> Iterator[dict]:
     """One prediction per input, the model loaded once. An input is one study on local disk: a DICOM series
     folder (or one of its files), a study folder (its series with the most slices that loads, as preprocess
@@ -558,6 +691,8 @@ def predict_studies(
                        checkpoint's recorded settings against this molre's (``_check_study_preprocessing``)
       findings         id, name and category of each finding, in output order
       probabilities    {finding id: probability}
+      flags            with ``thresholds`` only: {finding id: probability >= the file's threshold, or null
+                       where the file has none}
       slice_z_mm       2D backbones: index i of ``slice_attention`` and of each ``router_weights`` row is the
                        i-th slice the model saw, inferior to superior; its centre in mm above the centre of
                        the aligned grid (``model_slice_z_mm``), not an input slice. null for 3D backbones.
@@ -571,17 +706,25 @@ def predict_studies(
     "reason"}}`` and the next one is scored; otherwise its error is raised. A checkpoint trained on data
     preprocessed unlike this molre prepares a study is a DataError (before any input is read), or with
     ``allow_preprocessing_mismatch`` a warning recorded in ``model.preprocessing``.
+
+    ``thresholds``: a thresholds.json (local or s3://) written for this checkpoint's model by ``molre evaluate
+    --operating-point`` (another model's is a ConfigError before any input is read:
+    ``operating_points.check_thresholds_model``); ``model.operating_point`` records its rule, split, file and
+    sha256. Without it the output has neither ``flags`` nor ``model.operating_point``.
     """
     checkpoint, picked = resolve_checkpoint(checkpoint)
     if picked:
         log.info("predict: %s", picked)
+    fixed = op.read_thresholds(thresholds) if thresholds else None  # a bad file fails before the model loads
     model, cfg, setup = load_checkpoint_model(checkpoint, device)
     preprocessing = _check_study_preprocessing(checkpoint, setup, allow_preprocessing_mismatch)
     facts = {**_model_facts(checkpoint, cfg, setup), "precision": scoring_precision(cfg, device),
              "preprocessing": preprocessing}  # fmt: skip
+    if fixed:
+        facts["operating_point"] = _predict_operating_point(fixed, checkpoint, setup, facts["precision"])
     for path in inputs:
         try:
-            yield _predict_study(model, cfg, setup, facts, str(path))
+            yield _predict_study(model, cfg, setup, facts, str(path), fixed)
         except (MolreError, OSError, ValueError) as err:
             if not keep_going:
                 raise
@@ -593,10 +736,26 @@ def _reason(err: Exception) -> str:
     return str(err) if isinstance(err, MolreError) else f"{type(err).__name__}: {err}"
 
 
-def _predict_study(model: MoLREClassifier, cfg: RunConfig, setup: dict, facts: dict, path: str) -> dict:
+def _predict_operating_point(fixed: op.ThresholdsFile, checkpoint: str, setup: dict, precision: str) -> dict:
+    """predict's ``model.operating_point``: the thresholds file checked against the loaded model and what the
+    predictions record of it."""
+    verified = op.check_thresholds_model(fixed, model_identity(setup), checkpoint, precision)
+    return {**fixed.applied(), "decision": DECISION, "model_verified": verified}
+
+
+def _flags(probabilities: dict[str, float], thresholds: np.ndarray) -> dict[str, bool | None]:
+    """{finding id: probability >= threshold; None where the threshold is NaN}: evaluate's decision rule
+    (``operating_points``) on the probabilities as output (float32 values, compared exactly in float64)."""
+    return {fid: None if math.isnan(t) else bool(p >= t)
+            for (fid, p), t in zip(probabilities.items(), thresholds.tolist(), strict=True)}  # fmt: skip
+
+
+def _predict_study(model: MoLREClassifier, cfg: RunConfig, setup: dict, facts: dict, path: str,
+                   fixed: op.ThresholdsFile | None = None) -> dict:  # fmt: skip
     study = read_study(path, setup["min_slices"])
     volume = torch.from_numpy(_aligned(study.volume, setup))[None]
     probs = score_volumes(model, cfg, setup, volume)[0].cpu().numpy()
+    probabilities = {fid: float(p) for fid, p in zip(FINDING_IDS, probs, strict=True)}
     routing, attention = model.router_weights(), model.slice_attention()
     if routing is None and cfg.adapter.kind == "molre" and cfg.adapter.molre.placement == "blocks":
         routing = model.router_weights(in_blocks=True) or None  # {} under route_by=token: not reported
@@ -617,7 +776,8 @@ def _predict_study(model: MoLREClassifier, cfg: RunConfig, setup: dict, facts: d
         },
         "model": facts,
         "findings": [{"id": f.id, "name": f.name, "category": f.category} for f in FINDINGS],
-        "probabilities": {fid: float(p) for fid, p in zip(FINDING_IDS, probs, strict=True)},
+        "probabilities": probabilities,
+        **({"flags": _flags(probabilities, fixed.values)} if fixed else {}),
         "slice_z_mm": model_slice_z_mm(setup) if model.backbone.dims == 2 else None,
         "slice_attention": _study_rows(attention) if attention is not None else None,
         "router_weights": routing_rows,
@@ -858,8 +1018,15 @@ def add_arguments(parser) -> None:
         )  # fmt: skip
         parser.add_argument(
             "--allow-thresholds-on-evaluated-split", action="store_true",
-            help="let --threshold-split be --split itself: thresholds fitted to the studies they are "
-            "judged on give optimistic results (recorded in summary.json and thresholds.json)",
+            help="let --threshold-split be --split itself, or --thresholds hold thresholds chosen on this "
+            "split of this data: thresholds fitted to the studies they are judged on give optimistic results "
+            "(recorded in summary.json and thresholds.json)",
+        )  # fmt: skip
+        parser.add_argument(
+            "--thresholds", metavar="FILE",
+            help="apply the thresholds of a thresholds.json (local path or s3://) that --operating-point "
+            "wrote for this checkpoint instead of choosing them (e.g. on another hospital's data, which may "
+            "have no val split): the same counts and rates on --split; refused for another checkpoint's file",
         )  # fmt: skip
     else:
         parser.add_argument(
@@ -879,12 +1046,18 @@ def add_arguments(parser) -> None:
             "study (other HU range, pad value, alignment or interpolation) with a warning, recorded in the "
             "output's model.preprocessing, instead of refusing it",
         )
+        parser.add_argument(
+            "--thresholds", metavar="FILE",
+            help="a thresholds.json (local path or s3://) that molre evaluate --operating-point wrote for this "
+            "checkpoint: each prediction gets flags, {finding id: score >= its threshold; null where it has "
+            "none}, and model.operating_point; refused for another checkpoint's file",
+        )  # fmt: skip
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
 
 def run(args) -> int:
     if hasattr(args, "data"):
-        plan = operating_plan(args.operating_point, args.threshold_split, args.split,
+        plan = threshold_plan(args.operating_point, args.threshold_split, args.thresholds, args.split,
                               args.allow_thresholds_on_evaluated_split)  # fmt: skip
         checkpoint = _announced(args)
         result = _evaluate(args.checkpoint, checkpoint, args.data, args.split, args.out, args.device,
@@ -907,13 +1080,16 @@ def run(args) -> int:
 
 def _operating_point_line(point: dict, split: str) -> str:
     """The CLI's line on the operating point: its means on the evaluated split, or why there is none."""
-    where = f"{point['rule']} (thresholds from {point['threshold_split']}"
+    fixed = "thresholds_file" in point
+    origin = f"of {point['thresholds_file']}, chosen on" if fixed else "from"
+    where = f"{point['rule']} (thresholds {origin} {point['threshold_split']}"
     where += ", the evaluated split itself: optimistic)" if point["chosen_on_evaluated_split"] else ")"
     if not point["n_thresholds"]:
-        return f"at {where}: no finding has a threshold (none has both classes among its known labels there)"
+        why = "the file gives none" if fixed else "none has both classes among its known labels there"
+        return f"at {where}: no finding has a threshold ({why})"
     means = ", ".join(f"{label} {_num(point[f'mean_{name}'])}" for name, label in RATES)
-    return (f"at {where}: mean {means} on {split} over {point['n_thresholds']} findings with a threshold; "
-            "thresholds.json written")  # fmt: skip
+    return (f"at {where}: mean {means} on {split} over {point['n_thresholds']} findings with a threshold"
+            + ("" if fixed else "; thresholds.json written"))  # fmt: skip
 
 
 def _run_predict(args) -> int:
@@ -924,14 +1100,17 @@ def _run_predict(args) -> int:
         print("molre predict: error: give --input SERIES (repeatable) or --inputs FILE", file=sys.stderr)
         return 2
     checkpoint = _announced(args)
-    allow = args.allow_preprocessing_mismatch
+    options = {
+        "allow_preprocessing_mismatch": args.allow_preprocessing_mismatch,
+        "thresholds": args.thresholds,
+    }
     if len(args.input) == 1 and not args.inputs:
-        result = predict(checkpoint, inputs[0], args.device, allow_preprocessing_mismatch=allow)
+        result = predict(checkpoint, inputs[0], args.device, **options)
         _warn_skipped(result)
         print(json.dumps(result, indent=1))
         return 0
     failed = 0
-    for result in predict_studies(checkpoint, inputs, args.device, allow_preprocessing_mismatch=allow):
+    for result in predict_studies(checkpoint, inputs, args.device, **options):
         if "error" in result:
             failed += 1
             error = result["error"]

@@ -7,10 +7,16 @@ entry is left out of every count, rate and calibration figure of that finding).
 Decision rule: a study is flagged positive for finding c when ``scores[:, c] >= thresholds[c]``. The threshold
 is one of the finding's scores on the split it is chosen on (``roc_curve``'s cut points), so tied scores are
 flagged together and the rule's target holds on that split counting them all.
+
+Thresholds chosen once are kept in thresholds.json (``molre evaluate --operating-point``) and applied later to
+other data or to single studies (``--thresholds``): ``read_thresholds`` reads and checks such a file,
+``check_thresholds_model`` refuses one chosen for another model than the one about to score.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 import warnings
 from collections.abc import Iterator
@@ -19,7 +25,11 @@ from typing import NamedTuple
 import numpy as np
 from sklearn.metrics import brier_score_loss, roc_curve
 
-from molre.errors import ConfigError
+from molre.data import storage
+from molre.errors import ConfigError, DataError
+from molre.findings import FINDING_IDS
+
+log = logging.getLogger(__name__)
 
 RULES = ("sensitivity", "specificity", "youden")
 ECE_BINS = 10  # equal-width bins on [0, 1]
@@ -217,3 +227,128 @@ def expected_calibration_error(scores, labels, known, bins: int = ECE_BINS) -> n
             gap = np.bincount(b, weights=y, minlength=bins) - np.bincount(b, weights=s, minlength=bins)
             out[c] = np.abs(gap).sum() / s.size
     return out
+
+
+# ---- thresholds.json: thresholds chosen once, applied later -----------------------------------------------
+
+THRESHOLDS_FORMAT = "molre-thresholds/1"  # later keys are additions: a reader of /1 reads them all
+# What identifies the model that scored, recorded in thresholds.json (and summary.json): the sha256 of its
+# trained tensors as loaded from best.safetensors (``evaluate.trained_digest``) and setup.json's frozen_sha256
+# (None in checkpoints from before it). Both are digests of content, so a checkpoint moved or copied (local to
+# S3, a run folder renamed) keeps them, and any retraining changes the first.
+MODEL_KEYS = ("trained_sha256", "frozen_sha256")
+
+
+class ThresholdsFile(NamedTuple):
+    """A thresholds.json as ``read_thresholds`` read it."""
+
+    uri: str
+    sha256: str  # of the file's bytes: what the outputs that apply it record
+    doc: dict  # the file as written: rule, split, the provenance of the scores they were chosen on
+    values: np.ndarray  # [C] float64 in FINDING_IDS order; NaN: no threshold
+    reasons: list[str | None]  # [C] why a finding has none (None where it has one)
+
+    def applied(self) -> dict:
+        """What an output applying these thresholds records of them: the file (and its sha256), the rule, and
+        where they were chosen (split, data, manifest, checkpoint, as the file records them)."""
+        doc = self.doc
+        return {"rule": doc.get("rule"), "threshold_split": doc.get("split"), "thresholds_file": self.uri,
+                "thresholds_sha256": self.sha256, "threshold_data": doc.get("data"),
+                "threshold_manifest_sha256": doc.get("manifest_sha256"),
+                "threshold_checkpoint": doc.get("checkpoint")}  # fmt: skip
+
+
+def read_thresholds(uri: str) -> ThresholdsFile:
+    """The thresholds.json at ``uri`` (local or s3://, through ``molre.data.storage``). A DataError naming the
+    file when it cannot be read, is no molre thresholds file, holds a threshold that is neither a number nor
+    null, or its finding ids are not this molre's: thresholds are matched to the model's outputs by finding
+    id, and another id list means another molre's findings, whose thresholds would miss theirs."""
+    uri = str(uri)
+    blob = _thresholds_bytes(uri)
+    try:
+        doc = json.loads(blob)
+    except ValueError as err:  # UnicodeDecodeError too
+        raise DataError(uri, f"not a JSON file ({type(err).__name__}: {err})") from None
+    if (
+        not isinstance(doc, dict)
+        or doc.get("format") != THRESHOLDS_FORMAT
+        or not isinstance(doc.get("thresholds"), dict)
+    ):
+        raise DataError(uri, f"not a molre thresholds file (format {THRESHOLDS_FORMAT}, as molre evaluate "
+                             "--operating-point writes it)")  # fmt: skip
+    _check_finding_ids(uri, doc["thresholds"])
+    parsed = [_threshold_record(uri, fid, doc["thresholds"][fid]) for fid in FINDING_IDS]
+    values = np.array([t for t, _ in parsed], dtype=np.float64)
+    return ThresholdsFile(uri, storage.sha256_bytes(blob), doc, values, [why for _, why in parsed])
+
+
+def _thresholds_bytes(uri: str) -> bytes:
+    try:
+        return storage.read_bytes(uri)
+    except (FileNotFoundError, storage.StorageError) as err:
+        # an evaluation's folder given for its file: locally a StorageError (IsADirectoryError), on S3 a
+        # FileNotFoundError (a prefix is no object)
+        if storage.is_dir(uri):
+            raise DataError(uri, "is a folder; give the thresholds.json file in it") from None
+        if isinstance(err, FileNotFoundError):
+            raise DataError(uri, "no such thresholds file (molre evaluate --operating-point writes "
+                                 "thresholds.json into its output folder)") from None  # fmt: skip
+        raise
+
+
+def _check_finding_ids(uri: str, records: dict) -> None:
+    known = set(FINDING_IDS)
+    missing, unknown = [f for f in FINDING_IDS if f not in records], [f for f in records if f not in known]
+    if missing or unknown:
+        raise DataError(uri, f"its finding ids are not this molre's {len(FINDING_IDS)}: {_few(missing)} "
+                             f"missing, {_few(unknown)} unknown; it was written for another finding list, so "
+                             "its thresholds would not fall on the findings they were chosen for")  # fmt: skip
+
+
+def _few(ids: list[str], shown: int = 5) -> str:
+    if not ids:
+        return "none"
+    return f"{len(ids)} ({', '.join(ids[:shown])}{', ...' if len(ids) > shown else ''})"
+
+
+def _threshold_record(uri: str, fid: str, record) -> tuple[float, str | None]:
+    """(threshold, None), or (NaN, the file's reason) for a null threshold."""
+    if not isinstance(record, dict) or "threshold" not in record:
+        raise DataError(uri, f"finding {fid}: no threshold record (an object with a threshold, or null)")
+    value = record["threshold"]
+    if value is None:
+        return math.nan, record.get("reason") or "no threshold in the thresholds file"
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise DataError(uri, f"finding {fid}: threshold {value!r} is neither a number nor null")
+    return float(value), None
+
+
+def check_thresholds_model(thresholds: ThresholdsFile, model: dict, checkpoint: str, precision: str) -> bool:
+    """Refuse thresholds chosen on another model's scores than ``model``'s (``MODEL_KEYS`` of the checkpoint
+    about to score): a threshold is a score of one model and means nothing for another. A ConfigError naming
+    the file; no override, as the digests are of content: they differ only for another model, and the cure is
+    to choose thresholds for this one. A file from before ``trained_sha256`` was recorded cannot be checked
+    (a warning naming the checkpoint it records). Scores in another precision than the file's (bf16 vs fp32:
+    ~1e-3 apart) warn: a study that close to a threshold may be flagged otherwise. Returns whether the model
+    was checked."""
+    doc = thresholds.doc
+    for key in MODEL_KEYS:  # a side without the digest (older file, older checkpoint) is not compared
+        if doc.get(key) and model.get(key) and doc[key] != model[key]:
+            raise ConfigError(
+                f"thresholds: {thresholds.uri} was chosen on the scores of another model than checkpoint "
+                f"{checkpoint} ({key} {doc[key][:12]}... in the file vs {model[key][:12]}... here; the file "
+                f"names checkpoint {doc.get('checkpoint')}): a threshold is one model's score and means nothing "
+                "for another; give the thresholds.json of this checkpoint, or choose thresholds for it with "
+                "molre evaluate --operating-point"
+            )
+    chosen_in = doc.get("precision")
+    if chosen_in and chosen_in != precision:
+        log.warning("thresholds %s were chosen on %s scores, applied to %s ones (~1e-3 apart): a study that "
+                    "close to a threshold may be flagged otherwise", thresholds.uri, chosen_in,
+                    precision)  # fmt: skip
+    if not doc.get("trained_sha256"):
+        log.warning("thresholds %s record no trained_sha256 (written by an older molre): not checked to belong "
+                    "to checkpoint %s; they were chosen with checkpoint %s", thresholds.uri, checkpoint,
+                    doc.get("checkpoint"))  # fmt: skip
+        return False
+    return True
