@@ -26,7 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "sweep": ("molre.tune.sweep", "Ray Tune + Optuna sweep over a search-space file, with leaderboards"),
     "evaluate": ("molre.train.evaluate", "per-finding AUCs of a checkpoint on a split (Parquet + Markdown)"),
-    "predict": ("molre.train.evaluate", "75 probabilities, routing and slice attention for one series"),
+    "predict": ("molre.train.predict", "75 probabilities, routing and slice attention for one series"),
 }
 
 

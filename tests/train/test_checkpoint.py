@@ -104,8 +104,8 @@ def test_a_checkpoint_refuses_a_backbone_rebuilt_from_a_replaced_weights_file(tm
 
     from molre.models import create_backbone
     from molre.train.checkpoint import FROZEN_SHA256, TrainState, frozen_digest, save_checkpoint
-    from molre.train.evaluate import load_checkpoint_model
     from molre.train.loop import make_optimizer
+    from molre.train.scoring import load_checkpoint_model
 
     def weights(seed: int) -> None:
         torch.manual_seed(seed)

@@ -17,8 +17,10 @@ from molre.errors import WeightsError
 from molre.findings import FINDING_IDS
 from molre.models import build_model
 from molre.train.checkpoint import TrainState, save_checkpoint, trained_state
-from molre.train.evaluate import evaluate, load_checkpoint_model, predict
+from molre.train.evaluate import evaluate
 from molre.train.loop import make_optimizer
+from molre.train.predict import predict
+from molre.train.scoring import load_checkpoint_model
 from tests.tiny_data import GRID, SPACING
 
 
@@ -132,7 +134,7 @@ def test_predict_prepares_a_study_as_preprocess_prepared_its_training_shard(tmp_
     from molre.data import shards, storage
     from molre.data.preprocess import preprocess
     from molre.train.checkpoint import RECORDED_AS_IS, preprocessing_facts
-    from molre.train.evaluate import study_volume, this_molre_preprocessing
+    from molre.train.predict import study_volume, this_molre_preprocessing
 
     labels = generate(tmp_path / "raw", 1, seed=3, shape=(64, 64, 64))  # 2.5 mm slices -> 8 mm: a 3.2x shrink
     manifest = preprocess(tmp_path / "raw", labels, "generic", str(tmp_path / "shards"), spacing=(8.0, 4.0, 4.0),
@@ -151,7 +153,7 @@ def test_predict_prepares_a_study_as_preprocess_prepared_its_training_shard(tmp_
 
 def test_predict_takes_a_nifti_file_or_a_dicom_file_and_refuses_several_studies(tmp_path):
     from molre.errors import DataError
-    from molre.train.evaluate import study_volume
+    from molre.train.predict import study_volume
 
     setup = {"grid": [8, 32, 32], "spacing": [8.0, 4.0, 4.0], "antialias": True, "min_slices": 8}
     generate(tmp_path / "nii", 1, seed=4, fmt="nifti", shape=(16, 64, 64))

@@ -20,8 +20,8 @@ from molre.errors import DataError
 from molre.findings import FINDING_IDS, FINDINGS
 from molre.models import build_model
 from molre.train.checkpoint import TrainState, save_checkpoint, trained_state
-from molre.train.evaluate import predict
 from molre.train.loop import make_optimizer
+from molre.train.predict import predict
 from tests.tiny_data import GRID, SPACING
 
 
@@ -81,7 +81,7 @@ def test_unreadable_files_of_the_series_are_named_not_silently_dropped(checkpoin
 def test_a_batch_loads_the_model_once_and_goes_on_past_a_bad_study(
     checkpoint, study, tmp_path, capsys, monkeypatch
 ):
-    import molre.train.evaluate as ev
+    import molre.train.predict as ev
 
     loads = []
     real_load = ev.load_checkpoint_model
@@ -140,7 +140,7 @@ def test_the_output_says_what_was_scored_and_by_which_model(checkpoint, study, c
 @pytest.mark.parametrize(("grid", "slices"), [(8, 8), (8, 4), (16, 10)])
 def test_slice_z_mm_is_where_the_resampling_to_the_models_slices_reads(grid, slices):
     from molre.data.augment import resize_volume
-    from molre.train.evaluate import model_slice_z_mm
+    from molre.train.predict import model_slice_z_mm
 
     dz = 4.0
     z_grid = (np.arange(grid) - (grid - 1) / 2) * dz  # each aligned slice's centre, mm from the grid's centre
@@ -152,7 +152,8 @@ def test_slice_z_mm_is_where_the_resampling_to_the_models_slices_reads(grid, sli
 
 def test_router_weights_of_molre_inside_the_blocks(study, tmp_path):
     from molre.models.molre import MoLRE
-    from molre.train.evaluate import load_checkpoint_model, score_volumes, study_volume
+    from molre.train.predict import study_volume
+    from molre.train.scoring import load_checkpoint_model, score_volumes
 
     blocks = _write_checkpoint(tmp_path / "blocks", adapter={"molre": {"placement": "blocks"}})
     out = predict(blocks, str(study))
@@ -219,7 +220,8 @@ def test_a_run_folder_resolves_to_its_latest_checkpoint_and_bad_arguments_are_cl
 
 def test_a_bf16_run_is_scored_under_bf16_autocast_as_its_validation_was(study, tmp_path):
     from molre.data.augment import augment_batch
-    from molre.train.evaluate import load_checkpoint_model, study_volume
+    from molre.train.predict import study_volume
+    from molre.train.scoring import load_checkpoint_model
 
     bf16 = _write_checkpoint(tmp_path / "bf16", train={"seed": 3, "batch_size": 4, "precision": "bf16"})
     out = predict(bf16, str(study))
@@ -241,7 +243,7 @@ def test_a_bf16_run_is_scored_under_bf16_autocast_as_its_validation_was(study, t
 def test_a_checkpoint_preprocessed_unlike_this_molre_is_refused_unless_told(
     checkpoint, study, tmp_path, capsys, caplog
 ):
-    from molre.train.evaluate import this_molre_preprocessing
+    from molre.train.predict import this_molre_preprocessing
 
     recent = tmp_path / "recent"  # as molre writes a checkpoint today: its training data's settings recorded
     shutil.copytree(checkpoint, recent)

@@ -32,6 +32,7 @@ from molre.findings import FINDING_IDS
 log = logging.getLogger(__name__)
 
 RULES = ("sensitivity", "specificity", "youden")
+DECISION = "positive when score >= threshold"  # the rule thresholds are applied by (evaluate, predict)
 ECE_BINS = 10  # equal-width bins on [0, 1]
 # sensitivity / specificity are count ratios (27/30) compared with a decimal target (0.9); a ratio equal to the
 # target in the reals rounds to the same float, and this margin keeps it so should either be an ulp off
