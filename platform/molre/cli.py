@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sweep": ("molre.tune.sweep", "Ray Tune + Optuna sweep over a search-space file, with leaderboards"),
     "evaluate": ("molre.train.evaluate", "per-finding AUCs of a checkpoint on a split (Parquet + Markdown)"),
     "predict": ("molre.train.predict", "75 probabilities, routing and slice attention for one series"),
+    "compare": ("molre.train.compare", "two evaluations on the same studies: per-finding DeLong tests, Holm"),
 }
 
 
