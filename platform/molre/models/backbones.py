@@ -15,7 +15,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import timm
 import torch
 from torch import nn
 
@@ -95,6 +94,11 @@ def _timm(name: str, **kwargs) -> Callable[[Preset, int, int], nn.Module]:
     """A timm model by name, headless (num_classes=0 -> pooled features), at the requested image size."""
 
     def make(preset: Preset, image_size: int, depth: int) -> nn.Module:
+        # timm is imported when a net is built (as MONAI is below), not with the presets: it pulls torchvision and
+        # torch._dynamo in (~3 s per process), which the sweep driver and `molre leaderboard` (preset names and
+        # domains only) never need
+        import timm
+
         return timm.create_model(name, pretrained=False, num_classes=0, img_size=image_size, **kwargs)
 
     return make

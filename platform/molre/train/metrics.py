@@ -9,13 +9,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from sklearn.metrics import roc_auc_score
 
 from molre.findings import FINDING_IDS
 
 
 def per_finding_auc(scores: np.ndarray, labels: np.ndarray, known: np.ndarray | None = None) -> np.ndarray:
     """``[C]`` ROC AUCs from ``[N, C]`` scores and 0/1 labels; NaN where a finding is undefined."""
+    # imported here, not with the module: sklearn (+ scipy) costs ~1 s per process, and every Ray Train controller
+    # of a sweep trial imports this module (its report callback) without ever scoring anything
+    from sklearn.metrics import roc_auc_score
+
     scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels)
     known = np.ones_like(labels, dtype=bool) if known is None else np.asarray(known).astype(bool)
     out = np.full(labels.shape[1], np.nan)

@@ -4,12 +4,14 @@
       -> ASHA -> trial: run config -> TorchTrainer.fit() (epoch metrics forwarded by BestEpochReportCallback,
          each with the best epoch's per-finding AUCs, so that an ASHA-stopped trial's row is its best epoch's)
       -> final report (best-epoch per-finding AUCs, router analysis, parameter counts)
-      -> trials.parquet + leaderboard (Markdown, HTML) in <storage>/<name>/, rewritten as trials finish
+      -> trials.parquet + leaderboard (Markdown, HTML) in <storage>/<name>/, rewritten as trials finish (at most
+         once per $MOLRE_LEADERBOARD_INTERVAL_S, 30 s) and at the end
 
 Experiment names are the spec's ``name`` (no timestamps), so ``resume=True`` restores the experiment: finished
 trials are not re-run, the searcher keeps its state, and an interrupted trial resumes from its last checkpoint.
 A new experiment records its spec and data (``molre_spec.json``); ``resume=True`` refuses a spec or data that
-differ from the record (a changed file, or another experiment of the same name), naming the changed keys.
+differ from the record (a changed file, or another experiment of the same name), naming the changed keys, except
+the per-worker resources (another cluster shape: ``RELOCATABLE_KEYS``), which the remaining trials take.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import json
 import logging
 import math
 import os
+import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -31,13 +35,18 @@ from molre.config import config_to_dict, flat_dotted
 from molre.data import storage
 from molre.errors import ConfigError
 from molre.findings import CATEGORY_SIZES, FINDING_IDS, FINDINGS
-from molre.train.checkpoint import checkpoint_uri
 from molre.train.metrics import per_finding_auc, summarize
 from molre.tune.space import OptunaSpace, SweepSpec, active_keys, grid_points, run_config_for
 
 TRIALS_FILE = "trials.parquet"
 SPEC_FILE = "molre_spec.json"  # in the experiment's folder: the spec and data it was created with
 SPEC_RECORD_VERSION = 1
+# the least time between two leaderboard rewrites while trials finish (the sweep's end always writes)
+LEADERBOARD_INTERVAL_ENV = "MOLRE_LEADERBOARD_INTERVAL_S"
+LEADERBOARD_INTERVAL_S = 30.0
+# what each trial's Train workers were given, on every report: the trials table shows what a trial ran with,
+# which after a resume on another cluster shape (``check_resumable``) is not what the spec says now
+SCALING_METRICS = ("cpus_per_worker", "gpus_per_worker")
 
 log = logging.getLogger(__name__)
 
@@ -98,11 +107,13 @@ class BestEpochAUCs:
 
 class BestEpochReportCallback(TuneReportCallback):
     """Ray Train -> Tune forwarding (``TuneReportCallback``) that adds the best epoch's per-finding AUCs to each
-    report; after a resume it reads them once from the checkpoint's best-epoch validation outputs."""
+    report; after a resume it reads them once from the checkpoint's best-epoch validation outputs. ``extra``:
+    added to every report as is (the trial's ``scaling_metrics``)."""
 
-    def __init__(self):
+    def __init__(self, extra: dict | None = None):
         super().__init__()
         self.best = BestEpochAUCs()
+        self.extra = dict(extra or {})
 
     def after_report(self, run_context, metrics, checkpoint):
         first = metrics[0]
@@ -112,6 +123,7 @@ class BestEpochReportCallback(TuneReportCallback):
             if aucs is not None:
                 self.best.remember(first["best_epoch"], aucs)
                 extra = self.best.update(first)
+        extra = {**extra, **self.extra}
         super().after_report(run_context, [{**first, **extra}, *metrics[1:]], checkpoint)
 
 
@@ -128,14 +140,18 @@ def best_aucs_in_checkpoint(checkpoint) -> dict | None:
 
 
 def run_trial(config: dict, spec: dict, data_uri: str, experiment_uri: str) -> None:
-    """Tune trial: build and fit a TorchTrainer, then report the best epoch's full metrics."""
+    """Tune trial: build and fit a TorchTrainer, then report the best epoch's full metrics.
+
+    ``spec`` is the sweep's current spec (``with_parameters``, also on ``--resume``): the Train workers' resources
+    come from it, so a resume on another cluster shape runs the remaining trials with the new ones."""
+    from molre.train.checkpoint import checkpoint_uri  # torch: not for the driver's import of this module
     from molre.train.run import build_trainer, fit, prepare
 
     sweep = SweepSpec.model_validate(spec)
     trial_id = ray.tune.get_context().get_trial_id()
     cfg, point = trial_run_config(config, sweep, data_uri, experiment_uri, trial_id)
     setup = prepare(cfg, verify=False)  # the driver verified the shards' checksums once for the sweep
-    result = fit(build_trainer(cfg, setup, callbacks=[BestEpochReportCallback()]))
+    result = fit(build_trainer(cfg, setup, callbacks=[BestEpochReportCallback(scaling_metrics(cfg))]))
     with result.checkpoint.as_directory() as directory:
         final = final_metrics(directory, cfg)
     # s3://... on S3 (Ray's path lacks the scheme): `molre evaluate` and storage read it as is
@@ -143,8 +159,27 @@ def run_trial(config: dict, spec: dict, data_uri: str, experiment_uri: str) -> N
     ray.tune.report({**final, "point": json.dumps(point, default=str), "checkpoint_path": where})
 
 
+def scaling_metrics(cfg) -> dict:
+    """``{scaling/<key>: value}``: the per-worker resources this trial's TorchTrainer asked for."""
+    return {f"scaling/{key}": float(getattr(cfg.scaling, key)) for key in SCALING_METRICS}
+
+
+def checkpoint_scaling(checkpoint_dir: str, cfg) -> dict:
+    """``scaling_metrics`` of the run that wrote the checkpoint (its config.yaml), else of ``cfg``: a trial
+    resumed after its Train run had finished re-reports that run without training, under the current spec."""
+    import yaml
+
+    path = Path(checkpoint_dir) / "config.yaml"
+    recorded = (yaml.safe_load(path.read_text()) or {}).get("scaling", {}) if path.exists() else {}
+    return {
+        **scaling_metrics(cfg),
+        **{f"scaling/{k}": float(recorded[k]) for k in SCALING_METRICS if k in recorded},
+    }
+
+
 def final_metrics(checkpoint_dir: str, cfg) -> dict:
-    """Best-epoch metrics from a checkpoint: summary, per-finding AUCs, routing analysis, parameter counts."""
+    """Best-epoch metrics from a checkpoint: summary, per-finding AUCs, routing analysis, parameter counts, and
+    the per-worker resources its run had (``checkpoint_scaling``)."""
     from molre.models.params import count_config_params
     from molre.train.checkpoint import read_state
 
@@ -159,6 +194,7 @@ def final_metrics(checkpoint_dir: str, cfg) -> dict:
         out.update({f"auc/{fid}": float(a) for fid, a in zip(FINDING_IDS, aucs, strict=True)})
         out.update(router_analysis(outputs))
     out.update({f"params/{k}": v for k, v in count_config_params(cfg).items()})
+    out.update(checkpoint_scaling(checkpoint_dir, cfg))
     return out
 
 
@@ -198,6 +234,9 @@ def trial_row(
     row["active_keys"] = json.dumps([*searched_here, "train.seed"])
     row.update({f"config/{k}": v for k, v in values.items()})
     metrics = metrics or {}
+    for key in SCALING_METRICS:  # what the trial ran with (its reports), else the spec's
+        if f"scaling/{key}" in metrics:
+            row[f"config/scaling.{key}"] = metrics[f"scaling/{key}"]
     final = "params/total" in metrics  # the trial's last report is the final one
     row["stopped_early"] = status == "TERMINATED" and not final
     row["epochs"] = metrics.get("epochs", (metrics.get("epoch", -1) + 1) if "epoch" in metrics else 0)
@@ -225,30 +264,78 @@ def unfinished_trial_aucs(metrics: dict) -> dict:
     return out
 
 
-def trials_table(trials, spec: SweepSpec, data_uri: str | None = None) -> pd.DataFrame:
-    rows = [trial_row(t.trial_id, t.status, t.config, t.last_result, spec, data_uri) for t in trials]
+def trials_table(trials, spec: SweepSpec, data_uri: str | None = None, ended=None) -> pd.DataFrame:
+    """The table of Tune's trials. ``ended``: the trial Tune is finishing (``on_trial_complete``), which it
+    marks TERMINATED only after its callbacks ran: it is written as TERMINATED, not as still RUNNING."""
+    rows = []
+    for t in trials:
+        status = "TERMINATED" if t is ended and t.status not in ("ERROR", "TERMINATED") else t.status
+        rows.append(trial_row(t.trial_id, status, t.config, t.last_result, spec, data_uri))
     return pd.DataFrame(rows)
 
 
+def leaderboard_interval_s() -> float:
+    """``$MOLRE_LEADERBOARD_INTERVAL_S`` (seconds >= 0; 0 rewrites at every trial's end), else 30 s."""
+    text = os.environ.get(LEADERBOARD_INTERVAL_ENV, "").strip()
+    if not text:
+        return LEADERBOARD_INTERVAL_S
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise ConfigError(f"{LEADERBOARD_INTERVAL_ENV}={text!r}: expected seconds >= 0 between leaderboard "
+                          "rewrites (0: at every trial's end)")  # fmt: skip
+    return value
+
+
 class LeaderboardCallback(ray.tune.Callback):
-    """Rewrites trials.parquet and the leaderboard each time a trial finishes or fails (cheap, a few files).
+    """Rewrites trials.parquet and the leaderboard as trials finish or fail, at most once per
+    ``leaderboard_interval_s()``: a rewrite renders every plot (seconds, more on S3) inside Tune's control loop,
+    which meanwhile starts no trial and takes no result, so a burst of endings (an ASHA rung stopping many
+    trials) costs one rewrite, not one per trial. A finished trial that waits for the interval is written from
+    ``on_step_begin`` (every pass of the loop) once it is over; the first ending always writes at once; the
+    sweep's end always writes (``run_sweep``).
 
     A failed rewrite (storage outage, a plotting error) is logged and the sweep goes on: the next trial's end
-    rewrites everything, and the sweep's final write (``run_sweep``) raises if it fails too."""
+    rewrites everything (a pending one is retried from ``on_step_begin`` once per interval, not at every step),
+    and the sweep's final write (``run_sweep``) raises if it fails too."""
 
     def __init__(self, spec: SweepSpec, experiment_uri: str, data_uri: str | None = None):
         self.spec, self.experiment_uri, self.data_uri = spec, experiment_uri, data_uri
+        self._written_at = self._tried_at = None  # time.monotonic() of the last rewrite / attempt
+        self._pending = False  # a trial ended since the last rewrite
+
+    def __getstate__(self):
+        # pickled with the experiment (tuner.pkl): a monotonic time means nothing in the process that restores it
+        return {**self.__dict__, "_written_at": None, "_tried_at": None, "_pending": False}
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self.rewrite(trials)
+        self.request(trials, ended=trial)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self.rewrite(trials)
+        self.request(trials)  # Tune marked it ERROR before calling this
 
-    def rewrite(self, trials) -> None:
+    def on_step_begin(self, iteration, trials, **info):
+        if getattr(self, "_pending", False) and self._since("_tried_at") >= leaderboard_interval_s():
+            self.rewrite(trials)
+
+    def request(self, trials, ended=None) -> None:
+        """A trial ended: rewrite now when the last rewrite is old enough, else later (``on_step_begin``, when
+        Tune has marked it TERMINATED)."""
+        self._pending = True
+        if self._since("_written_at") >= leaderboard_interval_s():
+            self.rewrite(trials, ended)
+
+    def _since(self, name: str) -> float:
+        """Seconds since ``name``'s time; inf when none (not yet in this process, or an older pickle)."""
+        at = getattr(self, name, None)
+        return math.inf if at is None else time.monotonic() - at
+
+    def rewrite(self, trials, ended=None) -> None:
         # getattr: a callback pickled by an older version (restored with its experiment) has no data_uri
         try:
-            table = trials_table(trials, self.spec, getattr(self, "data_uri", None))
+            table = trials_table(trials, self.spec, getattr(self, "data_uri", None), ended)
             write_results(table, self.experiment_uri, self.spec)
         except Exception as err:  # the leaderboard must not abort the trials still to run
             log.error(
@@ -256,6 +343,11 @@ class LeaderboardCallback(ray.tune.Callback):
                 "when the next trial ends and at the end of the sweep): %s: %s",
                 self.spec.name, self.experiment_uri, type(err).__name__, err,
             )  # fmt: skip
+            self._tried_at = time.monotonic()  # still pending: the next due trial end or step retries it
+            return
+        # the interval counts from the end of a rewrite: a slow one (S3, many plots) cannot fill the loop
+        self._written_at = self._tried_at = time.monotonic()
+        self._pending = False
 
 
 def write_results(table: pd.DataFrame, experiment_uri: str, spec: SweepSpec) -> dict:
@@ -331,6 +423,7 @@ def run_sweep(spec: SweepSpec, storage_root: str, resume: bool = False, syntheti
     """
     from molre.train.run import ensure_ray
 
+    leaderboard_interval_s()  # a malformed setting fails here, not in Tune's loop as the first trial ends
     storage.check_bucket(storage_root)  # before Ray's storage check, which would create a mistyped bucket
     ensure_ray()
     if not storage.is_s3(storage_root):
@@ -439,11 +532,31 @@ def read_experiment_record(experiment_uri: str) -> dict | None:
     return record
 
 
+# Resources that decide where and how fast a trial's Train workers run, not what they compute: a resume may change
+# them (another cluster shape). The remaining trials get the new ones (run_trial builds each trial's
+# ScalingConfig from the current spec); the record keeps the old ones in its history. num_workers is not here:
+# the DDP world size decides each worker's share of the batch and data, so it changes the results.
+RELOCATABLE_KEYS = ("resources.cpus_per_worker", "resources.gpus_per_worker")
+# Fixed by Tune when the experiment was created: its TuneConfig (max_concurrent_trials, reuse_actors) and
+# RunConfig (FailureConfig.max_failures) are saved in tuner.pkl, and Tuner.restore takes no new ones (Ray 2.x:
+# only the trainable and param_space are re-specified), so a resume would silently run with the recorded values.
+TUNE_FIXED_KEYS = (
+    "resources.max_concurrent_trials",
+    "resources.reuse_actors",
+    "resources.trial_max_failures",
+)
+RESUME_HISTORY = 20  # resumes with changed resources kept in the record: the first and the latest ones
+
+
 def check_resumable(spec: SweepSpec, experiment_uri: str, data_uri: str | None) -> None:
     """Refuse (``ConfigError``, naming every changed key) to resume an experiment whose recorded spec or data
     differ from ``spec`` / ``data_uri``: its finished trials trained with the recorded ones, so finishing it
     with others would mix two experiments in one leaderboard. An experiment without a record (an older molre)
-    is resumed with a warning, and gets the current spec and data as its record."""
+    is resumed with a warning, and gets the current spec and data as its record.
+
+    ``RELOCATABLE_KEYS`` may differ (not for a multi-fidelity sweep, whose screen trials hold their resources in
+    Tune's state): a warning names them, and the record takes the current spec, its ``resumes`` history the
+    change (what the trials finished before it ran with)."""
     record = read_experiment_record(experiment_uri)
     current = experiment_record(spec, data_uri)
     if record is None:
@@ -456,21 +569,63 @@ def check_resumable(spec: SweepSpec, experiment_uri: str, data_uri: str | None) 
         recorded_spec = SweepSpec.model_validate(record["spec"]).model_dump(mode="json")
     except ValidationError:
         recorded_spec = record["spec"]
-    changes = _changed_keys(recorded_spec, current["spec"])
-    old_data, new_data = record.get("data"), current["data"]
-    if old_data and new_data:
-        if old_data.get("manifest_sha256") != new_data["manifest_sha256"]:
-            changes += _changed_keys(old_data, new_data, "data.")
-        elif old_data.get("uri") != new_data["uri"]:
-            log.warning("molre sweep %s: the data moved (%s -> %s), same manifest: resuming on it", spec.name,
-                        old_data.get("uri"), new_data["uri"])  # fmt: skip
+    changed = _changed_values(recorded_spec, current["spec"])
+    relocated = {k: v for k, v in changed.items() if k in RELOCATABLE_KEYS and spec.multi_fidelity is None}
+    changes = [_show_change(k, *v) for k, v in changed.items() if k not in relocated]
+    changes += _data_changes(spec, record.get("data"), current["data"])
     if changes:
         raise ConfigError(
             f"cannot resume experiment {spec.name} at {experiment_uri}: its {SPEC_FILE} records another spec or "
             f"data than this run's, so its finished trials trained with something else. Changed: "
             + "; ".join(changes)
             + ". Resume with the original spec and data, or give this one a new name."
+            + _refusal_notes(spec, changed)
         )
+    if relocated:
+        log.warning("molre sweep %s: resuming with other per-worker resources (%s): the remaining trials run "
+                    "with the new ones; %s keeps the old ones in its history", spec.name,
+                    "; ".join(_show_change(k, *v) for k, v in relocated.items()), SPEC_FILE)  # fmt: skip
+        write_experiment_record(experiment_uri, relocated_record(record, current, relocated))
+
+
+def _data_changes(spec: SweepSpec, old_data: dict | None, new_data: dict | None) -> list[str]:
+    """The changed data keys (another manifest); a moved copy of the same manifest is only logged."""
+    if not (old_data and new_data):
+        return []
+    if old_data.get("manifest_sha256") != new_data["manifest_sha256"]:
+        return _changed_keys(old_data, new_data, "data.")
+    if old_data.get("uri") != new_data["uri"]:
+        log.warning("molre sweep %s: the data moved (%s -> %s), same manifest: resuming on it", spec.name,
+                    old_data.get("uri"), new_data["uri"])  # fmt: skip
+    return []
+
+
+def _refusal_notes(spec: SweepSpec, changed: dict) -> str:
+    """Why a resources key that looks harmless is refused anyway."""
+    notes = []
+    fixed = [k for k in TUNE_FIXED_KEYS if k in changed]
+    if fixed:
+        notes.append(f" {', '.join(fixed)}: fixed by Tune when the experiment was created (its tuner.pkl holds "
+                     "them, and Tuner.restore takes no new TuneConfig or RunConfig), so a resume cannot apply "
+                     "a change.")  # fmt: skip
+    if spec.multi_fidelity is not None and any(k in changed for k in RELOCATABLE_KEYS):
+        notes.append(" A multi-fidelity sweep's screen trials hold their resources in Tune's state, so its "
+                     "per-worker resources cannot change on resume either.")  # fmt: skip
+    return "".join(notes)
+
+
+def relocated_record(record: dict, current: dict, relocated: dict) -> dict:
+    """The record after a resume with other ``RELOCATABLE_KEYS``: the current spec (the remaining trials run
+    with it), the recorded data as they are (a resume without changes rewrites nothing either), and the change
+    appended to ``resumes`` (the first entry and the latest ones kept: ``RESUME_HISTORY``)."""
+    entry = {
+        "resumed_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "changed": {key: {"from": old, "to": new} for key, (old, new) in relocated.items()},
+    }
+    history = [*record.get("resumes", []), entry]
+    if len(history) > RESUME_HISTORY:
+        history = [history[0], *history[-(RESUME_HISTORY - 1) :]]
+    return {**record, "version": current["version"], "spec": current["spec"], "resumes": history}
 
 
 def _leaves(tree: dict, prefix: str = "") -> dict:
@@ -483,16 +638,26 @@ def _leaves(tree: dict, prefix: str = "") -> dict:
     return out
 
 
+_ABSENT = object()  # a key one side of a comparison lacks
+
+
+def _changed_values(old: dict, new: dict, prefix: str = "") -> dict:
+    """``{dotted key: (old, new)}`` for each key whose value differs (``_ABSENT`` where one side lacks it)."""
+    a, b = _leaves(old, prefix), _leaves(new, prefix)
+    return {key: (a.get(key, _ABSENT), b.get(key, _ABSENT))
+            for key in sorted(set(a) | set(b)) if a.get(key, _ABSENT) != b.get(key, _ABSENT)}  # fmt: skip
+
+
+def _show_change(key: str, old, new) -> str:
+    def show(value):
+        return "(absent)" if value is _ABSENT else json.dumps(value, default=str)
+
+    return f"{key}: {show(old)} -> {show(new)}"
+
+
 def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
     """``key: old -> new`` for each dotted key whose value differs (``(absent)`` where one side lacks it)."""
-    a, b = _leaves(old, prefix), _leaves(new, prefix)
-    absent = object()
-
-    def show(value):
-        return "(absent)" if value is absent else json.dumps(value, default=str)
-
-    return [f"{key}: {show(a.get(key, absent))} -> {show(b.get(key, absent))}"
-            for key in sorted(set(a) | set(b)) if a.get(key, absent) != b.get(key, absent)]  # fmt: skip
+    return [_show_change(key, *values) for key, values in _changed_values(old, new, prefix).items()]
 
 
 def _param_space(spec: SweepSpec, points: list[dict] | None):
@@ -602,7 +767,6 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from molre.tune.leaderboard import finished_trials, ranking_table
     from molre.tune.space import load_sweep
 
     spec = load_sweep(args.config, args.overrides)  # every problem surfaces here, before any trial starts
@@ -610,6 +774,8 @@ def run(args) -> int:
     table, paths = run_sweep(
         spec, args.storage, resume=args.resume, synthetic=SMOKE_DATA if args.smoke else None
     )
+    from molre.tune.leaderboard import finished_trials, ranking_table  # matplotlib: after a spec's checks
+
     print(f"\nmolre sweep {spec.name}: {len(table)} trials; top rows:")
     print(ranking_table(finished_trials(table), top=8).to_string(index=False))
     for name, uri in paths.items():
