@@ -127,12 +127,17 @@ def frozen_digest(model: torch.nn.Module) -> str:
     alone (the frozen backbone as read from ``backbone.weights``, or drawn under ``train.seed``), by name, dtype,
     shape and bytes. Take it before any bf16 / FP8 conversion (MedGemma: 1.7 GB of fp32, ~1 s)."""
     trained = _trained_tensors(model).keys()
+    return tensors_digest({k: v for k, v in model.state_dict().items() if k not in trained})
+
+
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of named tensors, in name order, each by name, dtype, shape and bytes: what ``frozen_digest``,
+    the trained weights' digest (``scoring.trained_digest``) and a feature cache's ``backbone_digest`` hash."""
     digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        if name not in trained:
-            flat = tensor.detach().cpu().contiguous().reshape(-1)
-            digest.update(f"{name} {flat.dtype} {tuple(tensor.shape)}\n".encode())
-            digest.update(flat.view(torch.uint8).numpy())
+    for name, tensor in sorted(tensors.items()):
+        flat = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name} {flat.dtype} {tuple(tensor.shape)}\n".encode())
+        digest.update(flat.view(torch.uint8).numpy())
     return digest.hexdigest()
 
 

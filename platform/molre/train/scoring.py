@@ -9,7 +9,6 @@ folder -> its latest checkpoint. The checkpoint may be a local path or an ``s3:/
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import sys
 from typing import TYPE_CHECKING
@@ -30,6 +29,7 @@ from molre.train.checkpoint import (
     read_config,
     read_setup,
     read_weights,
+    tensors_digest,
 )
 
 if TYPE_CHECKING:
@@ -65,12 +65,7 @@ def trained_digest(state: dict[str, torch.Tensor]) -> str:
     ``frozen_digest`` digests the frozen ones. Of the tensors, not of the file: a checkpoint copied, moved or
     saved again with the same best weights (each later epoch of a run rewrites best.safetensors, possibly
     under another safetensors version) keeps it; any training step changes it."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(state.items()):
-        flat = tensor.detach().cpu().contiguous().reshape(-1)
-        digest.update(f"{name} {flat.dtype} {tuple(tensor.shape)}\n".encode())
-        digest.update(flat.view(torch.uint8).numpy())
-    return digest.hexdigest()
+    return tensors_digest(state)
 
 
 def model_identity(setup: dict) -> dict:

@@ -59,6 +59,7 @@ from molre.models.backbones import get_preset
 from molre.models.fp8 import apply_frozen_matmul
 from molre.models.molre import MoLRE
 from molre.models.pooling import AttentionPooling
+from molre.train.checkpoint import tensors_digest
 
 CACHE_VERSION = 3  # bump when the feature pipeline changes: old caches then miss instead of being reused
 # 2: the DINOv3 presets and tiny-vit embed a slice as the CLS token (was the mean of the patch tokens)
@@ -350,12 +351,7 @@ def backbone_digest(backbone: nn.Module) -> str:
     """SHA-256 of a backbone as built: every tensor of its state dict by name, dtype, shape and bytes (as
     ``checkpoint.frozen_digest`` hashes, but buffers too, e.g. BatchNorm statistics: nothing here trains,
     all of it decides the features). Take it before the FP8 conversion, on the weights as loaded."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(backbone.state_dict().items()):
-        flat = tensor.detach().cpu().contiguous().reshape(-1)
-        digest.update(f"{name} {flat.dtype} {tuple(tensor.shape)}\n".encode())
-        digest.update(flat.view(torch.uint8).numpy())
-    return digest.hexdigest()
+    return tensors_digest(backbone.state_dict())
 
 
 def load_feature_cache(uri: str, splits=SPLITS) -> FeatureCache:
