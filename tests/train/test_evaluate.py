@@ -294,17 +294,17 @@ def test_evaluate_output_is_auditable_and_one_dataset_never_overwrites_another(
 def test_the_study_bootstrap_counts_each_drawn_study_as_a_repeated_row():
     from sklearn.metrics import roc_auc_score
 
-    from molre.train.evaluate import _weighted_auc
+    from molre.train.operating_points import weighted_auc
 
     rng = np.random.default_rng(0)
     score = np.round(rng.random(40), 1)  # ties within and across classes
     label, known = rng.random(40) < 0.4, rng.random(40) < 0.8
     counts = rng.multinomial(40, np.full(40, 1 / 40), size=20)
-    for auc, drawn in zip(_weighted_auc(score, label, known, counts.astype(float)), counts, strict=True):
+    for auc, drawn in zip(weighted_auc(score, label, known, counts.astype(float)), counts, strict=True):
         rows = np.repeat(np.arange(40), drawn)
         rows = rows[known[rows]]
         assert auc == pytest.approx(roc_auc_score(label[rows], score[rows]), abs=1e-12)
-    assert np.isnan(_weighted_auc(score, np.zeros(40, bool), known, counts.astype(float))).all()  # one class
+    assert np.isnan(weighted_auc(score, np.zeros(40, bool), known, counts.astype(float))).all()  # one class
 
 
 def test_evaluate_bootstrap_gives_study_level_cis(checkpoint, tiny_dataset, tmp_path, capsys):

@@ -331,14 +331,13 @@ def bootstrap_difference(
     difference on all the studies, ``whole`` [C], is defined (``op.percentile_cis``): ``n_boot`` resamples of
     the studies (``op.study_resamples``, seeded), each weighting both models' studies alike, so the
     difference's spread carries their correlation. A resample lacking a class for a finding leaves that
-    finding out of it. Each AUC is evaluate's weighted Mann-Whitney count (the one behind its AUC CIs;
-    evaluate, with torch, is imported only for this)."""
-    from molre.train.evaluate import _weighted_auc
+    finding out of it. Each AUC is the weighted Mann-Whitney count behind evaluate's AUC CIs
+    (``op.weighted_auc``)."""
 
     def diffs(counts: np.ndarray) -> np.ndarray:  # [b, C]: one row per resample of counts [b, N]
         columns = [
-            _weighted_auc(b.scores[:, c], b.labels[:, c], b.known[:, c], counts)
-            - _weighted_auc(a.scores[:, c], a.labels[:, c], a.known[:, c], counts)
+            op.weighted_auc(b.scores[:, c], b.labels[:, c], b.known[:, c], counts)
+            - op.weighted_auc(a.scores[:, c], a.labels[:, c], a.known[:, c], counts)
             for c in range(len(FINDING_IDS))
         ]
         return np.stack(columns, axis=1)

@@ -428,33 +428,14 @@ def bootstrap_auc_ci(
     mean is over the findings defined on the whole split (NaN / None where there is none).
 
     ``tune.leaderboard.bootstrap_ci`` resamples findings (the unit of a sweep comparison); here the study is the
-    unit and each resample needs every AUC recomputed, done as a weighted Mann-Whitney count (``_weighted_auc``)."""
+    unit and each resample needs every AUC recomputed, done as a weighted Mann-Whitney count
+    (``op.weighted_auc``)."""
     columns = range(scores.shape[1])
     boot = np.concatenate([  # [n_boot, C]; the draws: [256, N] counts at a time (``study_resamples``)
-        np.stack([_weighted_auc(scores[:, k], labels[:, k], known[:, k], counts) for k in columns], axis=1)
+        np.stack([op.weighted_auc(scores[:, k], labels[:, k], known[:, k], counts) for k in columns], axis=1)
         for counts in op.study_resamples(len(scores), n_boot, seed)
     ])  # fmt: skip
     return op.percentile_cis(boot, per_finding_auc(scores, labels, known), level)
-
-
-def _weighted_auc(score: np.ndarray, label: np.ndarray, known: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """[B] ROC AUCs of one finding, one per row of ``counts`` [B, N] (how often each study is drawn): the
-    Mann-Whitney statistic P(s+ > s-) + P(s+ = s-) / 2, with each study counted ``counts`` times (what
-    ``roc_auc_score`` gives on the repeated rows). NaN where a resample lacks a class."""
-    keep = known.astype(bool)
-    score, positive, counts = score[keep], label[keep].astype(bool), counts[:, keep]
-    order = np.argsort(score[~positive], kind="stable")
-    negatives = score[~positive][order]
-    cum = np.zeros((len(counts), negatives.size + 1))  # cum[:, j]: drawn negatives among the j lowest
-    np.cumsum(counts[:, ~positive][:, order], axis=1, out=cum[:, 1:])
-    # per positive: negatives below it, and below or tied; their mean counts a tie as half
-    below = cum[:, np.searchsorted(negatives, score[positive], "left")]
-    not_above = cum[:, np.searchsorted(negatives, score[positive], "right")]
-    drawn = counts[:, positive]
-    n_pos, n_neg = drawn.sum(1), cum[:, -1]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        auc = (drawn * (below + not_above) / 2).sum(1) / (n_pos * n_neg)
-    return np.where((n_pos > 0) & (n_neg > 0), auc, np.nan)
 
 
 def _json_safe(value):

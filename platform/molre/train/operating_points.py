@@ -155,6 +155,26 @@ def nan_mean(values) -> float:
 # ---- study-level bootstrap --------------------------------------------------------------------------------
 
 
+def weighted_auc(score: np.ndarray, label: np.ndarray, known: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """[B] ROC AUCs of one finding, one per row of ``counts`` [B, N] (how often each study is drawn): the
+    Mann-Whitney statistic P(s+ > s-) + P(s+ = s-) / 2, with each study counted ``counts`` times (what
+    ``roc_auc_score`` gives on the repeated rows). NaN where a resample lacks a class."""
+    keep = known.astype(bool)
+    score, positive, counts = score[keep], label[keep].astype(bool), counts[:, keep]
+    order = np.argsort(score[~positive], kind="stable")
+    negatives = score[~positive][order]
+    cum = np.zeros((len(counts), negatives.size + 1))  # cum[:, j]: drawn negatives among the j lowest
+    np.cumsum(counts[:, ~positive][:, order], axis=1, out=cum[:, 1:])
+    # per positive: negatives below it, and below or tied; their mean counts a tie as half
+    below = cum[:, np.searchsorted(negatives, score[positive], "left")]
+    not_above = cum[:, np.searchsorted(negatives, score[positive], "right")]
+    drawn = counts[:, positive]
+    n_pos, n_neg = drawn.sum(1), cum[:, -1]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        auc = (drawn * (below + not_above) / 2).sum(1) / (n_pos * n_neg)
+    return np.where((n_pos > 0) & (n_neg > 0), auc, np.nan)
+
+
 def study_resamples(n: int, n_boot: int, seed: int = 0, chunk: int = 256) -> Iterator[np.ndarray]:
     """``n_boot`` resamples of N studies with replacement, ``chunk`` at a time: [b, N] float64 counts of how
     often each study is drawn (seeded: the same draws on a re-run, and for every statistic resampled with
