@@ -422,7 +422,7 @@ def compare(
         )
     result = _result(a, b, table, names, bootstrap, mean_ci)
     files = {"compare.parquet": _parquet(table), "compare.md": _markdown(table, result).encode(),
-             "summary.json": json.dumps(_json_safe(result), indent=1, allow_nan=False).encode()}  # fmt: skip
+             "summary.json": op.json_bytes(result)}  # fmt: skip
     for name, blob in files.items():
         storage.write_bytes(storage.join(out, name), blob)
     return {**result, "out_dir": out}
@@ -458,22 +458,6 @@ def _parquet(table: pd.DataFrame) -> bytes:
     buffer = io.BytesIO()
     table.to_parquet(buffer, index=False)
     return buffer.getvalue()
-
-
-def _json_safe(value):
-    """``value`` with NaN / infinity as None (strict JSON) and numpy scalars as Python ones."""
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
-# ---- Markdown ---------------------------------------------------------------------------------------------
 
 
 def _markdown(table: pd.DataFrame, result: dict) -> str:

@@ -14,7 +14,6 @@ the output folder may each be a local path or an ``s3://`` URI (read and written
 from __future__ import annotations
 
 import io
-import json
 import logging
 import math
 from typing import TYPE_CHECKING, NamedTuple
@@ -231,17 +230,13 @@ def _evaluate(
         ("per_finding_auc.parquet", _parquet(table)),
         ("per_finding_auc.md", _markdown(table, summary, result).encode()),
         ("scores.parquet", _scores_parquet(ids, scores, labels, known)),
-        ("summary.json", _json_bytes(result)),
+        ("summary.json", op.json_bytes(result)),
     ]
     if thresholds:
-        files.append(("thresholds.json", _json_bytes(_thresholds_file(thresholds, result))))
+        files.append(("thresholds.json", op.json_bytes(_thresholds_file(thresholds, result))))
     for name, blob in files:
         storage.write_bytes(storage.join(out, name), blob)
     return {**result, "out_dir": out}
-
-
-def _json_bytes(value: dict) -> bytes:
-    return json.dumps(_json_safe(value), indent=1, allow_nan=False).encode()
 
 
 def _add_calibration(table: pd.DataFrame, scores, labels, known) -> dict:
@@ -436,17 +431,6 @@ def bootstrap_auc_ci(
         for counts in op.study_resamples(len(scores), n_boot, seed)
     ])  # fmt: skip
     return op.percentile_cis(boot, per_finding_auc(scores, labels, known), level)
-
-
-def _json_safe(value):
-    """``value`` with every NaN / infinity as None: strict JSON (an undefined mean AUC is null, not NaN)."""
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 def _markdown(table: pd.DataFrame, summary, result: dict) -> str:

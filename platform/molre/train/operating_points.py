@@ -373,3 +373,27 @@ def check_thresholds_model(thresholds: ThresholdsFile, model: dict, checkpoint: 
                     doc.get("checkpoint"))  # fmt: skip
         return False
     return True
+
+
+# ---- what evaluate and compare write ---------------------------------------------------------------------
+
+
+def json_bytes(value: dict) -> bytes:
+    """Strict JSON (an undefined mean AUC is null, not NaN) of a results dict: summary.json, thresholds.json."""
+    return json.dumps(json_safe(value), indent=1, allow_nan=False).encode()
+
+
+def json_safe(value):
+    """``value`` with NaN / infinity as None (strict JSON) and numpy scalars as Python ones."""
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+# ---- Markdown ---------------------------------------------------------------------------------------------
