@@ -167,14 +167,10 @@ def scaling_metrics(cfg) -> dict:
 def checkpoint_scaling(checkpoint_dir: str, cfg) -> dict:
     """``scaling_metrics`` of the run that wrote the checkpoint (its config.yaml), else of ``cfg``: a trial
     resumed after its Train run had finished re-reports that run without training, under the current spec."""
-    import yaml
+    from molre.train.checkpoint import read_config
 
-    path = Path(checkpoint_dir) / "config.yaml"
-    recorded = (yaml.safe_load(path.read_text()) or {}).get("scaling", {}) if path.exists() else {}
-    return {
-        **scaling_metrics(cfg),
-        **{f"scaling/{k}": float(recorded[k]) for k in SCALING_METRICS if k in recorded},
-    }
+    has_config = (Path(checkpoint_dir) / "config.yaml").exists()
+    return scaling_metrics(read_config(checkpoint_dir) if has_config else cfg)
 
 
 def final_metrics(checkpoint_dir: str, cfg) -> dict:
