@@ -152,7 +152,8 @@ class TrainConfig(_Strict):
     activation_checkpointing: Bool = False
     # keep this worker's validation volumes (decoded int16, host RAM) from the first epoch on
     cache_val: Bool = True
-    # keep this worker's train rows (as read, host RAM) after the first epoch when every worker's fit; 0 = never
+    # keep each worker's train rows (host RAM) when its share, at 2*D*H*W bytes + 1 KiB a row, fits; epochs >= 1
+    # are then shuffled whole (else a 32-row window over the streamed shards); 0 = never
     cache_train_gb: Float = Field(4.0, ge=0)
     run_name: str = "molre"
     storage: str = "runs"  # local path or s3:// for checkpoints and results

@@ -67,11 +67,12 @@ class _RowsShard:
             yield {k: v[start : start + batch_size] for k, v in self.columns.items()}
 
 
+@pytest.mark.parametrize("buffer_size", [32, None])
 @pytest.mark.parametrize(("rows", "batch_size"), [(45, 4), (3, 4), (64, 8), (1, 2)])
-def test_every_training_batch_is_full_and_only_the_fill_repeats(rows, batch_size):
+def test_every_training_batch_is_full_and_only_the_fill_repeats(rows, batch_size, buffer_size):
     """One batch shape for a compiled model: the epoch's last short batch is filled with marked repeats."""
     factors = np.ones(NUM_FINDINGS)
-    batches = list(rfs_batches(_RowsShard(rows), factors, epoch=0, seed=0, batch_size=batch_size))
+    batches = list(rfs_batches(_RowsShard(rows), factors, 0, 0, batch_size, buffer_size=buffer_size))
     assert {len(b["study_hash"]) for b in batches} == {batch_size}
     own = [h for b in batches for h, fill in zip(b["study_hash"], b["top_up"], strict=True) if not fill]
     assert sorted(own) == [f"s{i:03d}" for i in range(rows)]  # each volume once (repeat factor 1), none lost
@@ -88,6 +89,33 @@ def test_rfs_repeats_and_the_fill_are_seeded():
     batches = list(rfs_batches(shard, factors, 0, 0, 4))
     own = [h for b in batches for h, fill in zip(b["study_hash"], b["top_up"], strict=True) if not fill]
     assert all(2 <= own.count(f"s{i:03d}") <= 3 for i in (1, 7, 8)) and own.count("s000") == 1
+
+
+def _own(batches) -> list[str]:
+    return sorted(
+        h for b in batches for h, fill in zip(b["study_hash"], b["top_up"], strict=True) if not fill
+    )
+
+
+def test_a_whole_epoch_shuffle_keeps_the_rfs_copies_and_is_seeded_by_seed_epoch_and_rank():
+    """``buffer_size=None`` (a shard held in memory): the epoch, repeats included, shuffled at once; the copies
+    are the streamed epoch's (drawn per seed, epoch and study), the order comes from (seed, epoch, rank)."""
+    factors = np.full(NUM_FINDINGS, 2.5)  # positives repeat 2 or 3 times
+    shard = _RowsShard(120, positive={1, 7, 8, 90, 119})
+
+    def order(epoch=0, rank=0, buffer_size=None) -> list[str]:
+        batches = rfs_batches(shard, factors, epoch, 0, 4, buffer_size=buffer_size, rank=rank)
+        return [h for b in batches for h in b["study_hash"]]
+
+    whole = list(rfs_batches(shard, factors, 0, 0, 4, buffer_size=None))
+    streamed = list(rfs_batches(shard, factors, 0, 0, 4))
+    assert _own(whole) == _own(streamed)  # the same volumes, the same repeats
+    assert all(2 <= _own(whole).count(f"s{i:03d}") <= 3 for i in (1, 7, 8, 90, 119))
+    assert order() == order() and len({tuple(order(e, r)) for e in (0, 1) for r in (0, 1)}) == 4
+    assert order() != order(buffer_size=32)
+    # the stream's first batch comes from its first 36 rows (32 buffered + 4); the whole epoch's from anywhere
+    assert max(int(h[1:]) for h in order(buffer_size=32)[:4]) < 36
+    assert max(int(h[1:]) for h in order()[:4]) >= 36
 
 
 # ---- rows that fit the schema but not the invariants ------------------------------------------------------
@@ -127,3 +155,14 @@ def test_label_statistics_name_a_short_label_list(tmp_path):
     said = rf"^{uri}: row 2 \(study t000000000000002\): column 'labels' must hold 75 values per row, holds 74"
     with pytest.raises(DataError, match=said):
         dataset.label_matrix(str(tmp_path), "train")
+
+
+def test_the_train_shard_is_kept_when_a_workers_padded_share_fits():
+    """Decided by the driver from the manifest and the config: one answer for every worker and every resume."""
+    grid = (4, 8, 8)  # a row: 2 * 256 bytes of volume + 1 KiB
+    assert dataset.keeps_train_shard(11, grid, 2, 6 * 1536)  # 11 volumes padded to 12: 6 a worker
+    assert not dataset.keeps_train_shard(11, grid, 2, 6 * 1536 - 1)
+    assert dataset.keeps_train_shard(11, grid, 1, 11 * 1536)
+    assert not dataset.keeps_train_shard(11, grid, 1, 11 * 1536 - 1)
+    assert not dataset.keeps_train_shard(11, grid, 2, 0)  # train.cache_train_gb 0: never kept
+    assert dataset.train_order(True) != dataset.train_order(False)

@@ -1,4 +1,5 @@
-"""Worker-loop pieces that need no Ray cluster: the shard cache, the optimizer, the restore guard."""
+"""Worker-loop pieces that need no Ray cluster: the shard cache and the train order, the optimizer, the restore
+guard."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from molre.train.checkpoint import (
     save_checkpoint,
     trained_state,
 )
-from molre.train.loop import ShardCache, _restore, make_optimizer
+from molre.train.loop import ShardCache, _restore, epoch_batches, make_optimizer
 
 
 class FakeShard:
@@ -40,18 +41,14 @@ class FakeShard:
 
 
 def _passes(cache, n, batch_size=2):
-    out = []
-    for _ in range(n):
-        out.append([b["study_hash"].tolist() for b in cache.iter_batches(batch_size=batch_size)])
-        cache.settle(torch.device("cpu"))
-    return out
+    return [[b["study_hash"].tolist() for b in cache.iter_batches(batch_size=batch_size)] for _ in range(n)]
 
 
-def test_shard_cache_reads_once_when_it_fits_and_streams_otherwise():
+def test_shard_cache_reads_once_when_kept_and_streams_otherwise():
     shard = FakeShard(5)
-    cache = ShardCache(shard, budget_bytes=None, transform=decode_batch)
+    cache = ShardCache(shard, keep=True, transform=decode_batch)
     passes = _passes(cache, 3)
-    assert shard.passes == 1 and cache.state == "cached"  # read once, replayed twice
+    assert shard.passes == 1  # read once, replayed twice
     assert passes[0] == passes[1] == passes[2] == [["s0", "s1"], ["s2", "s3"], ["s4"]]
     (hu,) = {b["hu"].dtype for b in cache.batches}
     assert hu == np.int16 and cache.batches[1]["hu"][1].min() == 3  # decoded int16 volumes, in order
@@ -59,13 +56,52 @@ def test_shard_cache_reads_once_when_it_fits_and_streams_otherwise():
     assert next(cache.iter_batches(batch_size=4))["hu"].shape == (4, 2, 3, 3)  # another batch size: streamed
     assert shard.passes == 2
 
-    over = FakeShard(5)
-    small = ShardCache(over, budget_bytes=100)  # the raw rows are ~0.5 KB each: more than the budget
-    _passes(small, 3)
-    assert over.passes == 3 and small.state == "stream" and small.batches == []
     never = FakeShard(5)
-    _passes(ShardCache(never, budget_bytes=0), 2)
+    _passes(ShardCache(never, keep=False), 2)
     assert never.passes == 2
+    broken = FakeShard(5)
+    cache = ShardCache(broken, keep=True)
+    next(cache.iter_batches(batch_size=2))  # a pass left unfinished keeps nothing: the next one reads
+    assert _passes(cache, 2)[1] == [["s0", "s1"], ["s2", "s3"], ["s4"]] and broken.passes == 2
+
+
+def _order(batches) -> list[str]:
+    return [h for b in batches for h in b["study_hash"].tolist()]
+
+
+def _position_correlation(a: list[str], b: list[str]) -> float:
+    """Correlation of each study's position in two epochs (each study once in each)."""
+    where = {h: i for i, h in enumerate(b)}
+    return float(np.corrcoef(np.arange(len(a)), [where[h] for h in a])[0, 1])
+
+
+def test_a_kept_train_shard_is_shuffled_whole_each_epoch_and_a_resumed_run_repeats_it():
+    ones, rows = np.ones(75), 200  # repeat factor 1: each study once an epoch
+    shard = FakeShard(rows)
+    cache = ShardCache(shard, keep=True)
+    epochs = [list(epoch_batches(cache, ones, e, seed=3, rank=0, batch_size=8)) for e in range(4)]
+    assert shard.passes == 1  # read once, by epoch 0
+    studies = sorted(f"s{i}" for i in range(rows))
+    assert all(sorted(_order(b)) == studies for b in epochs)  # 200 = 25 batches of 8: no fill
+    orders = [_order(b) for b in epochs]
+    assert len({tuple(o) for o in orders}) == 4
+    # epoch 0 streams through the 32-row buffer: its first batch is drawn from the first 40 rows read; later
+    # epochs from the whole shard, and a study's place in one says nothing of its place in the next (a 32-row
+    # buffer over the same read order gives ~0.7)
+    first = [max(int(h[1:]) for h in b[0]["study_hash"]) for b in epochs]
+    assert first[0] < 40 and min(first[1:]) >= 40
+    assert abs(_position_correlation(orders[1], orders[2])) < 0.3
+    # the same seed and epoch repeat exactly, on a resume too (a fresh process whose first pass is epoch 2)
+    resumed = ShardCache(FakeShard(rows), keep=True)
+    assert _order(epoch_batches(resumed, ones, 2, seed=3, rank=0, batch_size=8)) == orders[2]
+    assert [_order(epoch_batches(resumed, ones, e, 3, 0, 8)) for e in (3, 1)] == [orders[3], orders[1]]
+    other_rank = _order(
+        epoch_batches(ShardCache(FakeShard(rows), keep=True), ones, 2, 3, rank=1, batch_size=8)
+    )
+    assert other_rank != orders[2] and sorted(other_rank) == studies
+    # a streamed shard: every epoch through the buffer, in read order
+    streamed = ShardCache(FakeShard(rows), keep=False)
+    assert max(int(h[1:]) for h in next(epoch_batches(streamed, ones, 2, 3, 0, 8))["study_hash"]) < 40
 
 
 def test_fused_adamw_on_request_and_by_default_only_on_cuda():

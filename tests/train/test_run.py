@@ -199,6 +199,16 @@ def test_a_rerun_under_the_same_name_resumes_only_the_same_run(ray_local, s3_run
     copy = str(shutil.copytree(data, tmp_path / "copy"))
     same = _on_s3(copy, root, train={"cache_val": False}, scaling={"max_failures": 0})
     assert prepare(same)[FINGERPRINT_KEY]["sha256"] == read_fingerprint(checkpoint)["sha256"]
+    # another host-RAM budget that still keeps the train shard: the same run; one that streams it: the train
+    # order (whole-epoch shuffle vs a 32-row window) would change, so it is refused, naming the budget
+    smaller = _on_s3(data, root, train={"cache_train_gb": 0.01}, scaling={"max_failures": 0})
+    assert prepare(smaller)[FINGERPRINT_KEY]["sha256"] == read_fingerprint(checkpoint)["sha256"]
+    with pytest.raises(ConfigError) as info:
+        prepare(_on_s3(data, root, train={"cache_train_gb": 0}))
+    assert "train order: whole-epoch shuffle (shard kept in memory) -> 32-row window (streamed)" in str(
+        info.value
+    )
+    assert "train.cache_train_gb decides it" in str(info.value)
     # a checkpoint from before fingerprints: its config.yaml is compared, its dataset is not (a warning)
     saved = storage.read_bytes(f"{checkpoint}/{FINGERPRINT}")
     storage.delete(f"{checkpoint}/{FINGERPRINT}")

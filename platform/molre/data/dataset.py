@@ -4,10 +4,14 @@ The driver checks the shards of a split against the manifest once (schema from e
 and turns them into a ``ray.data`` dataset with one read task per shard (``ShardDatasource``), in URI order. Each
 task reads its shard through molre's storage layer (``shards.read_shard``: retries with backoff, page CRCs, then
 a ``StorageError`` or ``DataError`` naming the shard), so an object-store outage during training is retried like
-one during preprocessing. Ray Train splits the datasets across workers. On a worker, ``rfs_batches`` streams its
-train shard once per epoch and applies Repeat Factor Sampling in the stream: each volume is repeated floor(r) or
-floor(r)+1 times, drawn from a generator seeded by (seed, epoch, study hash), so the draw does not depend on
-which worker got the volume. Repeats go through a small shuffle buffer; storage is read once per epoch.
+one during preprocessing. Ray Train splits the datasets across workers. On a worker, ``rfs_batches`` applies
+Repeat Factor Sampling to its train shard: each volume is repeated floor(r) or floor(r)+1 times, drawn from a
+generator seeded by (seed, epoch, study hash), so the draw does not depend on which worker got the volume.
+
+The train order: a streamed epoch reads the shards in URI order every epoch (see ``read_split`` for why) and
+shuffles only within a 32-row buffer; epochs >= 1 of a shard held in host memory (``molre.train.loop``'s
+``ShardCache``) are shuffled whole, repeats included, from (seed, epoch, rank). Storage is read at most once per
+epoch.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ from molre.errors import DataError
 from molre.findings import NUM_FINDINGS
 
 READ_COLUMNS = ["study_hash", "volume", "shape", "labels", "known"]
+ORDER_STREAM = 3  # rfs_batches' shuffle: stream 3 of (seed, epoch, rank) (molre.train.loop._stream_seed)
+KEEP_TRAIN_SHARD = "keep_train_shard"  # setup key: the driver's keeps_train_shard for the workers
 
 
 def arrow_filesystem(uri: str):
@@ -60,7 +66,7 @@ def checked_shards(
             storage.join(root, split), f"split '{split}' is empty: no volumes to train or validate on"
         )
     grid = shards.manifest_grid(manifest, storage.join(root, shards.MANIFEST))
-    row_bytes = 2 * math.prod(grid) + 1024 if grid else None  # int16 volume + ids, labels, known
+    size = row_bytes(grid) if grid else None
     out = []
     for info in entries:
         uri = storage.join(root, info.path)
@@ -68,8 +74,30 @@ def checked_shards(
             shards.check_footer(uri, shards.verify_shard(uri, manifest) if verify else None)
         except FileNotFoundError:
             raise _listed_but_missing(uri) from None
-        out.append(Shard(uri, info.rows, info.rows * row_bytes if row_bytes else info.bytes, grid))
+        out.append(Shard(uri, info.rows, info.rows * size if size else info.bytes, grid))
     return out
+
+
+def row_bytes(grid) -> int:
+    """In-memory bytes of one row on the grid (D, H, W), an upper bound: the int16 volume + 1 KiB for the study
+    hash, shape, labels and known (each row's shape is checked against the grid when read)."""
+    return 2 * math.prod(int(n) for n in grid) + 1024
+
+
+def keeps_train_shard(train_rows: int, grid, world_size: int, budget_bytes: int) -> bool:
+    """Whether each worker keeps its train shard in host memory (and so shuffles epochs >= 1 whole): a worker's
+    share, ceil(rows / workers) as ``ExactSplitDataConfig`` pads the split, at ``row_bytes`` fits the budget.
+
+    Decided once by the driver from the manifest (rows, grid) and the config, so every worker and every resume
+    of the run gets the same answer; the run's fingerprint records the train order it implies
+    (``train_order``)."""
+    rows = -(-int(train_rows) // int(world_size))
+    return rows * row_bytes(grid) <= budget_bytes
+
+
+def train_order(keep_train_shard: bool) -> str:
+    """The train order a run gets, as its fingerprint records it (a resume must keep it)."""
+    return "whole-epoch shuffle (shard kept in memory)" if keep_train_shard else "32-row window (streamed)"
 
 
 def _listed_but_missing(uri: str) -> DataError:
@@ -137,7 +165,15 @@ def read_split(
 ):
     """A ``ray.data.Dataset`` of one split (only the columns training needs), one read task per shard in URI
     order. ``checked``: the split's shards as ``checked_shards`` returned them (else they are listed and checked
-    here). ``runtime_env``: for the read tasks (e.g. the storage variables, when the workers may lack them)."""
+    here). ``runtime_env``: for the read tasks (e.g. the storage variables, when the workers may lack them).
+
+    Every execution (epoch) reads in that order. Ray Data could vary it without a barrier (``get_read_tasks``
+    gets the ``DataContext`` whose ``_execution_idx`` counts the dataset's finished executions; Parquet's
+    ``FileShuffleConfig(reseed_after_execution=True)`` permutes files by it), but the index counts the
+    executions of the split coordinator that Ray Train starts with each worker group, from 0: a run resumed at
+    epoch k (a re-run, or a restart after a failure) would read epoch k in epoch 0's order, so a fixed seed would
+    no longer repeat a run. ``randomize_block_order`` / ``random_shuffle`` are all-to-all barriers that hold the
+    whole split in the object store."""
     import ray.data
 
     checked = checked if checked is not None else checked_shards(root, split, verify)
@@ -220,23 +256,34 @@ def _copies(study_hash: str, r: float, seed: int, epoch: int) -> int:
 
 
 def rfs_batches(
-    shard, class_factors: np.ndarray, epoch: int, seed: int, batch_size: int, buffer_size: int = 32
+    shard,
+    class_factors: np.ndarray,
+    epoch: int,
+    seed: int,
+    batch_size: int,
+    buffer_size: int | None = 32,
+    rank: int = 0,
 ) -> Iterator[dict[str, np.ndarray]]:
     """One epoch of training batches from a worker's shard, with Repeat Factor Sampling and a shuffle buffer.
+
+    ``buffer_size``: rows the shuffle draws from while the shard streams (a volume's repeats land in the buffer
+    together, and the buffer spreads them over nearby batches); None: the whole epoch, repeats included, is
+    shuffled at once, for a shard held in host memory (the epoch's first batch waits for its last row). The
+    copies are drawn per (seed, epoch, study) (``_copies``), the shuffle from (seed, epoch, rank).
 
     Every batch holds ``batch_size`` volumes: the epoch's last, short one is topped up with volumes drawn from the
     epoch's last rows (a few extra repeats, as RFS makes). A compiled model then sees one batch shape only: a
     second shape would make Dynamo recompile (or, with automatic dynamic shapes, switch every later step to a
     dynamic-shape graph).
     """
-    rng = np.random.default_rng([seed, epoch, 1])
+    rng = np.random.default_rng([seed, epoch, rank, ORDER_STREAM])
     buffer: list[dict] = []
     for batch in shard.iter_batches(batch_size=8, batch_format="numpy"):
         for i in range(len(batch["study_hash"])):
             row = {k: v[i] for k, v in batch.items()}
             r = volume_repeat_factor(row["labels"], row["known"], class_factors)
             buffer.extend([row] * _copies(str(row["study_hash"]), r, seed, epoch))
-        while len(buffer) >= buffer_size + batch_size:
+        while buffer_size is not None and len(buffer) >= buffer_size + batch_size:
             yield _pop_batch(buffer, rng, batch_size)
     rng.shuffle(buffer)
     for start in range(0, len(buffer), batch_size):

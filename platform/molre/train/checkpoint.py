@@ -57,7 +57,8 @@ FINGERPRINT_KEY = "fingerprint"  # setup[FINGERPRINT_KEY]: the run's fingerprint
 # Config keys a re-run may change and still resume: where the run and its data live, how failures are retried,
 # what each worker is given, keeps in host RAM or recomputes (activation checkpointing: the same gradients for
 # less memory). None of them changes what is computed (the dataset is compared by content instead, its
-# manifest's sha256). Everything else defines the run, scaling.num_workers
+# manifest's sha256), except that train.cache_train_gb decides whether epochs are shuffled whole: the
+# fingerprint records that train order instead, so the budget may change while the order stays. Everything else defines the run, scaling.num_workers
 # and scaling.use_gpu included: the worker count decides each worker's share of the train split and its
 # random streams (augmentation, dropout), the device decides the arithmetic (bf16 autocast under "auto").
 RESUMABLE_KEYS = frozenset({
@@ -309,10 +310,13 @@ def read_weights(directory: str | Path, which: str = "best") -> dict[str, torch.
 # ---- what defines a run: its fingerprint ------------------------------------------------------------------
 
 
-def run_fingerprint(cfg: RunConfig, dataset_sha256: str | None) -> dict:
-    """What a resumed run must share with the run that wrote the checkpoint: the config less ``RESUMABLE_KEYS``
-    and the sha256 of the dataset's manifest (which lists every shard's sha256); ``sha256`` digests the two."""
+def run_fingerprint(cfg: RunConfig, dataset_sha256: str | None, train_order: str | None = None) -> dict:
+    """What a resumed run must share with the run that wrote the checkpoint: the config less ``RESUMABLE_KEYS``,
+    the sha256 of the dataset's manifest (which lists every shard's sha256) and the train order that
+    ``train.cache_train_gb`` decided (``dataset.train_order``); ``sha256`` digests them."""
     body = {"config": _defining(config_to_dict(cfg)), "dataset_sha256": dataset_sha256}
+    if train_order is not None:
+        body["train_order"] = train_order
     digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
     return {**body, "sha256": digest}
 
@@ -345,6 +349,9 @@ def fingerprint_changes(saved: dict, current: dict) -> list[str]:
     old, new = saved.get("dataset_sha256"), current.get("dataset_sha256")
     if old and new and old != new:
         changes.append(f"dataset: manifest sha256 {old[:12]}... -> {new[:12]}...")
+    old, new = saved.get("train_order"), current.get("train_order")
+    if old and new and old != new:  # a fingerprint from before train orders were recorded names none
+        changes.append(f"train order: {old} -> {new} (train.cache_train_gb decides it; give the run's value)")
     return changes
 
 

@@ -9,9 +9,16 @@ Speed (issue 8): the model gets its device settings from ``molre.models.runtime`
 autocast, regional ``torch.compile`` on GPU, TF32) and AdamW is fused on CUDA. Ray Data re-executes a dataset on
 every pass over it (streaming executor start-up, read tasks, the split coordinator): seconds per dataset per
 epoch whatever its size, which for a short epoch is most of it. So each worker reads its validation shard once
-per run and keeps it decoded (int16, host RAM; ``train.cache_val``), and keeps its train shard's rows after the
-first epoch when every worker's fits ``train.cache_train_gb`` (the same rows, the same RFS draws, no re-read).
+per run and keeps it decoded (int16, host RAM; ``train.cache_val``), and keeps its train shard's rows from its
+first pass when every worker's share fits ``train.cache_train_gb`` (decided by the driver:
+``dataset.keeps_train_shard``; no re-read).
 The step does not wait on the device: the epoch's loss is summed on the device and read once at the end.
+
+Train order (``epoch_batches``): a streamed epoch reads the worker's shard in the split's read order, the same
+every epoch, and shuffles within a 32-row buffer. Epochs >= 1 of a kept shard are shuffled whole (rows and RFS
+repeats) from (seed, epoch, rank): each epoch's batches are drawn afresh. Epoch 0 streams even then, its reads
+overlapping its steps; a run resumed at epoch k reads its shard first and shuffles epoch k as an uninterrupted
+run did.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ import torch.distributed as dist
 
 from molre.config import RunConfig, build_config
 from molre.data.augment import augment_batch
-from molre.data.dataset import decode_batch, rfs_batches
+from molre.data.dataset import KEEP_TRAIN_SHARD, decode_batch, rfs_batches
 from molre.data.prefetch import device_batches
 from molre.findings import FINDING_IDS
 from molre.models import build_model, parameter_groups
@@ -57,6 +64,7 @@ from molre.train.metrics import per_finding_auc, summarize
 
 METRIC = "val/mean_auc"
 TRAIN_KEYS = ("hu", "labels", "known")  # the columns a training step needs on the device
+SHUFFLE_ROWS = 32  # a streamed epoch's shuffle buffer (rows)
 
 
 def make_optimizer(model: torch.nn.Module, cfg: RunConfig, fused: bool | None = None) -> torch.optim.AdamW:
@@ -83,7 +91,8 @@ def autocast(cfg: RunConfig, device: torch.device):
 
 
 def _stream_seed(seed: int, epoch: int, rank: int, stream: int) -> int:
-    """Streams: 0 augmentation, 1 validation, 2 the global RNG (dropout)."""
+    """Streams: 0 augmentation, 1 validation, 2 the global RNG (dropout); 3 is the train order's (``rfs_batches``
+    seeds numpy with the same sequence)."""
     return int(np.random.SeedSequence([seed, epoch, rank, stream]).generate_state(1)[0])
 
 
@@ -124,8 +133,8 @@ def train_one_epoch(model, core, optimizer, loss_fn, cfg, shard, setup, epoch, d
     # the masks an uninterrupted run would have, and each rank its own masks
     torch.manual_seed(_stream_seed(cfg.train.seed, epoch, rank, 2))
     # RFS copies are drawn per (seed, epoch, study): the same whichever worker holds the study
-    batches = rfs_batches(
-        shard, np.asarray(setup["class_factors"]), epoch, cfg.train.seed, cfg.train.batch_size
+    batches = epoch_batches(
+        shard, np.asarray(setup["class_factors"]), epoch, cfg.train.seed, rank, cfg.train.batch_size
     )
     join = _join(model)
     total = torch.zeros((), dtype=torch.float64, device=device)  # summed on the device
@@ -159,6 +168,17 @@ def train_one_epoch(model, core, optimizer, loss_fn, cfg, shard, setup, epoch, d
             )  # the epoch's own volumes (not the last batch's fill)
     total, trained, count = _all_reduce_sum([total.item(), trained, count], device)  # the one loss read
     return {"train/loss": total / max(trained, 1), "train/volumes": int(count), "train/steps_rank0": steps}
+
+
+def epoch_batches(shard: ShardCache, class_factors, epoch: int, seed: int, rank: int, batch_size: int):
+    """The epoch's training batches (``rfs_batches``). A shard that keeps its rows is shuffled whole from epoch 1
+    on (read first when not yet kept: a resumed run's first epoch); epoch 0 and a streamed shard go through the
+    32-row shuffle buffer, in read order. An epoch's order hangs on (seed, epoch, rank, the worker's rows) only,
+    not on which pass of this process it is: a resumed run trains as an uninterrupted one."""
+    whole = shard.keep and epoch > 0
+    return rfs_batches(
+        shard, class_factors, epoch, seed, batch_size, buffer_size=None if whole else SHUFFLE_ROWS, rank=rank
+    )
 
 
 def _join(model):
@@ -234,23 +254,19 @@ def train_loop_per_worker(loop_config: dict) -> None:
         ray.train.report({**state.history[-1], "epoch": state.epoch, "best_epoch": state.best_epoch,
                           "val/best_mean_auc": state.best_metric, "resumed_finished": True})  # fmt: skip
         return
-    train_shard = ShardCache(ray.train.get_dataset_shard("train"), int(cfg.train.cache_train_gb * 2**30))
-    val_shard = ShardCache(
-        ray.train.get_dataset_shard("val"), None if cfg.train.cache_val else 0, decode_batch
-    )
+    train_shard = ShardCache(ray.train.get_dataset_shard("train"), setup[KEEP_TRAIN_SHARD])
+    val_shard = ShardCache(ray.train.get_dataset_shard("val"), cfg.train.cache_val, decode_batch)
     writer = _tensorboard(cfg) if ray.train.get_context().get_world_rank() == 0 else None
     for epoch in range(state.epoch + 1, cfg.train.max_epochs):
         start = time.perf_counter()
         metrics = train_one_epoch(
             model, core, optimizer, loss_fn, cfg, train_shard, setup, epoch, device, fault
         )
-        train_shard.settle(device)
         trained = time.perf_counter()
         val_metrics, outputs = evaluate_all(core, cfg, val_shard, setup, device)
-        val_shard.settle(device)
         metrics.update(val_metrics)
         metrics.update({"time/train_s": trained - start, "time/val_s": time.perf_counter() - trained,
-                        "data/train_cached": int(train_shard.state == "cached")})  # fmt: skip
+                        "data/train_cached": int(train_shard.keep)})  # fmt: skip
         if state.record(epoch, _scalars(metrics), METRIC):
             best_weights, best_outputs = trained_state(core), outputs
         state.finished = state.should_stop(cfg.train.min_epochs, cfg.train.patience, cfg.train.max_epochs)
@@ -270,64 +286,32 @@ def train_loop_per_worker(loop_config: dict) -> None:
 class ShardCache:
     """A worker's dataset shard that is read from Ray Data once and replayed from host memory afterwards.
 
-    The first pass streams the shard (``iter_batches`` as Ray Data's) and keeps its batches, after ``transform``,
-    while they fit ``budget_bytes`` (None = no limit, 0 = never keep). ``settle`` after that pass decides for all
-    workers at once, since a streaming split's next pass needs every worker to start it: the cache is used only
-    if every worker's pass fitted, else all of them stream every pass. Batches are replayed in the order read;
-    a pass with another ``batch_size`` than the first streams again.
+    With ``keep``, the first pass streams the shard (``iter_batches`` as Ray Data's) and keeps its batches, after
+    ``transform``; every later pass with the same ``batch_size`` replays them in the order read (a pass with
+    another batch size streams again). Without, every pass streams. ``keep`` must be the same on every worker
+    (``dataset.keeps_train_shard``, decided by the driver), since a streaming split's next pass needs every worker
+    to start it.
     """
 
-    def __init__(self, shard, budget_bytes: int | None, transform: Callable[[dict], dict] | None = None):
-        self.shard, self.budget, self.transform = shard, budget_bytes, transform
-        self.state = (
-            "stream" if budget_bytes == 0 else "collect"
-        )  # -> "cached" or "stream" at the first settle
-        self.batches: list[dict] = []
-        self.nbytes, self.batch_size, self._fits = 0, None, False
+    def __init__(self, shard, keep: bool, transform: Callable[[dict], dict] | None = None):
+        self.shard, self.keep, self.transform = shard, bool(keep), transform
+        self.batches: list[dict] | None = None  # the kept pass, once read to its end
+        self.batch_size: int | None = None
 
     def iter_batches(self, *, batch_size: int, batch_format: str = "numpy") -> Iterator[dict]:
-        if self.state == "cached" and batch_size == self.batch_size:
+        if self.batches is not None and batch_size == self.batch_size:
             yield from self.batches
             return
-        collect = self.state == "collect" and self.batch_size is None  # the first pass
-        if collect:
-            self.batches, self.nbytes, fits = [], 0, True
+        collect = self.keep and self.batches is None  # the first pass
+        kept = []
         for batch in self.shard.iter_batches(batch_size=batch_size, batch_format=batch_format):
             if self.transform is not None:
                 batch = self.transform(batch)
-            if collect and fits:
-                self.nbytes += batch_nbytes(batch)
-                fits = self.budget is None or self.nbytes <= self.budget
-                if fits:  # own copies: Ray Data's arrays may be views of object-store blocks
-                    self.batches.append({k: np.array(v, copy=True) for k, v in batch.items()})
-                else:
-                    self.batches.clear()
+            if collect:  # own copies: Ray Data's arrays may be views of object-store blocks
+                kept.append({k: np.array(v, copy=True) for k, v in batch.items()})
             yield batch
         if collect:  # reached only when the pass ran to its end
-            self.batch_size, self._fits = batch_size, fits
-
-    def settle(self, device: torch.device) -> None:
-        """Call on every worker after each pass: the first one decides (all workers fitted: cache, else stream)."""
-        if self.state != "collect":
-            return
-        misses = _all_reduce_sum([0.0 if self._fits else 1.0], device)[0]
-        self.state = "cached" if misses == 0 else "stream"
-        if self.state == "stream":
-            self.batches.clear()
-
-
-def batch_nbytes(batch: dict) -> int:
-    """Host bytes of a numpy batch (object columns: the bytes / arrays they hold)."""
-    total = 0
-    for value in batch.values():
-        value = np.asarray(value)
-        if value.dtype == object:
-            total += sum(
-                len(v) if isinstance(v, bytes | bytearray) else np.asarray(v).nbytes for v in value.flat
-            )
-        else:
-            total += value.nbytes
-    return total
+            self.batches, self.batch_size = kept, batch_size
 
 
 def _alpha(cfg: RunConfig, setup: dict):

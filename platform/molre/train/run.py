@@ -94,16 +94,21 @@ def prepare(cfg: RunConfig, verify: bool = True) -> dict:
 
         cfg.data.uri = ensure_default_dataset()
     manifest, manifest_sha256 = shards.read_manifest_and_sha256(cfg.data.uri)
-    fingerprint = run_fingerprint(cfg, manifest_sha256)
-    check_resume(cfg, fingerprint)  # before the shard checks: a refused re-run costs no data reads
     grid, spacing = tuple(manifest.config["grid"]), tuple(manifest.config["spacing"])
+    train_rows = sum(s.rows for s in manifest.shards_of("train"))
+    keep = dataset.keeps_train_shard(
+        train_rows, grid, cfg.scaling.num_workers, int(cfg.train.cache_train_gb * 2**30)
+    )
+    fingerprint = run_fingerprint(cfg, manifest_sha256, dataset.train_order(keep))
+    check_resume(cfg, fingerprint)  # before the shard checks: a refused re-run costs no data reads
     checked = {s: dataset.checked_shards(cfg.data.uri, s, verify, manifest) for s in ("train", "val")}
     input_size = model_input_size(cfg, grid)
     check_model_fits(cfg, input_size)
     train_uris = [s.uri for s in checked["train"]]
     stats = dataset.training_statistics(cfg.data.uri, cfg.data.rfs_threshold, cfg.loss.alpha_clip, train_uris)
     return {**stats, "grid": list(grid), "spacing": list(spacing), "input_size": list(input_size),
-            **preprocessing_facts(manifest.config), FINGERPRINT_KEY: fingerprint, SHARDS_KEY: checked}  # fmt: skip
+            **preprocessing_facts(manifest.config), dataset.KEEP_TRAIN_SHARD: keep,
+            FINGERPRINT_KEY: fingerprint, SHARDS_KEY: checked}  # fmt: skip
 
 
 def latest_checkpoint(cfg: RunConfig) -> str | None:
