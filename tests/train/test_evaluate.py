@@ -77,6 +77,34 @@ def test_evaluate_writes_per_finding_aucs(checkpoint, tiny_dataset, tmp_path, ca
     np.testing.assert_allclose(table["brier"], ((s - y) ** 2).mean(0))  # every label known in the tiny set
     assert result["mean_brier"] == pytest.approx(table["brier"].mean()) and 0 < result["mean_ece"] < 1
     assert "Brier | ECE |" in markdown and "mean ECE" in markdown
+    # beside them, the means over the findings with a known positive (the tiny set's three planted ones)
+    positive = table["positives"] > 0
+    assert result["calibration"]["findings_with_positives"] == positive.sum() == 3
+    assert result["mean_brier_with_positives"] == pytest.approx(table["brier"][positive].mean())
+    assert result["mean_ece_with_positives"] == pytest.approx(table["ece"][positive].mean())
+    assert (
+        f"over the 3 findings with a known positive: mean Brier score {result['mean_brier_with_positives']:.4f}"
+        in (markdown)
+    )
+
+
+def test_calibration_means_over_the_findings_with_a_known_positive_leave_the_all_negative_ones_out():
+    from molre.train.evaluate import _add_calibration, _per_finding_table
+
+    # 4 studies x 75 findings, every score 0.1: finding 0 has 2 known positives (Brier (0.81 + 0.81 + 0.01 +
+    # 0.01) / 4 = 0.41), finding 1 one positive whose label is unknown, the rest none (Brier 0.01 each)
+    scores = np.full((4, len(FINDING_IDS)), 0.1, np.float32)
+    labels = np.zeros((4, len(FINDING_IDS)), np.uint8)
+    known = np.ones_like(labels)
+    labels[:2, 0] = 1
+    labels[0, 1], known[0, 1] = 1, 0
+    table = _per_finding_table(np.full(len(FINDING_IDS), np.nan), labels, known)
+    result = _add_calibration(table, scores, labels, known)
+    assert result["mean_brier_with_positives"] == pytest.approx(0.41)
+    assert result["mean_ece_with_positives"] == pytest.approx(0.4)  # |2 - 0.4| / 4, one bin
+    assert result["calibration"]["findings_with_positives"] == 1
+    assert result["calibration"]["findings"] == len(FINDING_IDS)
+    assert result["mean_brier"] == pytest.approx((0.41 + 74 * 0.01) / 75)  # the all-negative ones dominate
 
 
 def test_summary_is_strict_json_when_no_finding_has_an_auc(checkpoint, tmp_path, capsys):
@@ -465,6 +493,10 @@ def test_evaluate_reports_an_operating_point_chosen_on_val_and_applied_to_test(
 
     summary = json.loads((out / "summary.json").read_text())
     point = summary["operating_point"]
+    assert point["ci_method"] == "thresholds re-chosen per replicate"
+    assert "thresholds re-chosen by sensitivity=0.9 on a resample of val drawn with each" in (
+        (out / "per_finding_auc.md").read_text()
+    )
     assert point["mean_sensitivity"] == pytest.approx(sensitivity[defined].mean())
     assert (
         point["n_thresholds"] == 3 and len(point["no_threshold"]) == 72 and point["threshold_split"] == "val"
@@ -478,13 +510,30 @@ def test_evaluate_reports_an_operating_point_chosen_on_val_and_applied_to_test(
     scored_splits.clear()
     on_val = evaluate(directory, tiny_dataset, "val", str(tmp_path / "val"),
                       operating_point="sensitivity=0.9", threshold_split="val",
-                      allow_thresholds_on_evaluated_split=True)  # fmt: skip
+                      allow_thresholds_on_evaluated_split=True, bootstrap=50)  # fmt: skip
     assert scored_splits == ["val"] and on_val["operating_point"]["chosen_on_evaluated_split"] is True
     val_scores = pd.read_parquet(tmp_path / "val" / "scores.parquet")
-    val = (np.stack(val_scores[c].to_list()) for c in ("scores", "labels", "known"))
-    again, _ = op.choose_thresholds(*val, op.parse_rule("sensitivity=0.9"))
+    val = tuple(np.stack(val_scores[c].to_list()) for c in ("scores", "labels", "known"))
+    rule = op.parse_rule("sensitivity=0.9")
+    again, _ = op.choose_thresholds(*val, rule)
     np.testing.assert_array_equal(again, chosen)
     assert "optimistic" in (tmp_path / "val" / "per_finding_auc.md").read_text()
+
+    # the CIs re-chose the thresholds on resamples of val (drawn apart from test's), or, on val itself, on the
+    # very resample they were judged on
+    rechosen = op.bootstrap_rate_cis(s, y, k, chosen, 50, rule=rule, chosen_on=val)
+    on_itself = op.bootstrap_rate_cis(*val, chosen, 50, rule=rule)
+    val_table = pd.read_parquet(tmp_path / "val" / "per_finding_auc.parquet")
+    for name in ("sensitivity", "specificity"):
+        for cis, written in ((rechosen, table), (on_itself, val_table)):
+            np.testing.assert_array_equal(written[f"{name}_ci_low"], cis[name][0])
+            np.testing.assert_array_equal(written[f"{name}_ci_high"], cis[name][1])
+    assert summary["operating_point"]["mean_sensitivity_ci"] == rechosen["sensitivity"][2]
+    assert on_val["operating_point"]["ci_method"] == "thresholds re-chosen per replicate"
+    assert (
+        "re-chosen by sensitivity=0.9 on the same resample"
+        in (tmp_path / "val" / "per_finding_auc.md").read_text()
+    )
 
 
 def test_evaluate_refuses_thresholds_from_the_evaluated_split_and_bad_operating_points(
@@ -610,6 +659,26 @@ def test_evaluate_applies_a_thresholds_file_as_chosen_and_on_data_without_a_val_
     assert list(table["tp"][defined]) == list((flagged & positive).sum(0)[defined])
     assert list(table["tn"][defined]) == list((~flagged & ~positive).sum(0)[defined])
     assert table["tp"][~defined].isna().all()
+
+
+def test_the_cis_of_a_thresholds_file_hold_its_thresholds_fixed(checkpoint, chosen, tiny_dataset, tmp_path):
+    from molre.train import operating_points as op
+
+    file = str(chosen / "thresholds.json")
+    out = tmp_path / "applied"
+    point = evaluate(checkpoint[0], tiny_dataset, "test", str(out), thresholds=file, bootstrap=50)[
+        "operating_point"
+    ]
+    assert point["ci_method"] == "thresholds fixed"
+    assert "the thresholds held fixed" in (out / "per_finding_auc.md").read_text()
+    scores = pd.read_parquet(out / "scores.parquet")
+    evaluated = tuple(np.stack(scores[c].to_list()) for c in ("scores", "labels", "known"))
+    fixed = op.bootstrap_rate_cis(*evaluated, op.read_thresholds(file).values, 50)
+    table = pd.read_parquet(out / "per_finding_auc.parquet")
+    for name in ("sensitivity", "specificity"):
+        np.testing.assert_array_equal(table[f"{name}_ci_low"], fixed[name][0])
+        np.testing.assert_array_equal(table[f"{name}_ci_high"], fixed[name][1])
+        assert point[f"mean_{name}_ci"] == fixed[name][2]
 
 
 def test_evaluate_refuses_thresholds_of_another_model_or_finding_list_or_of_the_evaluated_split(

@@ -187,6 +187,90 @@ def test_bootstrap_rate_cis_count_each_drawn_study_as_a_repeated_row():
     assert cis["sensitivity"][2][0] <= cis["sensitivity"][2][1]  # the mean's CI
 
 
+# ---- CIs that re-choose the thresholds on each resample of the threshold split ---------------------------
+
+
+def _split(n: int, findings: int, seed: int, decimals: int | None = None):
+    """scores, labels, known [n, findings]: positives score higher on average; ``decimals`` rounds the
+    scores (ties); about 1 label in 7 unknown."""
+    rng = np.random.default_rng(seed)
+    labels = (rng.random((n, findings)) < 0.35).astype(np.uint8)
+    scores = 1 / (1 + np.exp(-(rng.normal(size=(n, findings)) + 1.5 * labels - 0.5)))
+    scores = (scores if decimals is None else np.round(scores, decimals)).astype(np.float32)
+    return scores, labels, (rng.random((n, findings)) < 0.85).astype(np.uint8)
+
+
+@pytest.mark.parametrize("rule", ["sensitivity=0.8", "specificity=0.7", "youden", "specificity=1"])
+@pytest.mark.parametrize("same_split", [False, True])
+def test_rechosen_rates_are_the_rule_rerun_on_the_drawn_studies_repeated(rule, same_split):
+    rule = op.parse_rule(rule)
+    evaluated = _split(24, 3, seed=1, decimals=1)  # ties at every threshold
+    there = evaluated if same_split else _split(15, 3, seed=2, decimals=1)
+    there[1][:, 2] = 0  # finding 2: no positive where the thresholds are chosen, so no threshold
+    thresholds, _ = op.choose_thresholds(*there, rule)
+    boot = op.bootstrap_rates(*evaluated, thresholds, 60, seed=3, rule=rule,
+                              chosen_on=None if same_split else there)  # fmt: skip
+    # by hand: each replicate draws the threshold split's studies (the same draws when it is the evaluated
+    # split; otherwise its own, seed [3, 1]), chooses thresholds on those rows repeated, applies them to the
+    # evaluated split's drawn rows repeated
+    draws = op.study_resamples(24, 60, 3)
+    pairs = (
+        ((d, d) for d in draws) if same_split else zip(draws, op.study_resamples(15, 60, [3, 1]), strict=True)
+    )
+    expected = {"sensitivity": [], "specificity": []}
+    for counts, counts_there in pairs:
+        for drawn, drawn_there in zip(counts.astype(int), counts_there.astype(int), strict=True):
+            rows, rows_there = (np.repeat(np.arange(len(d)), d) for d in (drawn, drawn_there))
+            chosen, _ = op.choose_thresholds(*(m[rows_there] for m in there), rule)
+            measured = op.rates(**op.confusion(*(m[rows] for m in evaluated), chosen))
+            for name, values in expected.items():
+                values.append(measured[name])
+    for name, values in expected.items():
+        np.testing.assert_array_equal(boot[name], np.array(values))
+    assert np.isnan(boot["sensitivity"][:, 2]).all() and np.isnan(boot["specificity"][:, 2]).all()
+    assert not np.isnan(boot["specificity"][:, :2]).all(axis=0).any()  # defined in most replicates
+
+
+def test_rechosen_thresholds_on_the_whole_split_are_choose_thresholds():
+    scores, labels, known = _split(200, 4, seed=4, decimals=2)
+    every_study_once = np.ones((1, 200))
+    for text in ("sensitivity=0.9", "specificity=0.95", "youden", "specificity=1", "sensitivity=1"):
+        rule = op.parse_rule(text)
+        chosen, _ = op.choose_thresholds(scores, labels, known, rule)
+        again = [op.resampled_thresholds(scores[:, c], labels[:, c], known[:, c], rule, every_study_once)[0]
+                 for c in range(4)]  # fmt: skip
+        np.testing.assert_array_equal(again, chosen)
+
+
+@pytest.mark.parametrize("rule", ["sensitivity=0.9", "specificity=0.9"])
+def test_rechosen_cis_are_wider_for_a_small_threshold_split_and_alike_for_a_huge_one(rule):
+    rule = op.parse_rule(rule)
+    evaluated = _split(500, 1, seed=5)
+    widths = {}
+    for n in (30, 20_000):
+        there = _split(n, 1, seed=105)
+        thresholds, _ = op.choose_thresholds(*there, rule)
+        fixed = op.bootstrap_rate_cis(*evaluated, thresholds, 400)
+        rechosen = op.bootstrap_rate_cis(*evaluated, thresholds, 400, rule=rule, chosen_on=there)
+        widths[n] = {name: (rechosen[name][1] - rechosen[name][0])[0] / (fixed[name][1] - fixed[name][0])[0]
+                     for name in fixed}  # fmt: skip
+    # 30 studies (a handful of positives) place a threshold loosely: CIs 3-5 times the fixed ones' width here
+    assert min(widths[30].values()) > 2, widths
+    # 20,000 place it tightly: the evaluated split's 500 studies make nearly all of the uncertainty (0.98-1.09)
+    assert all(0.9 < ratio < 1.15 for ratio in widths[20_000].values()), widths
+
+
+def test_rechosen_cis_are_seeded():
+    rule = op.parse_rule("youden")
+    evaluated, there = _split(300, 3, seed=7), _split(100, 3, seed=8)
+    thresholds, _ = op.choose_thresholds(*there, rule)
+    first, again, other = (op.bootstrap_rates(*evaluated, thresholds, 300, seed=seed, rule=rule, chosen_on=there)
+                           for seed in (0, 0, 1))  # fmt: skip
+    for name in first:
+        np.testing.assert_array_equal(first[name], again[name])
+        assert not np.array_equal(first[name], other[name], equal_nan=True)
+
+
 def test_percentile_cis_leave_undefined_findings_and_resamples_out():
     boot = np.array([[0.1, np.nan, np.nan], [0.3, 0.5, np.nan], [0.2, 0.7, np.nan]])  # [3 resamples, 3]
     low, high, mean_ci = op.percentile_cis(boot, np.array([0.2, 0.6, np.nan]), level=0.5)

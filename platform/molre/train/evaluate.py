@@ -25,7 +25,7 @@ import torch
 from molre import __version__
 from molre.config import RunConfig
 from molre.data import shards, storage
-from molre.errors import ConfigError, DataError, WeightsError
+from molre.errors import ConfigError, WeightsError
 from molre.findings import FINDING_IDS, FINDINGS
 from molre.train import operating_points as op
 from molre.train.checkpoint import preprocessing_changes, read_fingerprint, read_setup
@@ -35,6 +35,7 @@ from molre.train.scoring import (
     announced,
     load_checkpoint_model,
     model_identity,
+    preprocessing_verdict,
     resolve_checkpoint,
     score_volumes,
     scoring_precision,
@@ -83,14 +84,15 @@ def evaluate(
     ``operating_point`` (``sensitivity=T``, ``specificity=T`` or ``youden``): per finding a threshold
     chosen by that rule on ``threshold_split`` (default val for a test split; the evaluated split itself
     only with ``allow_thresholds_on_evaluated_split``, as it inflates the results), applied to ``split``:
-    TP / FP / TN / FN, sensitivity, specificity, PPV and NPV (with ``bootstrap``, CIs of the two rates);
+    TP / FP / TN / FN, sensitivity, specificity, PPV and NPV (with ``bootstrap``, CIs of the two rates that
+    re-choose the thresholds on each resample of the threshold split: ``operating_points.bootstrap_rates``);
     the thresholds also go to thresholds.json (``operating_plan``), with the model's digests.
 
     ``thresholds`` (a thresholds.json, local or s3://; instead of ``operating_point``): apply the file's
     thresholds as they are, e.g. to another hospital's data, which may have no val split. The file must have
     been written for this model (``operating_points.check_thresholds_model``); one chosen on this very split of
     this very data needs ``allow_thresholds_on_evaluated_split``. summary.json's ``operating_point`` records
-    the file and its sha256 (``threshold_plan``)."""
+    the file and its sha256 (``threshold_plan``); the rates' CIs hold its thresholds fixed."""
     plan = threshold_plan(
         operating_point, threshold_split, thresholds, split, allow_thresholds_on_evaluated_split
     )
@@ -240,12 +242,17 @@ def _evaluate(
 
 
 def _add_calibration(table: pd.DataFrame, scores, labels, known) -> dict:
-    """Each finding's Brier score and ECE as table columns ``brier`` / ``ece``; their means over the findings
-    with a known label, for summary.json."""
+    """Each finding's Brier score and ECE as table columns ``brier`` / ``ece``; for summary.json their means
+    over the findings with a known label, and ``..._with_positives`` over those with a known positive (the
+    first is dominated by the many findings without one, trivially easy to score near 0)."""
     table["brier"] = op.brier_scores(scores, labels, known)
     table["ece"] = op.expected_calibration_error(scores, labels, known)
+    positive = table["positives"].to_numpy() > 0  # known positives (_per_finding_table)
     return {"mean_brier": op.nan_mean(table["brier"]), "mean_ece": op.nan_mean(table["ece"]),
-            "calibration": {"findings": int(table["brier"].notna().sum()), "ece_bins": op.ECE_BINS,
+            "mean_brier_with_positives": op.nan_mean(table["brier"][positive]),
+            "mean_ece_with_positives": op.nan_mean(table["ece"][positive]),
+            "calibration": {"findings": int(table["brier"].notna().sum()),
+                            "findings_with_positives": int(positive.sum()), "ece_bins": op.ECE_BINS,
                             "ece_binning": "equal-width on [0, 1], floor(10 * score)"}}  # fmt: skip
 
 
@@ -261,7 +268,9 @@ def _add_operating_point(table: pd.DataFrame, result: dict, plan: OperatingPlan,
         "chosen_on_evaluated_split": plan.on_evaluated,
         "threshold_split_volumes": len(chosen_on[0]),
     }
-    result["operating_point"] = point | _apply_thresholds(table, thresholds, reasons, evaluated, bootstrap)
+    rechoose = (plan.rule, None if plan.on_evaluated else chosen_on)  # the evaluated split: one resample
+    result["operating_point"] = point | _apply_thresholds(table, thresholds, reasons, evaluated, bootstrap,
+                                                          rechoose)  # fmt: skip
     return _threshold_records(thresholds, reasons, chosen_on)
 
 
@@ -275,11 +284,14 @@ def _add_fixed_point(table: pd.DataFrame, result: dict, plan: FixedPlan, evaluat
 
 
 def _apply_thresholds(table: pd.DataFrame, thresholds: np.ndarray, reasons: list, evaluated: tuple,
-                      bootstrap: int) -> dict:  # fmt: skip
+                      bootstrap: int, rechoose: tuple | None = None) -> dict:  # fmt: skip
     """Thresholds [C] (NaN: none, for ``reasons``) applied to ``evaluated``: table columns threshold,
     threshold_reason, tp / fp / tn / fn (NA without a threshold), sensitivity, specificity, ppv, npv (+ the
     two rates' CIs with ``bootstrap``). Returns the operating point's decision rule, how many findings have a
-    threshold, which have none, and the rates' means over the findings where each is defined (+ CIs)."""
+    threshold, which have none, and the rates' means over the findings where each is defined (+ CIs, and
+    ``ci_method``: how they were computed). ``rechoose``, for thresholds chosen in this evaluation: (rule,
+    the threshold split's scores, labels, known; None where it is the evaluated split), whose thresholds the
+    CIs re-choose on each resample (``op.bootstrap_rates``); without it they hold them fixed."""
     counts = op.confusion(*evaluated, thresholds)
     measured = op.rates(**counts)
     table["threshold"], table["threshold_reason"] = thresholds, reasons
@@ -291,9 +303,12 @@ def _apply_thresholds(table: pd.DataFrame, thresholds: np.ndarray, reasons: list
              "no_threshold": [fid for fid, why in zip(FINDING_IDS, reasons, strict=True) if why]}  # fmt: skip
     point |= {f"mean_{name}": op.nan_mean(column) for name, column in measured.items()}
     if bootstrap:
-        for name, (low, high, mean_ci) in op.bootstrap_rate_cis(*evaluated, thresholds, bootstrap).items():
+        rule, chosen_on = rechoose or (None, None)
+        cis = op.bootstrap_rate_cis(*evaluated, thresholds, bootstrap, rule=rule, chosen_on=chosen_on)
+        for name, (low, high, mean_ci) in cis.items():
             table[f"{name}_ci_low"], table[f"{name}_ci_high"] = low, high
             point[f"mean_{name}_ci"] = mean_ci
+        point["ci_method"] = op.CI_RECHOSEN if rechoose else op.CI_FIXED
     return point
 
 
@@ -348,20 +363,17 @@ def _check_preprocessing(checkpoint: str, data: str, config: dict, allow: bool) 
     """Compare the data's preprocessing (its manifest's ``config``) with the checkpoint's training data's: a
     difference is a DataError naming each setting, unless ``allow`` (then a warning). What summary.json records."""
     changes, unknown = preprocessing_changes(read_setup(checkpoint), config)
-    if unknown:
-        log.warning("evaluate: preprocessing settings not compared between checkpoint %s and %s: %s", checkpoint,
-                    data, "; ".join(f"{key} ({why})" for key, why in unknown.items()))  # fmt: skip
-    if changes and not allow:
-        raise DataError(
-            storage.join(str(data), shards.MANIFEST),
-            f"preprocessed unlike the training data of checkpoint {checkpoint}: {'; '.join(changes)}. The model "
-            "would score inputs it was not trained on; preprocess the data with the checkpoint's settings, or "
-            "pass --allow-preprocessing-mismatch to evaluate anyway",
-        )
-    if changes:
-        log.warning("evaluate: %s is preprocessed unlike checkpoint %s's training data (%s); evaluating anyway "
-                    "(--allow-preprocessing-mismatch)", data, checkpoint, "; ".join(changes))  # fmt: skip
-    return {"mismatches": changes, "not_compared": unknown, "mismatch_allowed": bool(allow)}
+    listed = "; ".join(changes)
+    return preprocessing_verdict(
+        changes, unknown, allow, log,
+        not_compared=f"evaluate: preprocessing settings not compared between checkpoint {checkpoint} and {data}",
+        refused=(storage.join(str(data), shards.MANIFEST),
+                 f"preprocessed unlike the training data of checkpoint {checkpoint}: {listed}. The model would "
+                 "score inputs it was not trained on; preprocess the data with the checkpoint's settings, or pass "
+                 "--allow-preprocessing-mismatch to evaluate anyway"),
+        allowed=f"evaluate: {data} is preprocessed unlike checkpoint {checkpoint}'s training data ({listed}); "
+                "evaluating anyway (--allow-preprocessing-mismatch)",
+    )  # fmt: skip
 
 
 def _score_split(model, cfg: RunConfig, setup: dict, data: str, split: str, manifest: shards.Manifest):
@@ -458,7 +470,9 @@ def _markdown_header(summary, result: dict) -> list[str]:
         "",
         f"Calibration over the {result['calibration']['findings']} findings with known labels: mean Brier "
         f"score {_num(result['mean_brier'], 4)}, mean ECE {_num(result['mean_ece'], 4)} ({op.ECE_BINS} "
-        "equal-width score bins).",
+        f"equal-width score bins); over the {result['calibration']['findings_with_positives']} findings with a "
+        f"known positive: mean Brier score {_num(result['mean_brier_with_positives'], 4)}, mean ECE "
+        f"{_num(result['mean_ece_with_positives'], 4)}.",
     ]
     if result["preprocessing"]["mismatches"]:
         changes = "; ".join(result["preprocessing"]["mismatches"])
@@ -496,6 +510,8 @@ def _markdown_operating_point(table: pd.DataFrame, point: dict, split: str) -> l
         f"findings where each is defined: {means}. {point['n_thresholds']} findings have a threshold; "
         f"{len(point['no_threshold'])} none (the reason is in the table).",
     ]
+    if "ci_method" in point:
+        lines += ["", f"95% CIs (in parentheses) from study resamples, {_ci_method(point)}."]
     if point["chosen_on_evaluated_split"]:
         lines += ["", "**Thresholds chosen on the evaluated split itself**: the results are optimistic."]
     if point.get("model_verified") is False:
@@ -522,6 +538,17 @@ def _threshold_origin(point: dict) -> str:
         return f"thresholds chosen on {point['threshold_split']} ({point['threshold_split_volumes']} studies)"
     return (f"thresholds from `{point['thresholds_file']}` (sha256 {point['thresholds_sha256'][:12]}...), "
             f"chosen on {point['threshold_split']} of `{point['threshold_data']}`")  # fmt: skip
+
+
+def _ci_method(point: dict) -> str:
+    """How the operating point's CIs were computed, in words (its ``ci_method``)."""
+    if point["ci_method"] == op.CI_FIXED:
+        return "the thresholds held fixed (the uncertainty of where they were chosen is not included)"
+    where = ("the same resample" if point["chosen_on_evaluated_split"]
+             else f"a resample of {point['threshold_split']} drawn with each")  # fmt: skip
+    return (
+        f"the thresholds re-chosen by {point['rule']} on {where} (the uncertainty of choosing them included)"
+    )
 
 
 def _row_ci(row: dict, name: str) -> list[float] | None:
@@ -572,7 +599,8 @@ def add_arguments(parser) -> None:
     parser.add_argument(
         "--bootstrap", type=int, default=0, metavar="N",
         help="95%% CIs of each finding's AUC and of the mean from N study-level resamples (default 0: "
-        "none); with --operating-point, of the sensitivity and specificity too",
+        "none); with --operating-point, of the sensitivity and specificity too, the thresholds re-chosen on "
+        "each resample of --threshold-split (with --thresholds: held fixed)",
     )  # fmt: skip
     parser.add_argument(
         "--operating-point", metavar="RULE",

@@ -175,10 +175,11 @@ def weighted_auc(score: np.ndarray, label: np.ndarray, known: np.ndarray, counts
     return np.where((n_pos > 0) & (n_neg > 0), auc, np.nan)
 
 
-def study_resamples(n: int, n_boot: int, seed: int = 0, chunk: int = 256) -> Iterator[np.ndarray]:
+def study_resamples(n: int, n_boot: int, seed: int | list[int] = 0, chunk: int = 256) -> Iterator[np.ndarray]:
     """``n_boot`` resamples of N studies with replacement, ``chunk`` at a time: [b, N] float64 counts of how
     often each study is drawn (seeded: the same draws on a re-run, and for every statistic resampled with
-    one seed; [256, N] is 20 MB for N = 10,000)."""
+    one seed; [256, N] is 20 MB for N = 10,000). ``seed`` may be a list ([seed, 1]: another, independent
+    stream of draws, for other studies)."""
     rng = np.random.default_rng(seed)
     for start in range(0, n_boot, chunk):
         yield rng.multinomial(n, np.full(n, 1 / n), size=min(chunk, n_boot - start)).astype(np.float64)
@@ -200,22 +201,153 @@ def percentile_cis(
     return low, high, mean_ci
 
 
+# how ``bootstrap_rates`` computed a CI, as the outputs record it: without a rule (a file's thresholds), with one
+CI_FIXED = "thresholds fixed"
+CI_RECHOSEN = "thresholds re-chosen per replicate"
+
+
 def bootstrap_rate_cis(
-    scores, labels, known, thresholds, n_boot: int, seed: int = 0, level: float = 0.95
-) -> dict[str, tuple[np.ndarray, np.ndarray, list[float] | None]]:
-    """{"sensitivity", "specificity"}: ``percentile_cis`` at the fixed ``thresholds`` [C], resampling the
-    studies as ``evaluate.bootstrap_auc_ci`` does (``study_resamples``, same seed: the same draws). A study
-    drawn m times counts m times: TP of a resample = counts [b, N] @ tp-mask [N, C]. The thresholds' own
-    uncertainty (from the split they were chosen on) is not part of these CIs."""
-    masks = _cells(scores, labels, known, thresholds)  # [N, C] each
-    cells = {name: mask.astype(np.float64) for name, mask in masks.items()}
-    boot: dict[str, list[np.ndarray]] = {"sensitivity": [], "specificity": []}
-    for counts in study_resamples(len(scores), n_boot, seed):
-        tp, fp, tn, fn = (counts @ cells[name] for name in ("tp", "fp", "tn", "fn"))  # each [b, C]
-        boot["sensitivity"].append(_ratio(tp, tp + fn))
-        boot["specificity"].append(_ratio(tn, tn + fp))
+    scores, labels, known, thresholds, n_boot: int, seed: int = 0, level: float = 0.95, *,
+    rule: OperatingRule | None = None, chosen_on: tuple | None = None,
+) -> dict[str, tuple[np.ndarray, np.ndarray, list[float] | None]]:  # fmt: skip
+    """{"sensitivity", "specificity"}: ``percentile_cis`` of ``bootstrap_rates`` (same arguments) around the
+    rates at ``thresholds`` [C] on the whole evaluated split."""
+    boot = bootstrap_rates(scores, labels, known, thresholds, n_boot, seed, rule=rule, chosen_on=chosen_on)
     whole = rates(**confusion(scores, labels, known, thresholds))
-    return {name: percentile_cis(np.concatenate(draws), whole[name], level) for name, draws in boot.items()}
+    return {name: percentile_cis(draws, whole[name], level) for name, draws in boot.items()}
+
+
+def bootstrap_rates(
+    scores, labels, known, thresholds, n_boot: int, seed: int = 0, *,
+    rule: OperatingRule | None = None, chosen_on: tuple | None = None,
+) -> dict[str, np.ndarray]:  # fmt: skip
+    """{"sensitivity", "specificity"}: [n_boot, C] rates on resamples of the evaluated studies (scores,
+    labels, known [N, C]), drawn as ``evaluate.bootstrap_auc_ci`` draws them (``study_resamples``, same seed:
+    the same draws); a study drawn m times counts m times; NaN where a rate is undefined in a resample.
+
+    ``rule`` None: at the fixed ``thresholds`` [C] (a thresholds file's, chosen on other data): TP of a
+    resample = counts [b, N] @ tp-mask [N, C]. With ``rule`` (the thresholds [C] were chosen by it here):
+    each replicate also resamples the threshold split ``chosen_on`` (its scores, labels, known; its own
+    draws, seed [seed, 1]: other studies) and re-chooses every finding's threshold by ``rule`` on that
+    resample (``resampled_thresholds``), applied to the replicate's evaluated resample
+    (``_resampled_cells``), so the CIs carry the thresholds' uncertainty from a finite threshold split too.
+    ``chosen_on`` None: the thresholds were chosen on the evaluated split itself, and one resample serves
+    both. A finding without a threshold on the whole threshold split (NaN in ``thresholds``) is NaN in every
+    replicate; a replicate where the rule gives none (a class not drawn; only flagging nothing reaches it)
+    leaves the finding out of that replicate, as ``percentile_cis`` leaves out any undefined rate."""
+    thresholds = np.asarray(thresholds, dtype=np.float64)
+    draws = study_resamples(len(scores), n_boot, seed)
+    boot: dict[str, list[np.ndarray]] = {"sensitivity": [], "specificity": []}
+    if rule is None:
+        cells = {
+            name: mask.astype(np.float64) for name, mask in _cells(scores, labels, known, thresholds).items()
+        }
+        for counts in draws:
+            tp, fp, tn, fn = (counts @ cells[name] for name in ("tp", "fp", "tn", "fn"))  # each [b, C]
+            boot["sensitivity"].append(_ratio(tp, tp + fn))
+            boot["specificity"].append(_ratio(tn, tn + fp))
+        return {name: np.concatenate(parts) for name, parts in boot.items()}
+    pairs = (
+        ((counts, counts) for counts in draws)
+        if chosen_on is None
+        else zip(draws, study_resamples(len(chosen_on[0]), n_boot, [seed, 1]), strict=True)
+    )
+    there = (scores, labels, known) if chosen_on is None else chosen_on
+    for counts, counts_there in pairs:
+        for part in boot.values():
+            part.append(np.full((len(counts), scores.shape[1]), np.nan))
+        for c in np.flatnonzero(~np.isnan(thresholds)):
+            chosen = resampled_thresholds(*(m[:, c] for m in there), rule, counts_there)  # [b]
+            tp, fp, tn, fn = _resampled_cells(scores[:, c], labels[:, c], known[:, c], chosen, counts)
+            boot["sensitivity"][-1][:, c] = _ratio(tp, tp + fn)
+            boot["specificity"][-1][:, c] = _ratio(tn, tn + fp)
+    return {name: np.concatenate(parts) for name, parts in boot.items()}
+
+
+def resampled_thresholds(score, label, known, rule: OperatingRule, counts: np.ndarray) -> np.ndarray:
+    """[b] thresholds of one finding chosen by ``rule`` on each of b resamples of its split, as
+    ``_threshold`` chooses on the drawn studies repeated (NaN: none), all at once; ``counts`` [b, N]: how
+    often each study is drawn in each resample (``study_resamples``).
+
+    ``roc_curve``'s points on a resample: point 0 (inf: flags none), then a cut at each distinct drawn
+    score, decreasing; TP(k), FP(k) = drawn positives / negatives scoring >= the k-th, the rates over the
+    drawn totals. ``sensitivity`` and ``youden`` take the first (highest) cut reaching their target /
+    maximum, and a cut at no positive's score adds no TP, so it never comes first: their cuts are the
+    positives' scores. ``specificity`` takes the lowest cut reaching it: FP grows down the cuts, so those
+    reaching it lie above the first negative's score x where it fails (-inf: none fails), and the lowest is
+    the lowest score > x drawn (of either class)."""
+    keep = np.asarray(known).astype(bool)
+    s, rows = np.asarray(score, dtype=np.float64)[keep], np.flatnonzero(keep)
+    y = np.asarray(label)[keep].astype(bool)
+    if not y.any() or y.all():  # a class missing from the split is missing from every resample
+        return np.full(len(counts), np.nan)
+    (pos, pos_drawn), (neg, neg_drawn) = (_cumulative(s[c], rows[c], counts) for c in (y, ~y))
+    n_pos, n_neg = pos_drawn[:, -1], neg_drawn[:, -1]  # [b]
+    both = (n_pos > 0) & (n_neg > 0)  # without: no threshold
+    with np.errstate(invalid="ignore", divide="ignore"):
+        if rule.kind == "specificity":
+            cuts = np.r_[np.inf, np.unique(neg)[::-1]]  # [K + 1] decreasing
+            fpr = (n_neg[:, None] - _drawn_below(neg, neg_drawn, cuts)) / n_neg[:, None]
+            first_failing = (1 - fpr >= rule.target - SLACK).sum(axis=1)  # [b]: they reach it in a prefix
+            x = np.r_[cuts, -np.inf][first_failing]
+            lowest = np.minimum(
+                _lowest_drawn_above(pos, pos_drawn, x), _lowest_drawn_above(neg, neg_drawn, x)
+            )
+            return np.where(both & np.isfinite(lowest), lowest, np.nan)  # none above x: only flagging nothing
+        cuts = np.r_[np.inf, np.unique(pos)[::-1]]  # [K + 1] decreasing
+        tpr = (n_pos[:, None] - _drawn_below(pos, pos_drawn, cuts)) / n_pos[:, None]  # [b, K + 1]
+        if rule.kind == "sensitivity":  # the highest threshold reaching the target
+            i = np.argmax(tpr >= rule.target - SLACK, axis=1)
+        else:  # Youden's J at its largest; a tie: the highest threshold
+            fpr = (n_neg[:, None] - _drawn_below(neg, neg_drawn, cuts)) / n_neg[:, None]
+            i = np.argmax(tpr - fpr, axis=1)
+    # point 0 (inf): only flagging nothing reaches the rule, no threshold
+    return np.where(both & (i > 0), cuts[i], np.nan)
+
+
+def _resampled_cells(
+    score, label, known, thresholds: np.ndarray, counts: np.ndarray
+) -> tuple[np.ndarray, ...]:
+    """TP, FP, TN, FN [b] of one finding, resample r (row r of ``counts`` [b, N]) at its own threshold
+    ``thresholds[r]``: the drawn positives / negatives scoring below it are cleared (FN, TN), the rest
+    flagged. NaN where the threshold is NaN."""
+    keep = np.asarray(known).astype(bool)
+    s, rows = np.asarray(score, dtype=np.float64)[keep], np.flatnonzero(keep)
+    y = np.asarray(label)[keep].astype(bool)
+    none = np.isnan(thresholds)
+    cuts = np.where(none, np.inf, thresholds)
+    cells = []
+    for cls in (y, ~y):  # a class may be missing from the evaluated split
+        ascending, drawn = _cumulative(s[cls], rows[cls], counts)
+        cleared = _drawn_below(ascending, drawn, cuts, per_resample=True)
+        cells += [(drawn[:, -1] if ascending.size else 0.0) - cleared, cleared]
+    tp, fn, fp, tn = (np.where(none, np.nan, cell) for cell in cells)
+    return tp, fp, tn, fn
+
+
+def _cumulative(s: np.ndarray, rows: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The scores ``s`` [n] of the studies ``rows`` [n] ascending, and [b, n]: how many of the j + 1 lowest
+    were drawn in each resample (``counts`` [b, N]); a cumulative sum along axis 1, which numpy runs
+    fastest."""
+    order = np.argsort(s, kind="stable")
+    return s[order], np.cumsum(np.take(counts, rows[order], axis=1), axis=1)
+
+
+def _drawn_below(ascending: np.ndarray, drawn: np.ndarray, cuts: np.ndarray, per_resample: bool = False):
+    """How many of the studies scoring below a cut were drawn, from ``_cumulative``'s pair: [b, K] for
+    ``cuts`` [K] shared by the resamples, or [b] for ``per_resample`` cuts [b], one each."""
+    if not ascending.size:
+        return np.zeros(len(drawn) if per_resample else (len(drawn), len(cuts)))
+    below = np.searchsorted(ascending, cuts, "left")  # how many score below each cut
+    at = np.maximum(below - 1, 0)  # drawn[:, j]: among the j + 1 lowest
+    return np.where(below > 0, drawn[np.arange(len(drawn)), at] if per_resample else drawn[:, at], 0.0)
+
+
+def _lowest_drawn_above(ascending: np.ndarray, drawn: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """[b]: the lowest score > x[r] drawn in resample r, from ``_cumulative``'s pair (inf: none): the first
+    study whose cumulative draws exceed those of the studies scoring <= x[r]."""
+    up_to_x = _drawn_below(ascending, drawn, np.nextafter(x, np.inf), per_resample=True)  # drawn <= x
+    return np.r_[ascending, np.inf][(drawn <= up_to_x[:, None]).sum(axis=1)]
 
 
 # ---- calibration ------------------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ from molre.train.scoring import (
     announced,
     load_checkpoint_model,
     model_identity,
+    preprocessing_verdict,
     resolve_checkpoint,
     score_volumes,
     scoring_precision,
@@ -221,21 +222,17 @@ def _check_study_preprocessing(checkpoint: str, setup: dict, allow: bool) -> dic
     ``allow`` (a warning). A checkpoint from before they were recorded is not compared (a warning). Returns what
     each prediction records, as evaluate's summary.json does."""
     changes, unknown = preprocessing_changes(setup, this_molre_preprocessing(), RECORDED_AS_IS, "this molre")
-    if unknown:
-        log.warning("predict: preprocessing settings not compared between checkpoint %s and this molre: %s",
-                    checkpoint, "; ".join(f"{key} ({why})" for key, why in unknown.items()))  # fmt: skip
-    if changes and not allow:
-        raise DataError(
-            storage.join(checkpoint, "setup.json"),
-            f"checkpoint {checkpoint} was trained on data preprocessed unlike this molre prepares a study: "
-            f"{'; '.join(changes)}. The model would score inputs it was not trained on; predict with the molre "
-            "version that trained it, or pass --allow-preprocessing-mismatch to predict anyway",
-        )
-    if changes:
-        log.warning("predict: checkpoint %s was trained on data preprocessed unlike this molre prepares a study "
-                    "(%s); predicting anyway (--allow-preprocessing-mismatch)", checkpoint,
-                    "; ".join(changes))  # fmt: skip
-    return {"mismatches": changes, "not_compared": unknown, "mismatch_allowed": bool(allow)}
+    listed = "; ".join(changes)
+    return preprocessing_verdict(
+        changes, unknown, allow, log,
+        not_compared=f"predict: preprocessing settings not compared between checkpoint {checkpoint} and this molre",
+        refused=(storage.join(checkpoint, "setup.json"),
+                 f"checkpoint {checkpoint} was trained on data preprocessed unlike this molre prepares a study: "
+                 f"{listed}. The model would score inputs it was not trained on; predict with the molre version "
+                 "that trained it, or pass --allow-preprocessing-mismatch to predict anyway"),
+        allowed=f"predict: checkpoint {checkpoint} was trained on data preprocessed unlike this molre prepares a "
+                f"study ({listed}); predicting anyway (--allow-preprocessing-mismatch)",
+    )  # fmt: skip
 
 
 class Study(NamedTuple):

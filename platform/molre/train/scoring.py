@@ -18,7 +18,7 @@ import torch
 from molre.config import RunConfig
 from molre.data import storage
 from molre.data.augment import augment_batch
-from molre.errors import MolreError, WeightsError
+from molre.errors import DataError, MolreError, WeightsError
 from molre.models import MoLREClassifier, build_model
 from molre.models.runtime import uses_bf16
 from molre.train.checkpoint import (
@@ -87,6 +87,24 @@ def score_volumes(model: MoLREClassifier, cfg: RunConfig, setup: dict, hu: torch
     x = augment_batch(hu, cfg.data, torch.Generator(), train=False, out_size=tuple(setup["input_size"]))
     with autocast(cfg, device):
         return torch.sigmoid(model(x.to(device)).float())
+
+
+def preprocessing_verdict(
+    changes: list[str], unknown: dict[str, str], allow: bool, logger: logging.Logger, *,
+    not_compared: str, refused: tuple[str, str], allowed: str,
+) -> dict:  # fmt: skip
+    """What evaluate and predict do with ``checkpoint.preprocessing_changes``' verdict on a checkpoint's
+    preprocessing against the inputs they score, in their own words: settings not compared (``unknown``,
+    recorded on one side only: an older checkpoint) are the warning ``not_compared``, followed by them;
+    differences (``changes``) are a DataError ``refused`` (its file, its reason), or with ``allow`` the warning
+    ``allowed``. Returns what their outputs record (summary.json's and each prediction's ``preprocessing``)."""
+    if unknown:
+        logger.warning("%s: %s", not_compared, "; ".join(f"{key} ({why})" for key, why in unknown.items()))
+    if changes and not allow:
+        raise DataError(*refused)
+    if changes:
+        logger.warning("%s", allowed)
+    return {"mismatches": changes, "not_compared": unknown, "mismatch_allowed": bool(allow)}
 
 
 def scoring_precision(cfg: RunConfig, device: str | torch.device) -> str:
