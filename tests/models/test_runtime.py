@@ -194,7 +194,58 @@ def test_checkpointed_blocks_compile_and_keep_the_math():
         torch.testing.assert_close(got[name], grad, rtol=1e-5, atol=1e-6)
 
 
-def test_activation_checkpointing_needs_attention_blocks():
-    model = build_model(build_config({"backbone": {"preset": "tiny-cnn3d"}, "adapter": {"kind": "none"}}))
-    with pytest.raises(ModelError, match="activation checkpointing recomputes attention blocks; .* has none"):
-        checkpoint_blocks(model.backbone.net, model.backbone.preset.lora_targets)
+def test_activation_checkpointing_recomputes_the_dense_layers_of_a_3d_densenet():
+    """tiny-cnn3d (MONAI DenseNet, fully fine-tuned, BatchNorm everywhere): each dense layer is recomputed, with the
+    same gradients and running statistics (a plain recompute would update BatchNorm's a second time) and the same
+    parameter names, from a fraction of the saved activations (1.7 -> 1.0 MiB here; the stem keeps most of it)."""
+    tree = {"backbone": {"preset": "tiny-cnn3d"}, "adapter": {"kind": "none"}, "data": {"num_slices": 8}}
+    x = torch.rand(2, 3, 8, 64, 64)
+    results = {}
+    for recompute in (False, True):
+        cfg = build_config({**tree, "train": {"activation_checkpointing": recompute}})
+        torch.manual_seed(0)
+        model = build_model(cfg).train()
+        layers = prepare_runtime(model, cfg, "cpu")["checkpointed_blocks"]
+        assert layers == (4 if recompute else 0)  # 2 blocks x 2 dense layers
+        results[recompute] = (*_step(model, x), model)
+    (plain_bytes, plain, plain_model), (recomputed_bytes, recomputed, model) = results[False], results[True]
+    assert recomputed.keys() == plain.keys() and len(plain) > 20  # the whole net trains
+    for name, grad in plain.items():
+        torch.testing.assert_close(recomputed[name], grad, rtol=1e-5, atol=1e-6)
+    stats = plain_model.state_dict()
+    assert model.state_dict().keys() == stats.keys()  # checkpoints load either way
+    for name, value in model.state_dict().items():  # running_mean / var, num_batches_tracked: updated once
+        torch.testing.assert_close(value, stats[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert recomputed_bytes < 0.65 * plain_bytes
+    with torch.no_grad():  # validation: the plain forward
+        torch.testing.assert_close(model.eval()(x), plain_model.eval()(x))
+
+
+def test_activation_checkpointing_needs_attention_blocks_or_dense_layers():
+    net = torch.nn.Sequential(torch.nn.Conv3d(3, 8, 3), torch.nn.BatchNorm3d(8), torch.nn.ReLU())
+    with pytest.raises(
+        ModelError, match="recomputes attention blocks or MONAI dense layers; Sequential has neither"
+    ):
+        checkpoint_blocks(net, ())
+
+
+def test_checkpointed_dense_layers_compile_and_update_the_running_stats_once():
+    """Compiled (the whole net: a CNN has no attention blocks), AOTAutograd recomputes the tagged layers without
+    the eager restore of BatchNorm's buffers: the plain model's gradients and buffers, from 1.7 MiB saved instead
+    of compiled plain's 2.5 (2.05 when Dynamo is handed the restoring context_fn, which it takes for a selective
+    checkpointing policy in place of its recompute-everything one)."""
+    cfg = build_config({"backbone": {"preset": "tiny-cnn3d"}, "adapter": {"kind": "none"}})
+    torch.manual_seed(0)
+    eager = build_model(cfg).train()
+    plain, recomputed = copy.deepcopy(eager), copy.deepcopy(eager)
+    assert len(checkpoint_blocks(recomputed.backbone.net, ())) == 4
+    for model in (plain, recomputed):
+        assert compile_classifier(model, "regional", backend="aot_eager") == [""]
+    x = torch.rand(2, 3, 8, 64, 64)
+    (_, want), (plain_bytes, _), (recomputed_bytes, got) = (_step(m, x) for m in (eager, plain, recomputed))
+    for name, grad in want.items():
+        torch.testing.assert_close(got[name], grad, rtol=1e-5, atol=1e-6)
+    stats = eager.state_dict()
+    for name, value in recomputed.state_dict().items():
+        torch.testing.assert_close(value, stats[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert recomputed_bytes < 0.75 * plain_bytes
