@@ -466,3 +466,16 @@ def test_fp8_numerics_pairs_the_two_arms_seed_by_seed(monkeypatch):
     assert per_finding["finding_max"] == "f1" and per_finding["finding_abs_diff_max"] == pytest.approx(0.015)
     with pytest.raises(ValueError, match="fp8"):
         paired_difference(table[table["config/train.frozen_matmul"] == "auto"], "val/best_mean_auc")
+
+
+def test_saved_activations_counts_what_checkpointing_removes(monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(BENCH))
+    from saved_activations import main
+
+    assert main(["--preset", "tiny-cnn3d", "--input", "8", "64", "64"]) == 0
+    [row] = _rows(capsys.readouterr().out)
+    assert (
+        row["preset"] == "tiny-cnn3d" and row["input"] == [1, 3, 8, 64, 64] and row["recomputed_regions"] == 4
+    )
+    assert 0 < row["checkpointed_packed_mib"] < row["plain_packed_mib"]
+    assert 0 < row["unique_ratio"] < 1
