@@ -381,8 +381,11 @@ def _scheduler(spec: SweepSpec, max_epochs: int):
     from ray.tune.schedulers import ASHAScheduler
 
     a = spec.scheduler.asha
-    return ASHAScheduler(time_attr="training_iteration", metric=spec.search.metric, mode=spec.search.mode,
-                         max_t=max_epochs + 1, grace_period=a.grace_period, reduction_factor=a.reduction_factor)  # fmt: skip
+    # one objective: TuneConfig gives ASHA its metric and mode (Tune refuses a scheduler that has its own too);
+    # several: TuneConfig has none, so ASHA is given the first objective's
+    own = {"metric": spec.search.metric, "mode": spec.search.mode} if len(spec.search.objectives) > 1 else {}
+    return ASHAScheduler(time_attr="training_iteration", max_t=max_epochs + 1, grace_period=a.grace_period,
+                         reduction_factor=a.reduction_factor, **own)  # fmt: skip
 
 
 def max_concurrent(spec: SweepSpec) -> int:
