@@ -14,6 +14,7 @@ the learner started from).
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -59,8 +60,11 @@ def test_asha_stops_the_trial_below_the_first_rung_and_the_leaderboard_tells_it_
     groups_before = set(ray_local.util.placement_group_table())
     try:
         table, paths = run_sweep(spec, str(tmp_path / "results"))
+        # the stopped trial's worker group is given back by Ray Train's cleaner (it needs the dashboard's state
+        # API, which ensure_ray and this session's Ray run): without it, it held its CPU until the session ended
+        assert _left_groups(ray_local, groups_before, wait_s=30) == []
     finally:
-        _remove_orphaned_groups(ray_local, groups_before)
+        _remove_left_groups(ray_local, groups_before)
     experiment = tmp_path / "results" / "asha"
 
     # Tune's own record: the staller reported one epoch and no final report, the learner every epoch and its final
@@ -107,17 +111,26 @@ def test_asha_stops_the_trial_below_the_first_rung_and_the_leaderboard_tells_it_
     assert "| 1 | yes |" in row  # its epochs and the ASHA stop column
 
 
-def _remove_orphaned_groups(ray_module, before: set[str]) -> None:
-    """Remove the placement groups the sweep left behind. A stopped trial's Train controller dies with the trial's
-    actor; its worker group (created by the controller, so scoped to the driver) is then removed only by Ray
-    Train's PlacementGroupCleaner, which asks the state API whether the controller is alive, and the state API
-    needs the dashboard, which this session's Ray has not got: without this, the group would hold its CPU for
-    the rest of the session."""
+def _left_groups(ray_module, before: set[str], wait_s: float = 0.0) -> list[str]:
+    """Placement groups created since ``before`` and not removed, after waiting up to ``wait_s`` for none."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        left = [
+            group_id
+            for group_id, group in ray_module.util.placement_group_table().items()
+            if group_id not in before and group["state"] != "REMOVED"
+        ]
+        if not left or time.monotonic() >= deadline:
+            return left
+        time.sleep(0.5)
+
+
+def _remove_left_groups(ray_module, before: set[str]) -> None:
+    """A failed test's leftovers would hold their CPUs for the rest of the session's tests."""
     from ray.util.placement_group import PlacementGroup, remove_placement_group
 
-    for group_id, group in ray_module.util.placement_group_table().items():
-        if group_id not in before and group["state"] != "REMOVED":
-            remove_placement_group(PlacementGroup(ray_module.PlacementGroupID(bytes.fromhex(group_id))))
+    for group_id in _left_groups(ray_module, before):
+        remove_placement_group(PlacementGroup(ray_module.PlacementGroupID(bytes.fromhex(group_id))))
 
 
 @pytest.mark.parametrize("objectives", [[["val/best_mean_auc", "max"]],

@@ -44,15 +44,17 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     """Join a running cluster (``ray job submit``, RAY_ADDRESS, ``ray start``) or start a private local Ray.
 
     A local Ray gets at least 4 logical CPUs: a trial, its Train workers and Ray Data's read tasks each hold a
-    CPU slot, and on a 2-core machine two slots would starve the data reads.
+    CPU slot, and on a 2-core machine two slots would starve the data reads. It runs the dashboard, on
+    127.0.0.1 only (~1.5 s more start-up): Ray Train's placement-group cleaner asks the dashboard's state API
+    whether a trial's Train controller is still alive, so without it the workers' CPUs / GPUs of a trial that
+    ASHA stopped (its controller killed with it) stay reserved until the sweep ends, and on a one-GPU machine
+    the next trial waits for them for ever.
     """
     import ray
 
     if ray.is_initialized():
         return
-    start_or_join(
-        num_cpus or max(4, os.cpu_count() or 1), include_dashboard=False, dashboard_host="127.0.0.1"
-    )
+    start_or_join(num_cpus or max(4, os.cpu_count() or 1), include_dashboard=True, dashboard_host="127.0.0.1")
 
 
 def model_input_size(cfg: RunConfig, grid: tuple[int, int, int]) -> tuple[int, int, int]:
