@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 
 import pytest
 
@@ -242,8 +243,8 @@ def test_identity_names_each_file_with_its_size_and_change_marker(root):
     storage.write_bytes(b, b"beta")
     folder = storage.identity(storage.join(root, "w"))
     assert sorted(folder) == ["a.bin", "sub/b.bin"]  # recursive, relative to the folder
-    marker = "etag" if "://" in root else "mtime_ns"
-    assert folder["a.bin"]["size"] == 5 and set(folder["a.bin"]) == {"size", marker}
+    markers = {"etag"} if "://" in root else {"mtime_ns", "ctime_ns", "inode"}
+    assert folder["a.bin"]["size"] == 5 and set(folder["a.bin"]) == {"size", *markers}
     assert storage.identity(a) == {"a.bin": folder["a.bin"]}  # a file: itself, by its name
     time.sleep(0.02)  # past the local clock's tick: a rewrite gets a later mtime
     storage.write_bytes(b, b"BETA")  # replaced: same size, other content
@@ -256,6 +257,31 @@ def test_identity_names_each_file_with_its_size_and_change_marker(root):
         assert again["a.bin"] != folder["a.bin"]
     with pytest.raises(FileNotFoundError, match="nope"):
         storage.identity(storage.join(root, "nope"))
+
+
+def test_identity_notices_a_local_file_replaced_with_the_same_size_and_mtime(tmp_path):
+    """``rsync -a`` / ``cp -p`` give a replacement the old mtime: the kernel's ctime and the new inode tell."""
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"old weights")
+    before = storage.identity(str(weights))
+    stat = weights.stat()
+    replacement = tmp_path / ".model.safetensors.tmp"  # written beside, renamed over (as rsync does)
+    replacement.write_bytes(b"new weights")
+    os.utime(replacement, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    os.replace(replacement, weights)
+    after = storage.identity(str(weights))
+    [(name, was)], [(_, now)] = before.items(), after.items()
+    assert name == "model.safetensors" and (now["size"], now["mtime_ns"]) == (was["size"], was["mtime_ns"])
+    assert now != was and now["inode"] != was["inode"]
+    overwritten = storage.identity(
+        str(weights)
+    )  # rewritten in place, then the mtime set back: the ctime tells
+    with open(weights, "r+b") as f:
+        f.write(b"NEW")
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    again = storage.identity(str(weights))["model.safetensors"]
+    assert again["inode"] == overwritten["model.safetensors"]["inode"]
+    assert again["mtime_ns"] == was["mtime_ns"] and again != overwritten["model.safetensors"]
 
 
 def test_identity_of_a_missing_bucket_is_a_storage_error(s3_env):

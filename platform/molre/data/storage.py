@@ -417,9 +417,12 @@ def identity(uri: str) -> dict[str, dict]:
     """What tells whether the file or folder at ``uri`` changed, from one listing, without reading it:
     ``{relative path: {"size": bytes, marker}}`` for the file itself (by its name) or every file under the
     folder (recursively). The marker is S3's ``etag`` (content-derived: a copy or an identical re-upload keeps
-    it; a multipart upload's differs from a single PUT's) or a local file's ``mtime_ns`` (any rewrite or
-    ``touch`` changes it; a different file of the same size given the same mtime, e.g. by ``rsync -a``, is
-    not noticed). ``FileNotFoundError`` naming ``uri`` when nothing is there (an empty local folder: {})."""
+    it; a multipart upload's differs from a single PUT's) or a local file's ``mtime_ns``, ``ctime_ns`` and
+    ``inode``: any rewrite or ``touch`` changes the mtime, and a file put in its place with the old size and
+    mtime (``rsync -a``, ``cp -p``, ``os.utime``) still has a new ctime (set by the kernel, not settable) and,
+    written beside and renamed over, a new inode; a ``chmod`` changes the ctime alone (a false change, which
+    costs the caller a content check). ``FileNotFoundError`` naming ``uri`` when nothing is there (an empty
+    local folder: {})."""
     fs, path = filesystem(uri)
     listing = (lambda: _s3_identity(fs, path)) if is_s3(uri) else (lambda: _local_identity(path))
     found = with_retries("identity", uri, listing)
@@ -443,7 +446,9 @@ def _local_identity(path: str) -> dict[str, dict] | None:
     out = {}
     for file in sorted(files):
         stat = os.stat(file)  # follows links (a Hugging Face snapshot's files link to its blobs)
-        out[os.path.relpath(file, root)] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+        out[os.path.relpath(file, root)] = {
+            "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "ctime_ns": stat.st_ctime_ns, "inode": stat.st_ino
+        }  # fmt: skip
     return out
 
 
