@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
 import re
 import shutil
+import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -26,7 +29,7 @@ from pydicom.uid import (
     SecondaryCaptureImageStorage,
 )
 
-from molre.data import labels
+from molre.data import ingest, labels
 from molre.data.dicom_write import nifti_affine, write_dicom_series, write_nifti
 from molre.data.ingest import DEFAULT_MIN_SLICES, discover, largest_first, load_series, source_digest
 from molre.errors import DataError
@@ -698,3 +701,95 @@ def test_source_digest_sees_an_overwritten_nifti_not_a_copy(tmp_path, name):
     write_nifti(corrected, SPACING, path)
     assert name.endswith(".gz") or path.stat().st_size == size  # .nii: the same size, only its bytes differ
     assert _digest(tmp_path / "a") != first
+
+
+# ---- content memo: a re-run reads an unchanged .nii no more
+
+_OPENED: list[str] | None = None  # while a list: every path this process opens (Python's "open" audit event)
+
+
+def _record_open(event: str, args: tuple) -> None:
+    if event == "open" and _OPENED is not None and isinstance(args[0], str | bytes | os.PathLike):
+        _OPENED.append(os.fsdecode(args[0]))
+
+
+sys.addaudithook(_record_open)  # cannot be removed: inert while _OPENED is None
+
+
+def _opened_during(fn) -> tuple[object, list[str]]:
+    global _OPENED
+    _OPENED = []
+    try:
+        return fn(), _OPENED
+    finally:
+        _OPENED = None
+
+
+def _nii(tmp_path: Path) -> tuple[Path, ingest.SeriesRef]:
+    path = write_nifti(phantom(), SPACING, tmp_path / "in" / "study.nii")
+    return path, _only(discover(tmp_path / "in")[0])
+
+
+def _digest_before_the_memo(path: Path) -> str:
+    """What ``source_digest`` gave for a .nii before the memo (the value existing markers hold)."""
+    content = hashlib.sha256(path.read_bytes()).hexdigest()
+    return hashlib.sha256(f"nifti\nsha256 {content}".encode()).hexdigest()
+
+
+def test_a_remembered_nii_digest_is_the_same_value_and_the_file_unread(tmp_path, monkeypatch):
+    monkeypatch.setattr(ingest, "RACY_NS", 0)  # the file was just written: remember it all the same
+    path, ref = _nii(tmp_path)
+    first = ingest.ContentMemo()
+    assert source_digest(ref, first) == source_digest(ref) == _digest_before_the_memo(path)
+    assert (first.reads, first.hits, len(first.used)) == (1, 0, 1)
+    again = ingest.ContentMemo(known=dict(first.used))
+    digest, opened = _opened_during(lambda: source_digest(ref, again))
+    assert digest == _digest_before_the_memo(path) and (again.reads, again.hits) == (0, 1)
+    assert opened == [str(path)]  # the 2-byte gzip check only; without the memo, the whole file too:
+    assert _opened_during(lambda: source_digest(ref))[1] == [str(path)] * 2
+    assert again.used == first.used  # kept for the next run
+
+
+def test_the_memo_notices_a_replacement_with_the_same_size_and_mtime(tmp_path, monkeypatch):
+    """``cp -p`` / ``rsync -a`` give a replaced file the old size and mtime: its ctime (rewritten in place) or
+    its inode (written beside and renamed over) still tells, and the file is read again."""
+    monkeypatch.setattr(ingest, "RACY_NS", 0)  # the file was just written: remember it all the same
+    path, ref = _nii(tmp_path)
+    first = source_digest(ref)
+    corrected = phantom()
+    corrected[4, 16, 16] = 60.0  # one voxel corrected: the same size, other bytes
+    spare = write_nifti(corrected, SPACING, tmp_path / "spare.nii")
+    assert spare.stat().st_size == path.stat().st_size
+    beside = tmp_path / "in" / ".study.nii.tmp"
+
+    def in_place(old: os.stat_result) -> None:  # cp -p over the file: its inode kept, the mtime set back
+        with open(path, "r+b") as f:
+            f.write(spare.read_bytes())
+        os.utime(path, ns=(old.st_atime_ns, old.st_mtime_ns))
+
+    def renamed_over(old: os.stat_result) -> None:  # rsync -a: written beside, the mtime set, renamed over
+        shutil.copyfile(spare, beside)
+        os.utime(beside, ns=(old.st_atime_ns, old.st_mtime_ns))
+        os.replace(beside, path)
+
+    for replace in (in_place, renamed_over):
+        write_nifti(phantom(), SPACING, path)  # the original content (again)
+        memo = ingest.ContentMemo()
+        assert source_digest(ref, memo) == first and len(memo.used) == 1
+        old = path.stat()
+        time.sleep(0.05)  # past the filesystem clock's tick (RACY_NS, set to 0 here, covers it in real use)
+        replace(old)
+        now = path.stat()
+        assert (now.st_size, now.st_mtime_ns) == (old.st_size, old.st_mtime_ns), replace.__name__
+        assert (now.st_ino == old.st_ino) == (replace is in_place)
+        again = ingest.ContentMemo(known=dict(memo.used))
+        assert source_digest(ref, again) == _digest_before_the_memo(path) != first, replace.__name__
+        assert (again.reads, again.hits) == (1, 0)
+
+
+def test_a_file_changed_just_before_it_is_read_is_not_remembered(tmp_path):
+    """Its ctime lies within ``RACY_NS`` of the read: a change right after it could keep every stat field."""
+    path, ref = _nii(tmp_path)  # just written
+    memo = ingest.ContentMemo()
+    assert source_digest(ref, memo) == _digest_before_the_memo(path)
+    assert memo.reads == 1 and memo.used == {}

@@ -7,11 +7,14 @@ Every header carries planted PHI; none of it may reach any output byte or log li
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import stat
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -859,6 +862,75 @@ def test_markers_without_source_fingerprints_are_kept_and_then_watched(cohort, t
     assert "0 studies changed labels, 1 changed images" in caplog.text
     assert "without source fingerprints" not in caplog.text
     assert_rows_as_expected(read_all_rows(root), cohort)
+
+
+# ---- re-runs over uncompressed NIfTI: an unchanged file is not read again ------------------------------------
+
+
+def nii_cohort(root: Path, n: int = 3) -> dict:
+    """``n`` studies as uncompressed .nii (fingerprinted by their whole content), one patient each."""
+    input_dir, rows = root / "input", {}
+    for i in range(n):
+        study = f"study_{i:02d}"
+        write_nifti(head_ct(i), SPACING_IN, input_dir / study / f"{study}.nii")
+        rows[study] = [study, f"{PHI_ID}-{i}", *[i % 2] * N_FINDINGS_LABELLED]
+    labels = root / "labels.csv"
+    with open(labels, "w", newline="") as f:
+        csv.writer(f).writerows([["study_id", "patient_id", *LABELLED], *rows.values()])
+    return {"input": input_dir, "labels": labels, "rows": rows}
+
+
+def memo_counts(text: str) -> tuple[int, int]:
+    """(files read whole, files remembered) as the last run logged them."""
+    found = re.findall(r"source fingerprints: (\d+) files read whole, (\d+) unchanged", text)
+    return tuple(map(int, found[-1])) if found else (0, 0)
+
+
+def test_a_rerun_reads_no_unchanged_nii_and_still_sees_a_replaced_one(tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr(ingest, "RACY_NS", 0)  # the files were just written: remember them all the same
+    cohort = nii_cohort(tmp_path)
+    root = str(tmp_path / "out")
+    memo = Path(root, shards.PROGRESS, preprocess.SOURCE_MEMO)
+    caplog.set_level(logging.INFO, logger="molre.data.preprocess")
+    first = run_inline(cohort, root)
+    assert memo_counts(caplog.text) == (3, 0) and len(json.loads(memo.read_bytes())["digests"]) == 3
+    for path in cohort["input"].rglob("*.nii"):  # nothing plain: salted keys, encrypted digests
+        for plain in (hashlib.sha256(path.read_bytes()).hexdigest(), path.stem, str(tmp_path)):
+            assert plain not in memo.read_text()
+    caplog.clear()
+    assert run_inline(cohort, root) == first
+    assert memo_counts(caplog.text) == (0, 3) and "changed images" not in caplog.text
+    path = (
+        cohort["input"] / "study_01" / "study_01.nii"
+    )  # corrected in place, as by cp -p: size and mtime kept
+    old = path.stat()
+    time.sleep(0.05)  # past the filesystem clock's tick (RACY_NS, 0 here, covers it in real use)
+    write_nifti(head_ct(101), SPACING_IN, path)
+    os.utime(path, ns=(old.st_atime_ns, old.st_mtime_ns))
+    assert (path.stat().st_size, path.stat().st_mtime_ns) == (old.st_size, old.st_mtime_ns)
+    caplog.clear()
+    second = run_inline(cohort, root)
+    assert memo_counts(caplog.text) == (1, 2) and "0 studies changed labels, 1 changed images" in caplog.text
+    assert_rows_as_expected(read_all_rows(root), cohort)  # the corrected volume
+    # an output written before the memo: each file read once more, the same fingerprints as its markers hold
+    memo.unlink()
+    caplog.clear()
+    assert run_inline(cohort, root) == second
+    assert memo_counts(caplog.text) == (3, 0) and "changed images" not in caplog.text and memo.exists()
+
+
+def test_a_damaged_source_memo_only_costs_a_read(tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr(ingest, "RACY_NS", 0)
+    cohort = nii_cohort(tmp_path, n=2)
+    root = str(tmp_path / "out")
+    first = run_inline(cohort, root)
+    memo = Path(root, shards.PROGRESS, preprocess.SOURCE_MEMO)
+    digests = json.loads(memo.read_bytes())["digests"]
+    memo.write_text(json.dumps({"digests": {key: "not hex" for key in digests}}))
+    caplog.set_level(logging.INFO, logger="molre.data.preprocess")
+    assert run_inline(cohort, root) == first
+    assert f"{memo} is unreadable (ValueError)" in caplog.text and memo_counts(caplog.text) == (2, 0)
+    assert json.loads(memo.read_bytes())["digests"] == digests  # written afresh
 
 
 def test_preprocess_into_a_missing_bucket_fails_first_naming_the_output(cohort, s3_env):

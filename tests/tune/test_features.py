@@ -296,6 +296,30 @@ def test_a_touched_or_copied_over_identical_file_keeps_the_features(data, tmp_pa
     torch.testing.assert_close(again.splits["val"].features, cache.splits["val"].features)
 
 
+def test_a_cache_recorded_before_ctime_and_inode_is_checked_once_and_kept(data, tmp_path, weight_reads):
+    """meta.json of a molre whose local identity was size and mtime only: not today's identity, so the backbone
+    is built once and its digest compared (the same: the features kept, today's identity added), no error."""
+    import json
+
+    path = tmp_path / "w.safetensors"
+    cfg = _cfg(data, _save_weights(path, 11))
+    cache = features.build_feature_cache(cfg, str(tmp_path), splits=("val",))
+    meta = _meta(cache)
+    old = [
+        {name: {"size": f["size"], "mtime_ns": f["mtime_ns"]} for name, f in identity.items()}
+        for identity in meta[features.WEIGHTS_IDENTITIES]
+    ]
+    (Path(cache.uri) / features.META).write_text(json.dumps({**meta, features.WEIGHTS_IDENTITIES: old}))
+    weight_reads.clear()
+    again = features.build_feature_cache(cfg, str(tmp_path), splits=("val",))
+    assert not again.computed and weight_reads  # the backbone built once to compare digests, no features
+    assert _meta(again)[features.WEIGHTS_IDENTITIES] == [*old, features.weights_identity(str(path))]
+    weight_reads.clear()
+    assert not features.build_feature_cache(cfg, str(tmp_path), splits=("val",)).computed
+    assert weight_reads == []  # recorded: a plain hit again
+    torch.testing.assert_close(again.splits["val"].features, cache.splits["val"].features)
+
+
 def test_a_cache_from_before_the_check_is_spot_checked(data, tmp_path, weight_reads, caplog):
     """An older molre recorded neither identity nor digest: the first volumes are recomputed and compared."""
     import json

@@ -8,8 +8,9 @@ Two steps, so that a caller can account for every input (``in = processed + quar
   as ``DataError`` rejects. A folder's name is a study key of the series in it unless it holds several studies
   (see ``_dicom_refs``). A second copy of an instance (the same SOPInstanceUID and the same pixel data bytes: a
   study exported twice, a PACS re-send) is dropped, so that it does not read as a duplicate slice.
-- ``source_digest(ref)`` fingerprints a series from what discover read (UIDs, file sizes; a NIfTI's gzip
-  CRC or content), so that a re-run of ``molre preprocess`` tells a replaced series from a copied one.
+- ``source_digest(ref, memo)`` fingerprints a series from what discover read (UIDs, file sizes; a NIfTI's gzip
+  CRC or content), so that a re-run of ``molre preprocess`` tells a replaced series from a copied one; a
+  ``ContentMemo`` spares re-reading the content of a file whose ``os.stat`` did not change since.
 - ``largest_first(refs)`` orders a study's series for trying: ORIGINAL ones (ImageType) before those without an
   ImageType before DERIVED ones, then most slices first.
 - ``load_series(ref) -> Volume`` decodes pixels (uncompressed, RLE, and through python-gdcm JPEG baseline /
@@ -68,9 +69,10 @@ import hashlib
 import logging
 import math
 import os
+import time
 import warnings
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -381,7 +383,7 @@ GZIP_MAGIC = b"\x1f\x8b"
 GZIP_HEADER, GZIP_TRAILER = 10, 8  # bytes; the trailer: CRC-32 and size mod 2^32 of the uncompressed data
 
 
-def source_digest(ref: SeriesRef) -> str:
+def source_digest(ref: SeriesRef, memo: ContentMemo | None = None) -> str:
     """SHA-256 (hex) of what identifies the series' content, cheaply: it changes when the series is replaced,
     not when it is copied, moved or renamed (no paths, no modification times).
 
@@ -395,23 +397,26 @@ def source_digest(ref: SeriesRef) -> str:
       ``.nii.gz`` that is no gzip): the SHA-256 of the whole file, one read of it (0.17 s for 84 MB).
 
     A file that cannot be read adds its error type (``load_series`` reports it; once readable, it differs).
+    ``memo``: content digests remembered by the files' ``os.stat`` (the same value, without the read when the
+    file is unchanged; ``ContentMemo``).
     """
     digest = hashlib.sha256(f"{ref.kind}\n".encode())
+    content = memo.content_key if memo is not None else _content_key
     if ref.kind == "nifti":
-        keys = [_nifti_key(ref.files[0])]
+        keys = [_nifti_key(ref.files[0], content)]
     else:
         n = len(ref.files)
         sops = ref.sop_uids if len(ref.sop_uids) == n else ("",) * n
         sizes = ref.file_sizes if len(ref.file_sizes) == n else (0,) * n
         keys = sorted(
-            f"{sop} {size}" if sop and size else _content_key(path)
+            f"{sop} {size}" if sop and size else content(path)
             for path, sop, size in zip(ref.files, sops, sizes, strict=True)
         )
     digest.update("\n".join(keys).encode())
     return digest.hexdigest()
 
 
-def _nifti_key(path: str) -> str:
+def _nifti_key(path: str, content: Callable[[str], str]) -> str:
     try:
         with open(path, "rb") as f:
             gzipped = f.read(len(GZIP_MAGIC)) == GZIP_MAGIC
@@ -421,7 +426,7 @@ def _nifti_key(path: str) -> str:
                 return f"gzip {size} {f.read(GZIP_TRAILER).hex()}"
     except OSError as exc:
         return f"unreadable ({type(exc).__name__})"
-    return _content_key(path)
+    return content(path)
 
 
 def _content_key(path: str) -> str:
@@ -430,6 +435,62 @@ def _content_key(path: str) -> str:
             return "sha256 " + hashlib.file_digest(f, "sha256").hexdigest()
     except OSError as exc:
         return f"unreadable ({type(exc).__name__})"
+
+
+# a file changed less than this before its content was read is not remembered: a change right after the read,
+# within the same tick of the filesystem's clock (coarse: ms; a file server's may be off ours), could leave its
+# size, mtime and ctime as they were. Such a file is read again next time, nothing worse.
+RACY_NS = 2 * 10**9
+
+
+def stat_text(path: str, st: os.stat_result) -> str:
+    """What ``ContentMemo`` keys a file's content digest by: its path, size, mtime, inode and ctime. A rewrite
+    sets the mtime and the ctime (the kernel's, which ``os.utime`` cannot set back: a replacement given the
+    old size and mtime, as by ``rsync -a`` or ``cp -p``, still differs), a file renamed over it is another
+    inode. A ``chmod`` or a copy of the input elsewhere also changes it: one more read, never a stale digest."""
+    return f"{path}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ino}\0{st.st_ctime_ns}"
+
+
+@dataclass
+class ContentMemo:
+    """Content digests (``sha256`` hex of a whole file: ``source_digest`` of a ``.nii``, of a DICOM file without
+    a SOPInstanceUID) remembered by ``key(stat_text(path, os.stat(path)))``, so that a re-run reads a file only
+    when its stat changed (``molre preprocess`` keeps them in its output: ``preprocess.SOURCE_MEMO``).
+
+    ``known``: the previous run's {key: hex digest}; ``used``: this run's, hits and new reads (what to keep for
+    the next run: a file gone or changed drops out). A digest is remembered only when the file's stat was the
+    same before and after the read and its ctime at least ``RACY_NS`` before the read began.
+    ``key``: how a stat text is stored (``preprocess`` makes it a salted HMAC: paths may name patients)."""
+
+    known: dict[str, str] = field(default_factory=dict)
+    key: Callable[[str], str] = field(default=lambda text: text, repr=False)
+    used: dict[str, str] = field(default_factory=dict)
+    hits: int = 0  # digests taken from ``known``, the file unread
+    reads: int = 0  # files read (not known, or changed)
+
+    def content_key(self, path: str) -> str:
+        """``_content_key(path)``, the same value, from ``known`` when the file's stat matches."""
+        try:
+            key = self.key(stat_text(path, os.stat(path)))
+        except OSError as exc:
+            return f"unreadable ({type(exc).__name__})"
+        if key in self.known:
+            self.hits += 1
+            self.used[key] = self.known[key]
+            return f"sha256 {self.known[key]}"
+        self.reads += 1
+        started = time.time_ns()
+        try:
+            with open(path, "rb") as f:
+                before = os.fstat(f.fileno())  # the file read, should the path have been replaced meanwhile
+                digest = hashlib.file_digest(f, "sha256").hexdigest()
+                after = os.fstat(f.fileno())
+        except OSError as exc:
+            return f"unreadable ({type(exc).__name__})"
+        text = stat_text(path, before)
+        if text == stat_text(path, after) and before.st_ctime_ns < started - RACY_NS:
+            self.used[self.key(text)] = digest
+        return f"sha256 {digest}"
 
 
 # ---------------------------------------------------------------------------------------------------- load
