@@ -13,7 +13,6 @@ the learner started from).
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 
@@ -84,7 +83,9 @@ def test_asha_stops_the_trial_below_the_first_rung_and_the_leaderboard_tells_it_
     learner, staller = by_lr.loc[LEARNS], by_lr.loc[STALLS]
     assert not learner["stopped_early"] and learner["epochs"] == MAX_EPOCHS
     assert staller["stopped_early"] and staller["epochs"] == 1
-    assert learner["params/total"] > 0 and math.isnan(staller["params/total"])  # no final report
+    # every epoch report carries the parameter counts (an objective of a multi-objective search), the staller's too
+    assert learner["params/total"] > 0 and staller["params/total"] == learner["params/total"]
+    assert list(reports[STALLS]["report"]) == ["epoch"] and list(reports[LEARNS]["report"])[-1] == "final"
     # the staller's row is its best (only) epoch's: the objective ASHA saw and that epoch's per-finding AUCs
     assert staller["val/best_mean_auc"] == reports[STALLS]["val/best_mean_auc"].iloc[0]
     assert staller["val/n_defined"] == 3  # the tiny data's three planted findings
@@ -150,3 +151,28 @@ def test_asha_takes_the_metric_tune_config_leaves_to_it(objectives):
     metric, mode = (None, None) if len(objectives) > 1 else ("val/best_mean_auc", "max")
     assert scheduler.set_search_properties(metric, mode)
     assert (scheduler._metric, scheduler._mode) == ("val/best_mean_auc", "max")
+
+
+def test_optuna_records_a_trial_asha_stopped_in_a_multi_objective_search():
+    """Tune tells Optuna a stopped trial's last report; with [mean AUC, trainable parameters] as objectives, an
+    epoch report without the counts was a [value, None] that Optuna refused (a logged warning), and the trial
+    stayed RUNNING in the study, unlearnt from. The epochs' forwarding now carries them."""
+    from molre.config import build_config
+    from molre.tune.space import SweepSpec
+    from molre.tune.sweep import REPORT, _searcher, epoch_report_extra, is_final
+
+    objectives = [["val/best_mean_auc", "max"], ["params/trainable", "min"]]
+    spec = SweepSpec.model_validate(
+        {"name": "s", "space": {"optim.lr_head": {"choice": [LEARNS, STALLS]}},
+         "search": {"objectives": objectives}, "scheduler": {"asha": ASHA}}
+    )  # fmt: skip
+    epoch = {"epoch": 0, "val/mean_auc": 0.5, "val/best_mean_auc": 0.5, "best_epoch": 0}
+    extra = epoch_report_extra(build_config({"adapter": {"kind": "molre"}}))  # run_trial's forwarding adds it
+    last = {**epoch, **extra}  # what the stopped trial's last (epoch) report holds
+    assert extra["params/trainable"] > 0 and last[REPORT] == "epoch" and not is_final(last)
+    searcher = _searcher(spec)
+    assert searcher.suggest("t1") is not None
+    searcher.on_trial_complete("t1", result=last)
+    [trial] = searcher._ot_study.trials
+    assert trial.state.name == "COMPLETE" and trial.values == [0.5, extra["params/trainable"]]
+    assert is_final({**last, REPORT: "final"}) and is_final({"params/total": 1}) and not is_final({})

@@ -31,9 +31,11 @@ from molre.errors import ConfigError
 from molre.findings import FINDING_IDS
 from molre.tune.space import SweepSpec, grid_points, random_point, run_config_for
 from molre.tune.sweep import (
+    REPORT,
     BestEpochAUCs,
     end_to_end_trainable,
     fit_experiment,
+    param_metrics,
     table_from_results,
     trial_run_config,
     write_results,
@@ -48,27 +50,26 @@ SUMMARY_FILE = "multi_fidelity.json"
 
 def run_cached_trial(config: dict, spec: dict, data_uri: str, experiment_uri: str, cache_root: str) -> None:
     """Tune trial at the cached fidelity: epoch metrics via tune.report, then the best epoch's full report."""
-    from molre.models.params import count_config_params
     from molre.tune.features import cached_trial
 
     sweep = SweepSpec.model_validate(spec)
     cfg, point = trial_run_config(
         config, sweep, data_uri, experiment_uri, ray.tune.get_context().get_trial_id()
     )
-    tag = {"fidelity": "cached", "point": json.dumps(point, default=str)}  # on every report: ASHA may stop it
+    # on every report: ASHA may stop it (the parameter counts too: an objective of a multi-objective search)
+    tag = {"fidelity": "cached", "point": json.dumps(point, default=str), **param_metrics(cfg)}
     best_aucs = BestEpochAUCs()  # every report carries the best epoch's per-finding AUCs, for the same reason
     result = cached_trial(
         cfg,
         cache_root,
-        on_epoch=lambda metrics: ray.tune.report(epoch_report(metrics, best_aucs, tag)),
+        on_epoch=lambda metrics: ray.tune.report({**epoch_report(metrics, best_aucs, tag), REPORT: "epoch"}),
         augment_copies=augment_copies(sweep),
     )
     best = result.history[result.best_epoch] if result.best_epoch >= 0 else {}
     final = {f"auc/{fid}": best.get(f"val/auc/{fid}", float("nan")) for fid in FINDING_IDS}
     final.update({k: v for k, v in best.items() if k.startswith("val/") and not k.startswith("val/auc/")})
-    final.update({f"params/{k}": v for k, v in count_config_params(cfg).items()})
     ray.tune.report({**_numeric(final), "epochs": len(result.history), "best_epoch": result.best_epoch,
-                     "val/best_mean_auc": result.best_metric, **tag})  # fmt: skip
+                     "val/best_mean_auc": result.best_metric, **tag, REPORT: "final"})  # fmt: skip
 
 
 def epoch_report(metrics: dict, best: BestEpochAUCs, tag: dict) -> dict:

@@ -46,6 +46,8 @@ LEADERBOARD_INTERVAL_ENV = "MOLRE_LEADERBOARD_INTERVAL_S"
 LEADERBOARD_INTERVAL_S = 30.0
 # what each trial's Train workers were given, on every report: the trials table shows what a trial ran with,
 # which after a resume on another cluster shape (``check_resumable``) is not what the spec says now
+# every trial report says which it is: "epoch" (ASHA may stop the trial after any) or "final" (``run_trial``)
+REPORT = "report"
 SCALING_METRICS = ("cpus_per_worker", "gpus_per_worker")
 
 log = logging.getLogger(__name__)
@@ -151,12 +153,35 @@ def run_trial(config: dict, spec: dict, data_uri: str, experiment_uri: str) -> N
     trial_id = ray.tune.get_context().get_trial_id()
     cfg, point = trial_run_config(config, sweep, data_uri, experiment_uri, trial_id)
     setup = prepare(cfg, verify=False)  # the driver verified the shards' checksums once for the sweep
-    result = fit(build_trainer(cfg, setup, callbacks=[BestEpochReportCallback(scaling_metrics(cfg))]))
+    result = fit(build_trainer(cfg, setup, callbacks=[BestEpochReportCallback(epoch_report_extra(cfg))]))
     with result.checkpoint.as_directory() as directory:
         final = final_metrics(directory, cfg)
     # s3://... on S3 (Ray's path lacks the scheme): `molre evaluate` and storage read it as is
     where = checkpoint_uri(result.checkpoint.path, cfg.train.storage)
-    ray.tune.report({**final, "point": json.dumps(point, default=str), "checkpoint_path": where})
+    ray.tune.report(
+        {**final, "point": json.dumps(point, default=str), "checkpoint_path": where, REPORT: "final"}
+    )
+
+
+def epoch_report_extra(cfg) -> dict:
+    """What each epoch report of a trial carries besides the epoch's metrics: the trial's resources, its
+    parameter counts (``params/*``: an objective of a multi-objective search, which Optuna must find in the
+    last report of a trial that ASHA stops) and that it is an epoch's (``REPORT``)."""
+    return {**scaling_metrics(cfg), **param_metrics(cfg), REPORT: "epoch"}
+
+
+def param_metrics(cfg) -> dict:
+    """``{params/<name>: count}`` of the run's model (built on the meta device: no weights, no memory)."""
+    from molre.models.params import count_config_params
+
+    return {f"params/{k}": v for k, v in count_config_params(cfg).items()}
+
+
+def is_final(metrics: dict) -> bool:
+    """Whether a trial's (last) report is its final one: ``REPORT``, or for a trial reported before it was
+    recorded, the parameter counts that only the final report then carried."""
+    kind = metrics.get(REPORT)
+    return kind == "final" if kind is not None else "params/total" in metrics
 
 
 def scaling_metrics(cfg) -> dict:
@@ -176,7 +201,6 @@ def checkpoint_scaling(checkpoint_dir: str, cfg) -> dict:
 def final_metrics(checkpoint_dir: str, cfg) -> dict:
     """Best-epoch metrics from a checkpoint: summary, per-finding AUCs, routing analysis, parameter counts, and
     the per-worker resources its run had (``checkpoint_scaling``)."""
-    from molre.models.params import count_config_params
     from molre.train.checkpoint import read_state
 
     state = read_state(checkpoint_dir)
@@ -189,7 +213,7 @@ def final_metrics(checkpoint_dir: str, cfg) -> dict:
         out.update({k: v for k, v in summary.items() if k != "val/mean_auc"})
         out.update({f"auc/{fid}": float(a) for fid, a in zip(FINDING_IDS, aucs, strict=True)})
         out.update(router_analysis(outputs))
-    out.update({f"params/{k}": v for k, v in count_config_params(cfg).items()})
+    out.update(param_metrics(cfg))
     out.update(checkpoint_scaling(checkpoint_dir, cfg))
     return out
 
@@ -233,7 +257,7 @@ def trial_row(
     for key in SCALING_METRICS:  # what the trial ran with (its reports), else the spec's
         if f"scaling/{key}" in metrics:
             row[f"config/scaling.{key}"] = metrics[f"scaling/{key}"]
-    final = "params/total" in metrics  # the trial's last report is the final one
+    final = is_final(metrics)  # the trial's last report is the final one
     row["stopped_early"] = status == "TERMINATED" and not final
     row["epochs"] = metrics.get("epochs", (metrics.get("epoch", -1) + 1) if "epoch" in metrics else 0)
     row["checkpoint"] = metrics.get("checkpoint_path")
