@@ -3,15 +3,14 @@
     python bench/saved_activations.py                                   # deepcntd at 32 x 224^2, tiny presets
     python bench/saved_activations.py --preset deepcntd --input 16 64 64
 
-One forward of one volume in fp32, each preset as a run trains it (its own fine-tuning: LoRA for the ViTs, the
-whole net for the 3D DenseNet; MoLRE where the preset has attention) under ``torch.autograd.graph.saved_tensors_hooks``: ``packed`` sums the bytes of
-every tensor autograd packs (a tensor saved by two ops counts twice), ``unique`` counts each storage once (what
-stays resident, parameters included). Checkpointed (``train.activation_checkpointing``, ``molre.models.runtime``)
-a recomputed block or dense layer keeps only its input, so the two columns show what the switch removes; the peak
-of a backward adds the largest recomputed region on top, which this count does not see (a GPU's
-``max_memory_allocated`` does: ``bench/model_step.py``). The model and its weights are the same in both rows
-(same seed), so only the kept activations differ. One JSON line per (preset, input).
-"""
+One forward of one volume in fp32, each preset as a run trains it (its own fine-tuning: LoRA for the ViTs, the whole
+net for the 3D DenseNet; MoLRE where the preset has attention) under ``torch.autograd.graph.saved_tensors_hooks``:
+``packed`` sums the bytes of every tensor autograd packs (a tensor saved by two ops counts twice), ``unique`` counts
+each storage once (what stays resident, parameters included). Checkpointed (``train.activation_checkpointing``,
+``molre.models.runtime``) a recomputed block or dense layer keeps only its input, so the two columns show what the
+switch removes; the peak of a backward adds the largest recomputed region on top, which this count does not see (a
+GPU's ``max_memory_allocated`` does: ``bench/model_step.py``). The model and its weights are the same in both rows
+(same seed), so only the kept activations differ. One JSON line per (preset, input)."""
 
 from __future__ import annotations
 

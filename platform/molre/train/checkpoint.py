@@ -58,9 +58,10 @@ FINGERPRINT_KEY = "fingerprint"  # setup[FINGERPRINT_KEY]: the run's fingerprint
 # what each worker is given, keeps in host RAM or recomputes (activation checkpointing: the same gradients for
 # less memory). None of them changes what is computed (the dataset is compared by content instead, its
 # manifest's sha256), except that train.cache_train_gb decides whether epochs are shuffled whole: the
-# fingerprint records that train order instead, so the budget may change while the order stays. Everything else defines the run, scaling.num_workers
-# and scaling.use_gpu included: the worker count decides each worker's share of the train split and its
-# random streams (augmentation, dropout), the device decides the arithmetic (bf16 autocast under "auto").
+# fingerprint records that train order instead, so the budget may change while the order stays. Everything
+# else defines the run, scaling.num_workers and scaling.use_gpu included: the worker count decides each
+# worker's share of the train split and its random streams (augmentation, dropout), the device decides the
+# arithmetic (bf16 autocast under "auto").
 RESUMABLE_KEYS = frozenset({
     "train.run_name", "train.storage", "data.uri",
     "scaling.max_failures", "scaling.cpus_per_worker", "scaling.gpus_per_worker",

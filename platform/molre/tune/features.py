@@ -13,14 +13,14 @@ also ``train.seed``: the backbone is built under it, as the end-to-end run build
 written last and marks a complete cache; it holds each split file's sha256 and tensor shapes, checked on every
 load (a damaged or partly copied file is named in a warning and the cache rebuilt).
 
-The key names the weights by URI; what lies there is checked on every hit (``_reuse``). meta.json records
-the weights' storage identity (``storage.identity``: size and S3 ETag / local mtime, ctime and inode of each
-file, one listing; a cache recorded before ctime and inode were reads as another identity, once) and the sha256 of the backbone built from them (``backbone_digest``). Same identity: a hit, the
-weights unread. Another identity: the backbone is built and digested; the same digest (a copied or touched
-file) keeps the features and adds the new identity, another digest (a file replaced under the same URI)
-logs a warning and recomputes the cache in place. A cache from before the check (no digest recorded) is
-spot-checked instead: its first stored volumes against the backbone's features on them; kept, and the digest
-recorded, when they agree.
+The key names the weights by URI; what lies there is checked on every hit (``_reuse``). meta.json records the
+weights' storage identity (``storage.identity``: size and S3 ETag / local mtime, ctime and inode of each file, one
+listing; a cache recorded before ctime and inode were reads as another identity, once) and the sha256 of the
+backbone built from them (``backbone_digest``). Same identity: a hit, the weights unread. Another identity: the
+backbone is built and digested; the same digest (a copied or touched file) keeps the features and adds the new
+identity, another digest (a file replaced under the same URI) logs a warning and recomputes the cache in place. A
+cache from before the check (no digest recorded) is spot-checked instead: its first stored volumes against the
+backbone's features on them; kept, and the digest recorded, when they agree.
 
 Fidelity differences vs the end-to-end trial: by default no augmentation (features of un-augmented volumes);
 with ``augment_copies=N`` the train split holds N augmented copies of each volume ([N_copies, N, S, d], the

@@ -44,10 +44,10 @@ SPEC_RECORD_VERSION = 1
 # the least time between two leaderboard rewrites while trials finish (the sweep's end always writes)
 LEADERBOARD_INTERVAL_ENV = "MOLRE_LEADERBOARD_INTERVAL_S"
 LEADERBOARD_INTERVAL_S = 30.0
-# what each trial's Train workers were given, on every report: the trials table shows what a trial ran with,
-# which after a resume on another cluster shape (``check_resumable``) is not what the spec says now
 # every trial report says which it is: "epoch" (ASHA may stop the trial after any) or "final" (``run_trial``)
 REPORT = "report"
+# what each trial's Train workers were given, on every report: the trials table shows what a trial ran with,
+# which after a resume on another cluster shape (``check_resumable``) is not what the spec says now
 SCALING_METRICS = ("cpus_per_worker", "gpus_per_worker")
 
 log = logging.getLogger(__name__)
