@@ -34,6 +34,7 @@ from molre.findings import NUM_FINDINGS
 READ_COLUMNS = ["study_hash", "volume", "shape", "labels", "known"]
 ORDER_STREAM = 3  # rfs_batches' shuffle: stream 3 of (seed, epoch, rank) (molre.train.loop._stream_seed)
 KEEP_TRAIN_SHARD = "keep_train_shard"  # setup key: the driver's keeps_train_shard for the workers
+SHUFFLE_ROWS = 32  # a streamed epoch's shuffle buffer (rows)
 
 
 def arrow_filesystem(uri: str):
@@ -97,7 +98,11 @@ def keeps_train_shard(train_rows: int, grid, world_size: int, budget_bytes: int)
 
 def train_order(keep_train_shard: bool) -> str:
     """The train order a run gets, as its fingerprint records it (a resume must keep it)."""
-    return "whole-epoch shuffle (shard kept in memory)" if keep_train_shard else "32-row window (streamed)"
+    return (
+        "whole-epoch shuffle (shard kept in memory)"
+        if keep_train_shard
+        else f"{SHUFFLE_ROWS}-row window (streamed)"
+    )
 
 
 def _listed_but_missing(uri: str) -> DataError:
@@ -261,7 +266,7 @@ def rfs_batches(
     epoch: int,
     seed: int,
     batch_size: int,
-    buffer_size: int | None = 32,
+    buffer_size: int | None = SHUFFLE_ROWS,
     rank: int = 0,
 ) -> Iterator[dict[str, np.ndarray]]:
     """One epoch of training batches from a worker's shard, with Repeat Factor Sampling and a shuffle buffer.

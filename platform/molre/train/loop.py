@@ -39,7 +39,7 @@ import torch.distributed as dist
 
 from molre.config import RunConfig, build_config
 from molre.data.augment import augment_batch
-from molre.data.dataset import KEEP_TRAIN_SHARD, decode_batch, rfs_batches
+from molre.data.dataset import KEEP_TRAIN_SHARD, SHUFFLE_ROWS, decode_batch, rfs_batches
 from molre.data.prefetch import device_batches
 from molre.findings import FINDING_IDS
 from molre.models import build_model, parameter_groups
@@ -64,7 +64,6 @@ from molre.train.metrics import per_finding_auc, summarize
 
 METRIC = "val/mean_auc"
 TRAIN_KEYS = ("hu", "labels", "known")  # the columns a training step needs on the device
-SHUFFLE_ROWS = 32  # a streamed epoch's shuffle buffer (rows)
 
 
 def make_optimizer(model: torch.nn.Module, cfg: RunConfig, fused: bool | None = None) -> torch.optim.AdamW:
