@@ -431,10 +431,18 @@ def _nifti_key(path: str, content: Callable[[str], str]) -> str:
 
 def _content_key(path: str) -> str:
     try:
-        with open(path, "rb") as f:
-            return "sha256 " + hashlib.file_digest(f, "sha256").hexdigest()
+        return f"sha256 {_read_digest(path)[0]}"
     except OSError as exc:
         return f"unreadable ({type(exc).__name__})"
+
+
+def _read_digest(path: str) -> tuple[str, os.stat_result, os.stat_result]:
+    """The file's SHA-256 (hex, one read) and its stat before and after the read, of the file read (should the
+    path be replaced meanwhile); OSError as the read raises it."""
+    with open(path, "rb") as f:
+        before = os.fstat(f.fileno())
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+        return digest, before, os.fstat(f.fileno())
 
 
 # a file changed less than this before its content was read is not remembered: a change right after the read,
@@ -481,10 +489,7 @@ class ContentMemo:
         self.reads += 1
         started = time.time_ns()
         try:
-            with open(path, "rb") as f:
-                before = os.fstat(f.fileno())  # the file read, should the path have been replaced meanwhile
-                digest = hashlib.file_digest(f, "sha256").hexdigest()
-                after = os.fstat(f.fileno())
+            digest, before, after = _read_digest(path)
         except OSError as exc:
             return f"unreadable ({type(exc).__name__})"
         text = stat_text(path, before)
